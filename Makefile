@@ -1,0 +1,43 @@
+# Quick start: `make run` (whole daily pipeline locally on generated logs), `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+UV_VERSION := 0.13.9
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch 2.13.0+cpu is served from a local wheel folder on our build machines.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+RUN_ARGS ?=
+
+.PHONY: setup run test lock bench compile clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BIN)/uv: $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+# Re-installs only when the lock or the project metadata changed: a second `make setup` takes seconds.
+$(STAMP): requirements.lock pyproject.toml $(BIN)/uv
+	$(BIN)/uv pip install -q --python $(BIN)/python $(FIND_LINKS) -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+lock:
+	$(BIN)/uv pip compile -q requirements.in --python-version 3.11 $(FIND_LINKS) -o requirements.lock
+
+run: setup
+	$(BIN)/apem pipeline run-local $(RUN_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+compile: setup
+	$(BIN)/apem pipeline compile --out pipelines/daily_retrain.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
