@@ -38,25 +38,35 @@ class ModelOutput:
 class LossConfig:
     """Eq. 21: L = sum_i w_i BCE(f_i, o_i) + sum_{i>=2} sigma_{i-1} MSE(f_{i-1} - f_i, o_{i-1} - o_i).
 
-    ``task_weights`` (w) and ``dependence_weights`` (sigma) default to all ones / all zeros when None.
+    ``task_weights`` (w) and ``dependence_weights`` (sigma): one float for every task / step pair,
+    or a list with one value each.
     """
 
-    task_weights: tuple[float, ...] | None = None
-    dependence_weights: tuple[float, ...] | None = None
+    task_weights: float | list[float] = 1.0
+    dependence_weights: float | list[float] = 0.0
 
 
 class MultiTaskModel(nn.Module):
     """Base class: subclasses set ``name`` and ``Config`` (a dataclass) and implement ``forward``."""
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    registry_name: str = ""
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, loss_config: LossConfig | None = None) -> None:
+    @classmethod
+    def default_loss_config(cls) -> LossConfig:
+        """Baselines train on L_M alone (sigma = 0); APEM overrides this to switch on L_D."""
+        return LossConfig()
+
+    def __init__(self, fields: list[FieldSpec], n_tasks: int, config=None,
+                 loss_config: LossConfig | None = None) -> None:
         super().__init__()
+        self.config = config if config is not None else self.Config()
         if n_tasks < 2:
             raise ValueError(f"a funnel needs 2 or more steps, got {n_tasks}")
         self.fields = list(fields)
         self.n_tasks = n_tasks
-        self.loss_config = loss_config or LossConfig()
+        self.loss_config = loss_config or self.default_loss_config()
 
     def forward(self, x: torch.Tensor) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
