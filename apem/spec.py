@@ -154,7 +154,7 @@ class Dataset:
     def labels(self) -> np.ndarray:
         """(rows, steps) float32 label matrix in funnel order."""
         return np.stack(
-            [self.table.column(c).to_numpy(zero_copy_only=False) for c in self.spec.labels], axis=1
+            [self.table.column(c).to_numpy() for c in self.spec.labels], axis=1
         ).astype(np.float32)
 
 
