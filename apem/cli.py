@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from apem.spec import DatasetError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only commands that forward options (e.g. Beam pipeline options of `split`) accept them
+        if not getattr(args, "accepts_unknown_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.unknown_args = unknown
     try:
         result = args.handler(args)
     except (CommandError, DatasetError, FileNotFoundError) as err:

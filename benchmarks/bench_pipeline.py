@@ -1,0 +1,159 @@
+"""Wall time of ``apem pipeline run-local`` (what ``make run`` does) and where it goes.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--rows 1000000] [--days 14] [--workdir runs/bench]
+
+1. Generates the synthetic raw logs once (timed apart: a real run reads existing logs).
+2. Times ``apem pipeline run-local`` as a subprocess, as a user runs it, with its defaults, and
+   reads each task's wall time from kfp.local's log.
+3. Reference, measured in the same run on the same logs: the same six component functions called
+   one after the other in one Python process (``component.python_func``; no kfp.local, no
+   subprocess per task). The ratio pipeline / reference is the cost of running as a pipeline
+   (a fresh interpreter and imports per task, artifact bookkeeping).
+
+The goal for 1M impressions on 2 cores is a pipeline wall time of at most 10 minutes.
+Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TASK_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - INFO - (Executing task|Task) .*?'(\w+)'")
+
+
+def task_seconds(log: str) -> dict[str, float]:
+    """Per-task wall seconds from kfp.local's 'Executing task' / 'Task ... finished' lines."""
+    started, out = {}, {}
+    for line in log.splitlines():
+        match = TASK_LINE.match(re.sub(r"\x1b\[[0-9;]*m", "", line))
+        if not match:
+            continue
+        stamp = dt.datetime.strptime(match.group(1), "%H:%M:%S.%f")
+        if match.group(2) == "Executing task":
+            started[match.group(3)] = stamp
+        elif match.group(3) in started:
+            out[match.group(3)] = round((stamp - started.pop(match.group(3))).total_seconds() % 86400, 1)
+    return out
+
+
+def run_pipeline(workdir: str, rows: int, days: int) -> dict:
+    command = [os.path.join(os.path.dirname(sys.executable), "apem"), "pipeline", "run-local",
+               "--workdir", workdir, "--rows", str(rows), "--days", str(days)]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        raise SystemExit(f"run-local failed with exit code {proc.returncode}")
+    note = proc.stdout[proc.stdout.rfind("daily_retrain finished"):]
+    return {"wall_seconds": round(wall, 1), "tasks": task_seconds(proc.stdout), "closing_note": note.strip()}
+
+
+def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
+    """The six component functions in one process, same arguments as the pipeline run."""
+    from kfp import dsl
+
+    from components.evaluate import evaluate
+    from components.ingest import ingest
+    from components.push import push
+    from components.split import split
+    from components.train import train
+    from components.validate import validate
+
+    def art(kind, name):
+        return kind(name=name, uri=os.path.join(workdir, "artifacts", name), metadata={})
+
+    os.makedirs(os.path.join(workdir, "artifacts"), exist_ok=True)
+    a = {n: art(k, n) for n, k in {
+        "dataset": dsl.Dataset, "quarantine": dsl.Dataset, "m1": dsl.Metrics, "stats": dsl.Dataset,
+        "vreport": dsl.Markdown, "m2": dsl.Metrics, "splits": dsl.Dataset, "m3": dsl.Metrics, "model": dsl.Model,
+        "m4": dsl.Metrics, "evaluation": dsl.Artifact, "ereport": dsl.Markdown, "m5": dsl.Metrics,
+        "r1": dsl.ClassificationMetrics, "r2": dsl.ClassificationMetrics, "r3": dsl.ClassificationMetrics,
+        "preport": dsl.Markdown, "m6": dsl.Metrics}.items()}
+    p = arguments
+    from apem.model_registry import sqlite_tracking_uri
+
+    tracking = sqlite_tracking_uri(os.path.join(workdir, "mlflow"))
+    output_root = os.path.join(workdir, "output")
+    steps = {
+        "ingest": lambda: ingest.python_func(
+            raw_uri=raw_dir, run_date=p["run_date"], window_days=p["window_days"], schedule_time="",
+            attribution_window_days=3, dataset=a["dataset"], quarantine=a["quarantine"], metrics=a["m1"]),
+        "validate": lambda: validate.python_func(
+            dataset=a["dataset"], output_root=output_root, warn_only=False, statistics=a["stats"],
+            report=a["vreport"], metrics=a["m2"]),
+        "split": lambda: split.python_func(
+            dataset=a["dataset"], negative_rate=p["negative_rate"], split_ratios="8,1,1",
+            beam_runner="DirectRunner", beam_args=p.get("beam_args", ""), splits=a["splits"], metrics=a["m3"]),
+        "train": lambda: train.python_func(
+            splits=a["splits"], model_name=p["model_name"], model_params=p["model_params"], epochs=p["epochs"],
+            batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], mlflow_tracking_uri=tracking,
+            model=a["model"], metrics=a["m4"]),
+        "evaluate": lambda: evaluate.python_func(
+            splits=a["splits"], candidate=a["model"], mlflow_tracking_uri=tracking, registered_model_name="apem",
+            alpha=0.05, two_sided=False, primary_task="", primary_tolerance=0.0, chance_margin=0.0,
+            bootstrap_resamples=p["bootstrap_resamples"], evaluation=a["evaluation"], report=a["ereport"],
+            metrics=a["m5"], roc_step1=a["r1"], roc_step2=a["r2"], roc_step3=a["r3"]),
+        "push": lambda: push.python_func(
+            candidate=a["model"], evaluation=a["evaluation"], mlflow_tracking_uri=tracking,
+            registered_model_name="apem", serving_uri=os.path.join(workdir, "serving"), output_root=output_root,
+            report_date=p["run_date"], report=a["preport"], metrics=a["m6"]),
+    }
+    seconds = {}
+    start = time.perf_counter()
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        step()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    return {"wall_seconds": round(time.perf_counter() - start, 1), "tasks": seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench"))
+    parser.add_argument("--no-reference", action="store_true", help="only time the pipeline")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    from pipelines.local_run import LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    pipeline_dir = os.path.join(args.workdir, "pipeline")
+    raw = paths(pipeline_dir)["raw"]
+    start = time.perf_counter()
+    synth = ensure_raw_events(raw, args.rows, args.days, seed=0)
+    generate_seconds = round(time.perf_counter() - start, 1)
+
+    result = {"rows": args.rows, "days": args.days, "cpus": os.cpu_count(), "generate_seconds": generate_seconds,
+              "pipeline": run_pipeline(pipeline_dir, args.rows, args.days)}
+    result["goal_met"] = result["pipeline"]["wall_seconds"] <= 600
+    if not args.no_reference:
+        import torch
+
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        arguments = pipeline_arguments(LocalRunConfig(rows=args.rows, days=args.days), synth)
+        result["reference_in_process"] = run_reference(os.path.join(args.workdir, "reference"), raw, arguments)
+        result["pipeline_over_reference"] = round(
+            result["pipeline"]["wall_seconds"] / result["reference_in_process"]["wall_seconds"], 2)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

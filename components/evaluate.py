@@ -1,0 +1,59 @@
+"""evaluate: candidate vs champion on the same test split, DeLong + bootstrap, blessing decision."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components import APEM_IMAGE
+
+
+@dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
+def evaluate(
+    splits: Input[Dataset],
+    candidate: Input[Model],
+    mlflow_tracking_uri: str,
+    registered_model_name: str,
+    alpha: float,
+    two_sided: bool,
+    primary_task: str,
+    primary_tolerance: float,
+    chance_margin: float,
+    bootstrap_resamples: int,
+    evaluation: Output[Artifact],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+    roc_step1: Output[ClassificationMetrics],
+    roc_step2: Output[ClassificationMetrics],
+    roc_step3: Output[ClassificationMetrics],
+):
+    """Score ``splits/test`` with the candidate and with the champion (MLflow registry alias
+    ``champion`` of ``registered_model_name``), run DeLong's paired test and the paired bootstrap per
+    task, and apply the blessing rule (``apem.blessing``: no task significantly worse at ``alpha``,
+    primary task not worse by point estimate; without a champion, beat chance on every task).
+    ``evaluation`` holds the JSON the push component acts on; ``report`` the decision and reasons;
+    ``roc_stepK`` the candidate's ROC curve of the K-th funnel step (its label in the metadata;
+    deeper funnels keep the extra curves in ``evaluation``).
+    """
+    import json
+    import os
+
+    from apem.blessing import BlessingRule
+    from apem.evaluation import evaluate_against_registry, render_report, summary_metrics
+
+    rule = BlessingRule(alpha=alpha, two_sided=two_sided, primary_task=primary_task,
+                        primary_tolerance=primary_tolerance, chance_margin=chance_margin)
+    result = evaluate_against_registry(candidate.path, os.path.join(splits.path, "test"), mlflow_tracking_uri,
+                                       registered_model_name, rule=rule, bootstrap_resamples=bootstrap_resamples)
+    with open(evaluation.path, "w") as fh:
+        json.dump(result, fh, indent=2, default=float)
+    with open(report.path, "w") as fh:
+        fh.write(render_report(result))
+    evaluation.metadata.update({"blessed": result["decision"]["blessed"],
+                                "champion_version": result["champion_version"]})
+    for key, value in summary_metrics(result).items():
+        metrics.log_metric(key, value)
+    for output, label in zip((roc_step1, roc_step2, roc_step3), result["labels"]):
+        curve = result["roc"][label]
+        output.metadata["task"] = label
+        if curve["fpr"]:
+            output.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
+    print("\n".join(result["decision"]["reasons"]))

@@ -1,0 +1,54 @@
+"""push: the blessing gate. Registers and promotes a blessed candidate; otherwise changes nothing."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
+
+from components import APEM_IMAGE
+
+
+@dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
+def push(
+    candidate: Input[Model],
+    evaluation: Input[Artifact],
+    mlflow_tracking_uri: str,
+    registered_model_name: str,
+    serving_uri: str,
+    output_root: str,
+    report_date: str,
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """The gate lives here, not in a ``dsl.Condition``: kfp's local runner cannot run conditions,
+    and the same pipeline must run locally and on the cluster. This task always runs and reads the
+    decision in ``evaluation``:
+
+    - blessed: register a new version of ``registered_model_name`` in MLflow, copy the model to
+      ``<serving_uri>/v<version>`` (gs:// or local; skipped when empty), move the alias
+      ``champion`` to it and write ``<serving_uri>/champion.json``;
+    - not blessed: record why in ``report`` and change nothing.
+
+    The evaluation and push reports are also kept under ``<output_root>/reports/<report_date>/``.
+    """
+    import json
+
+    from apem import storage
+    from apem.evaluation import summary_metrics
+    from apem.push import push as run_push
+    from apem.push import render_report
+
+    with open(evaluation.path) as fh:
+        result = json.load(fh)
+    decision = dict(result["decision"])
+    outcome = run_push(candidate.path, decision, mlflow_tracking_uri, registered_model_name, serving_uri,
+                       metrics=summary_metrics(result), params={"candidate_uri": candidate.uri})
+    text = render_report(outcome)
+    with open(report.path, "w") as fh:
+        fh.write(text)
+    metrics.log_metric("pushed", float(outcome["pushed"]))
+    if outcome["version"]:
+        metrics.log_metric("version", float(outcome["version"]))
+    if output_root:
+        folder = storage.join(output_root, "reports", report_date or "latest")
+        storage.write_bytes(storage.join(folder, "evaluation.json"), json.dumps(result, default=float).encode())
+        storage.write_bytes(storage.join(folder, "push.md"), text.encode())
+    print(text)

@@ -1,0 +1,57 @@
+"""train: fit a multi-task model on the train split, early-stopped on val; logs to MLflow."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import APEM_IMAGE
+
+
+@dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
+def train(
+    splits: Input[Dataset],
+    model_name: str,
+    model_params: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    mlflow_tracking_uri: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train ``model_name`` (a name of ``apem.models.registry``) with ``model_params`` (a JSON
+    object of config overrides, e.g. ``{"embedding_dim": 18}``) on ``splits/train``, early stopping
+    on ``splits/val``. Uses CUDA when the pod has a GPU (the pipeline requests one) and the CPU
+    otherwise. The training negative rate comes from ``splits/split.json`` and is saved with the
+    model for recalibration. Logs to MLflow when ``mlflow_tracking_uri`` is set.
+    """
+    import json
+    import os
+    import tempfile
+
+    from apem.training import TrainConfig, train_from_dirs
+
+    try:
+        overrides = json.loads(model_params or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model_params is not a JSON object: {err}: {model_params!r}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"model_params must be a JSON object, got {model_params!r}")
+    with open(os.path.join(splits.path, "split.json")) as fh:
+        negative_rate = float(json.load(fh).get("negative_rate", 1.0))
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="auto", progress=False,
+                         mlflow_tracking_uri=mlflow_tracking_uri or None,
+                         checkpoint_dir=tempfile.mkdtemp(prefix="apem-checkpoints-"))
+    if mlflow_tracking_uri:
+        from apem.model_registry import ensure_experiment, tracking
+
+        with tracking(mlflow_tracking_uri) as client:  # a local store keeps artifacts beside itself
+            ensure_experiment(client, config.mlflow_experiment, mlflow_tracking_uri)
+    summary = train_from_dirs(os.path.join(splits.path, "train"), os.path.join(splits.path, "val"), model.path,
+                              model_name=model_name, model_overrides=overrides, config=config,
+                              negative_rate=negative_rate)
+    model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs})
+    for key, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+    print(json.dumps(summary, default=str))

@@ -1,0 +1,55 @@
+"""validate: TFDV statistics, schema and drift anomalies; stops the run on bad data."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+
+from components import APEM_IMAGE
+
+
+@dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
+def validate(
+    dataset: Input[Dataset],
+    output_root: str,
+    warn_only: bool,
+    statistics: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """Validate ``dataset`` with TFDV against the curated schema committed in the repo, and check
+    drift against the previous passing window's statistics, kept at
+    ``<output_root>/validation/baseline``. Anomalies fail the task, so the pipeline stops before
+    training, unless ``warn_only``. A window that passes becomes the next run's baseline.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from apem import storage
+    from apem.validation import REPORT_FILE, STATS_FILE, ValidationFailed, validate_dataset
+
+    baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
+    baseline_stats = None
+    scratch = tempfile.mkdtemp(prefix="apem-baseline-")
+    if baseline_uri and storage.is_complete(baseline_uri):
+        local = storage.download_dir(baseline_uri, os.path.join(scratch, "baseline"))
+        if os.path.exists(os.path.join(local, STATS_FILE)):
+            baseline_stats = os.path.join(local, STATS_FILE)
+
+    failure = None
+    try:
+        result = validate_dataset(dataset.path, out_dir=statistics.path, baseline_stats=baseline_stats,
+                                  warn_only=warn_only)
+    except ValidationFailed as err:
+        failure = err
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    shutil.copyfile(os.path.join(statistics.path, REPORT_FILE), report.path)
+    statistics.metadata["baseline"] = baseline_uri if baseline_stats else ""
+    if failure is not None:
+        raise failure
+    metrics.log_metric("anomalies", len(result["anomalies"]))
+    metrics.log_metric("examples", result["examples"])
+    metrics.log_metric("drifted_features", sum(1 for d in result["drift"].values() if d.get("drifted")))
+    if baseline_uri:
+        storage.copy_tree(statistics.path, baseline_uri)

@@ -1,0 +1,85 @@
+"""Shared fixtures.
+
+``gcs_bucket`` (session): a real ``gcp-storage-emulator`` server, started as a subprocess on a free
+localhost port with in-memory storage and one bucket, with ``STORAGE_EMULATOR_HOST`` set in this
+process's environment (child processes inherit it). Returns the bucket URI, ``"gs://apem-test"``.
+Torn down (process terminated, variable restored) at the end of the session.
+
+``gcs_prefix`` (function): a fresh ``gs://apem-test/<test-name>-<n>`` prefix, so tests sharing
+the session's bucket never see each other's objects. Use it for gs:// tests:
+
+    def test_roundtrip(gcs_prefix):
+        storage.write_bytes(storage.join(gcs_prefix, "a.txt"), b"x")
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+GCS_TEST_BUCKET = "apem-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gcp-storage-emulator exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"gcp-storage-emulator did not answer at {url} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "localhost", "--port", str(port),
+         "--in-memory", "--default-bucket", GCS_TEST_BUCKET, "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    host = f"http://localhost:{port}"
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    try:
+        _wait_healthy(f"{host}/", proc)
+        os.environ["STORAGE_EMULATOR_HOST"] = host
+        yield f"gs://{GCS_TEST_BUCKET}"
+    finally:
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_PREFIX_COUNTER = itertools.count()
+
+
+@pytest.fixture
+def gcs_prefix(gcs_bucket, request):
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
+    return f"{gcs_bucket}/{name}-{next(_PREFIX_COUNTER)}"

@@ -1,0 +1,118 @@
+"""Compile the pipeline through the CLI and check the IR; reuse each committed component YAML."""
+
+import filecmp
+import inspect
+import os
+
+import pytest
+import yaml
+from kfp import compiler, dsl
+from kfp.components import load_component_from_file
+
+import components
+from apem.cli import main
+from components.compile_components import compile_components
+from pipelines import daily_retrain as dr
+
+COMPONENT_DIR = os.path.dirname(os.path.abspath(components.__file__))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ir") / "daily_retrain.yaml")
+    assert main(["pipeline", "compile", "--out", out]) == 0
+    with open(out) as fh:
+        pipeline_spec, platform_spec = yaml.safe_load_all(fh)
+    return pipeline_spec, platform_spec
+
+
+def topological_order(tasks):
+    order, done = [], set()
+    while len(order) < len(tasks):
+        ready = sorted(n for n, t in tasks.items() if n not in done and set(t.get("dependentTasks", [])) <= done)
+        assert len(ready) == 1, f"tasks {ready} could run in either order"
+        order.append(ready[0])
+        done.add(ready[0])
+    return tuple(order)
+
+
+def test_six_tasks_in_order_without_conditions(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert topological_order(tasks) == dr.TASK_ORDER == ("ingest", "validate", "split", "train", "evaluate", "push")
+    assert all("triggerPolicy" not in t for t in tasks.values())  # the gate is inside push
+    assert all(t["cachingOptions"] == {} or not t["cachingOptions"].get("enableCache") for t in tasks.values())
+    # artifacts flow along the chain
+    assert tasks["train"]["inputs"]["artifacts"]["splits"]["taskOutputArtifact"]["producerTask"] == "split"
+    evaluation = tasks["push"]["inputs"]["artifacts"]["evaluation"]["taskOutputArtifact"]
+    assert evaluation == {"outputArtifactKey": "evaluation", "producerTask": "evaluate"}
+    schedule_time = tasks["ingest"]["inputs"]["parameters"]["schedule_time"]["runtimeValue"]["constant"]
+    assert schedule_time == dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
+
+
+def test_train_requests_a_gpu_node(compiled):
+    spec, platform = compiled
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert int(resources["accelerator"]["resourceCount"]) == 1
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {"exec-train"}  # only train goes to a GPU node
+    assert k8s["exec-train"]["nodeSelector"]["labels"] == {dr.GPU_NODE_LABEL[0]: dr.GPU_NODE_LABEL[1]}
+    assert k8s["exec-train"]["tolerations"] == [dr.GPU_TOLERATION]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        assert executor["container"]["image"] == components.APEM_IMAGE, name
+        assert "pip install" not in " ".join(executor["container"]["command"]), name
+
+
+def test_parameters_present_with_types(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {
+        "run_date": "STRING", "window_days": "NUMBER_INTEGER", "raw_uri": "STRING", "output_root": "STRING",
+        "negative_rate": "NUMBER_DOUBLE", "model_name": "STRING", "model_params": "STRING",
+        "epochs": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER", "lr": "NUMBER_DOUBLE",
+        "mlflow_tracking_uri": "STRING", "registered_model_name": "STRING", "serving_uri": "STRING",
+        "alpha": "NUMBER_DOUBLE", "two_sided": "BOOLEAN", "primary_task": "STRING",
+        "primary_tolerance": "NUMBER_DOUBLE", "chance_margin": "NUMBER_DOUBLE",
+    }
+    assert {k: params[k]["parameterType"] for k in expected} == expected
+    assert params["run_date"]["defaultValue"] == ""  # empty: the day before the scheduled time
+    assert params["alpha"]["defaultValue"] == 0.05
+
+
+def test_committed_component_yamls_are_up_to_date(tmp_path):
+    fresh = compile_components(str(tmp_path))
+    names = [os.path.basename(p) for p in fresh]
+    match, mismatch, errors = filecmp.cmpfiles(COMPONENT_DIR, str(tmp_path), names, shallow=False)
+    assert not mismatch and not errors, f"run `python -m components.compile_components`: {mismatch + errors}"
+
+
+@pytest.mark.parametrize("name", components.COMPONENT_NAMES)
+def test_component_yaml_loads_and_matches_the_python_component(name):
+    path = os.path.join(COMPONENT_DIR, f"{name}.yaml")
+    loaded = load_component_from_file(path)
+    original = getattr(__import__(f"components.{name}", fromlist=[name]), name)
+    assert loaded.name == name
+    assert loaded.component_spec.inputs.keys() == original.component_spec.inputs.keys()
+    assert (loaded.component_spec.outputs or {}).keys() == (original.component_spec.outputs or {}).keys()
+    if name == "push":  # the YAML documents that the gate lives in the component
+        with open(path) as fh:
+            assert "dsl.Condition" in fh.read().split("\n\n")[0]
+
+
+def test_loaded_components_compose_into_another_pipeline(tmp_path):
+    ingest = load_component_from_file(os.path.join(COMPONENT_DIR, "ingest.yaml"))
+    validate = load_component_from_file(os.path.join(COMPONENT_DIR, "validate.yaml"))
+
+    @dsl.pipeline(name="ingest-and-validate")
+    def reuse(raw_uri: str, run_date: str):
+        got = ingest(raw_uri=raw_uri, run_date=run_date, window_days=1, schedule_time="",
+                     attribution_window_days=3)
+        validate(dataset=got.outputs["dataset"], output_root="", warn_only=True)
+
+    out = str(tmp_path / "reuse.yaml")
+    compiler.Compiler().compile(reuse, package_path=out)
+    with open(out) as fh:
+        tasks = yaml.safe_load(fh)["root"]["dag"]["tasks"]
+    assert tasks["validate"]["dependentTasks"] == ["ingest"]
+    assert set(inspect.signature(dr.daily_retrain.pipeline_func).parameters) >= {"raw_uri", "run_date"}

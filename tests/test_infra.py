@@ -1,0 +1,95 @@
+"""Render the Kustomize overlays with kubectl and check what a cluster would receive."""
+
+import inspect
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from pipelines import daily_retrain as dr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERLAYS = {"dev": "apem-dev", "prod": "apem-prod"}
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+def render(overlay):
+    out = subprocess.run(["kubectl", "kustomize", os.path.join(ROOT, "infra", "overlays", overlay)],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def rendered(request):
+    return request.param, render(request.param)
+
+
+def test_everything_lives_in_the_apem_namespace(rendered):
+    _, objects = rendered
+    assert ("Namespace", "apem") in objects
+    for (kind, name), obj in objects.items():
+        if kind != "Namespace":
+            assert obj["metadata"]["namespace"] == "apem", (kind, name)
+
+
+def test_mlflow_server_uses_postgres_and_gcs_artifacts(rendered):
+    overlay, objects = rendered
+    server = objects[("Deployment", "mlflow")]["spec"]["template"]["spec"]
+    container = server["containers"][0]
+    args = " ".join(container["args"])
+    assert "--backend-store-uri=postgresql+psycopg2://mlflow:$(POSTGRES_PASSWORD)@mlflow-postgres:5432/mlflow" in args
+    assert "--artifacts-destination=$(MLFLOW_ARTIFACT_ROOT)" in args and "--serve-artifacts" in args
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    root_ref = env["MLFLOW_ARTIFACT_ROOT"]["valueFrom"]["configMapKeyRef"]
+    defaults = objects[("ConfigMap", root_ref["name"])]["data"]
+    assert defaults[root_ref["key"]].startswith(f"gs://{OVERLAYS[overlay]}-mlflow/")
+    # the backend store the URI points at exists, with its own volume
+    assert ("Service", "mlflow-postgres") in objects
+    postgres = objects[("StatefulSet", "mlflow-postgres")]
+    assert postgres["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    # and the pipeline's default tracking URI is this service
+    service = objects[("Service", "mlflow")]
+    port = service["spec"]["ports"][0]["port"]
+    assert defaults["mlflow_tracking_uri"] == f"http://mlflow.apem.svc.cluster.local:{port}"
+
+
+def test_pipeline_identity_uses_workload_identity_and_no_keys(rendered):
+    overlay, objects = rendered
+    for account in ("apem-pipeline-runner", "mlflow"):
+        annotation = objects[("ServiceAccount", account)]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+        assert annotation.endswith(f"@{OVERLAYS[overlay]}.iam.gserviceaccount.com")
+    binding = objects[("RoleBinding", "apem-pipeline-runner")]
+    assert binding["roleRef"]["name"] == "apem-pipeline-runner"
+    assert {"kind": "ServiceAccount", "name": "apem-pipeline-runner"}.items() <= binding["subjects"][0].items()
+    assert ("Role", "apem-pipeline-runner") in objects
+    text = yaml.safe_dump(list(objects.values()))
+    assert "Secret" not in {kind for kind, _ in objects}  # created out of band, never rendered from git
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in text and "PROJECT_ID" not in text
+
+
+def test_gpu_placement_matches_the_pipeline(rendered):
+    _, objects = rendered
+    spec = objects[("PodDefault", "apem-gpu")]["spec"]
+    assert spec["selector"]["matchLabels"] == {dr.GPU_POD_LABEL[0]: dr.GPU_POD_LABEL[1]}
+    assert spec["tolerations"] == [dr.GPU_TOLERATION]
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"] == [{"key": dr.GPU_NODE_LABEL[0], "operator": "In",
+                                         "values": [dr.GPU_NODE_LABEL[1]]}]
+
+
+def test_pipeline_defaults_are_pipeline_parameters(rendered):
+    overlay, objects = rendered
+    data = objects[("ConfigMap", "apem-pipeline-defaults")]["data"]
+    parameters = inspect.signature(dr.daily_retrain.pipeline_func).parameters
+    unknown = set(data) - set(parameters) - {"mlflow_artifact_root"}
+    assert not unknown, f"ConfigMap keys that are not daily_retrain parameters: {unknown}"
+    for key in ("raw_uri", "output_root", "serving_uri"):
+        assert data[key].startswith(f"gs://{OVERLAYS[overlay]}-")
+    for key, value in data.items():  # every value parses as its parameter's type
+        if key in parameters and parameters[key].annotation in (int, float):
+            parameters[key].annotation(value)
