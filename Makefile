@@ -33,8 +33,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# Each benchmark prints JSON with throughput as ratios to a reference measured in the same run.
 bench: setup
-	$(BIN)/python -m benchmarks.run_all
+	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 compile: setup
 	$(BIN)/apem pipeline compile --out pipelines/daily_retrain.yaml

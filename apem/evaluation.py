@@ -181,7 +181,8 @@ def render_report(result: dict) -> str:
         )
     lines += ["", "## Candidate metrics", "", "```json",
               json.dumps(result["candidate"], indent=2, default=float), "```", ""]
-    lines += ["## Rule", "", f"`{json.dumps(decision['rule'])}`", ""]
+    lines += ["## Rule", "", BlessingRule.from_dict(decision["rule"]).describe() + ".", "",
+              f"`{json.dumps(decision['rule'])}`", ""]
     return "\n".join(lines)
 
 

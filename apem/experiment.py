@@ -158,7 +158,7 @@ def selection_rate_summary(model, x, bins: int, batch_size: int = 65536) -> dict
     counts, edges = np.histogram(rates, bins=bins, range=(0.0, 1.0))
     return {"mean": float(rates.mean()), "std": float(rates.std()), "quantiles": {
         str(q): float(np.quantile(rates, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
-        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}, "rates": rates}
+        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
 
 
 def _nan_to_none(value):
@@ -266,7 +266,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plots(report: dict[str, Any], out_dir: str, selection_rates: np.ndarray | None) -> list[str]:
+def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
+    """PNG plots from a report (so they can be redrawn from report.json): AUC, efficiency, selection rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,12 +309,14 @@ def write_plots(report: dict[str, Any], out_dir: str, selection_rates: np.ndarra
         fig.savefig(os.path.join(out_dir, "efficiency.png"), dpi=110)
         plt.close(fig)
         written.append("efficiency.png")
-    if selection_rates is not None:
+    selection = report.get("selection_rate")
+    if selection:
+        histogram = selection["histogram"]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(selection_rates, bins=report["config"]["selection_rate_bins"], range=(0, 1), color="tab:green")
+        ax.stairs(histogram["counts"], histogram["edges"], fill=True, color="tab:green")
         ax.set_xlabel("selection rate (share of non-zero z_K)")
         ax.set_ylabel("test samples")
-        ax.set_title("APEM dynamic selector (Fig 7a)")
+        ax.set_title(f"APEM dynamic selector, seed {selection['seed']} (Fig 7a)")
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "selection_rate.png"), dpi=110)
         plt.close(fig)
@@ -356,7 +359,6 @@ def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, co
               "labels": labels, "oracle_auc": oracle}
     runs: list[dict] = []
     selection: dict[str, Any] | None = None
-    rates: np.ndarray | None = None
     # seed-major, so an interrupted grid still has every model on its first seeds
     grid = [(name, seed) for seed in range(config.seeds) for name in models]
     bar = tqdm(grid, desc="experiment", unit="run", disable=not config.progress)
@@ -367,7 +369,6 @@ def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, co
             record, model = _train_one(name, seed, data, config)
             if name == REFERENCE_MODEL and selection is None and hasattr(model, "selection_rates"):
                 selection = {"seed": seed, **selection_rate_summary(model, data["test"].x, config.selection_rate_bins)}
-                rates = selection.pop("rates")
             write(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["auc"].items())
                   + f" ({record['seconds_per_epoch']:.1f} s/epoch)")
         except Exception as err:  # one model's failure is reported; the grid goes on
@@ -375,19 +376,19 @@ def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, co
                       "traceback": traceback.format_exc(limit=6)}
             write(f"{name} seed {seed}: FAILED {record['error']}")
         runs.append(record)
-        write_report(out_dir, header, runs, selection, rates, plots=False)  # partial results survive a kill
+        write_report(out_dir, header, runs, selection, plots=False)  # partial results survive a kill
     bar.close()
-    return write_report(out_dir, header, runs, selection, rates, plots=True)
+    return write_report(out_dir, header, runs, selection, plots=True)
 
 
 def write_report(out_dir: str, header: dict[str, Any], runs: list[dict], selection: dict[str, Any] | None,
-                 selection_rates: np.ndarray | None, plots: bool) -> dict[str, Any]:
+                 plots: bool) -> dict[str, Any]:
     """Summarise the runs so far into report.json and report.md (and the PNG plots when ``plots``)."""
     report: dict[str, Any] = {**header, "completed_runs": len(runs),
                               "models": summarize(runs, header["labels"], header["config"]["models"],
                                                   header["oracle_auc"]),
                               "selection_rate": selection, "runs": runs}
-    report["plots"] = write_plots(report, out_dir, selection_rates) if plots else []
+    report["plots"] = write_plots(report, out_dir) if plots else []
     report = _nan_to_none(report)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -96,6 +96,64 @@ def multihead_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch
     return out.reshape(b, heads, q_len, h).transpose(1, 2).reshape(b, q_len, d)
 
 
+class _MaskedSoftmaxPool(torch.autograd.Function):
+    """Autograd for :func:`masked_softmax_pool` with a hand-written backward.
+
+    The (B, S, P) score tensor (8192 floats per row at Table 2's sizes) dominates APEM's cost, so
+    forward keeps only two copies (raw scores, softmax weights) and backward reuses its own buffers
+    in place: one big GEMM per factor instead of autograd's chain of elementwise temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, source, factor, mask, columns):
+        b, s, d = source.shape
+        raw = (source.reshape(b * s, d) @ factor).view(b, s, -1)
+        weights = (raw.view(b, s, *columns) * mask).view(b, s, -1)
+        ctx.columns = columns
+        torch.ops.aten._softmax.out(weights, 1, False, out=weights)
+        ctx.save_for_backward(source, factor, mask, raw if ctx.needs_input_grad[2] else None, weights)
+        return torch.bmm(weights.transpose(1, 2), source)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled):
+        source, factor, mask, raw, weights = ctx.saved_tensors
+        b, s, d = source.shape
+        grad_pooled = grad_pooled.contiguous()
+        grad_source = torch.bmm(weights, grad_pooled)  # through the pooling
+        grad_scores = torch.bmm(source, grad_pooled.transpose(1, 2))  # d/d weights, (B, S, P)
+        torch.ops.aten._softmax_backward_data.out(grad_scores, weights, 1, torch.float32, grad_input=grad_scores)
+        grad_mask = None
+        if ctx.needs_input_grad[2]:  # d/d mask = sum over fields of grad_scores * raw; raw is not needed again
+            # reduce the field axis first (a contiguous slab sum), then any broadcast axes of the mask
+            grad_mask = raw.mul_(grad_scores).view(b, s, *ctx.columns).sum(dim=1, keepdim=True).sum_to_size(mask.shape)
+        grad_raw = grad_scores.view(b, s, *ctx.columns).mul_(mask).view(b * s, -1)
+        grad_source = grad_source.view(b * s, d).addmm_(grad_raw, factor.t()).view(b, s, d)
+        grad_factor = source.reshape(b * s, d).t() @ grad_raw if ctx.needs_input_grad[1] else None
+        return grad_source, grad_factor, grad_mask, None
+
+
+def masked_softmax_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
+                        columns: tuple[int, ...]) -> torch.Tensor:
+    """Eq. 14-15's attention pooling with factored scores: softmax over the S source rows of
+    mask * (S_b factor), then the weighted sum of source rows.
+
+    source (B, S, d), factor (d, P) (the query-side factor, already scaled), ``columns`` a split of
+    P, and mask broadcastable against the scores viewed as (B, S, *columns) (a query whose mask
+    is 0 gets uniform weights) -> pooled (B, P, d).
+    """
+    if torch.is_grad_enabled() and (source.requires_grad or factor.requires_grad or mask.requires_grad):
+        return _MaskedSoftmaxPool.apply(source, factor, mask, tuple(columns))
+    b, s, d = source.shape
+    scores = (source.reshape(b * s, d) @ factor).view(b, s, *columns)
+    scores = scores.mul_(mask).view(b, s, -1)
+    if torch.jit.is_tracing():
+        scores = torch.softmax(scores, dim=1)
+    else:  # in place: inference keeps a single (B, S, P) buffer
+        torch.ops.aten._softmax.out(scores, 1, False, out=scores)
+    return torch.bmm(scores.transpose(1, 2), source)
+
+
 class StackedLayerNorm(nn.Module):
     """LayerNorm over the last dim with separate affine parameters for each of ``L`` stacked layers."""
 
@@ -112,7 +170,7 @@ class StackedLayerNorm(nn.Module):
         if isinstance(layers, slice):
             shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
             w, b = w.view(shape), b.view(shape)
-        return normed * w + b
+        return torch.addcmul(b, normed, w)  # one pass for the affine part
 
 
 class TaskTowers(nn.Module):
@@ -209,15 +267,13 @@ class InducingPointAttention(_FactoredAttention):
         n, k, m = inducing.shape[0], self.n_points, self.heads
         factor = self._score_factor(inducing, layers)  # (L', d, K, M)
         # score columns ordered (layer, head, point): the mask then broadcasts over a contiguous K axis
-        scores = (source.reshape(b * s, d) @ factor.permute(1, 0, 3, 2).reshape(d, n * m * k)).view(b, s, n, m, k)
-        scores = scores * mask.view(b, 1, n, 1, k)  # masking the query row scales its scores
-        weights = torch.softmax(scores, dim=1)
-        pooled = torch.bmm(weights.view(b, s, n * m * k).transpose(1, 2), source)  # (B, L' M K, d)
+        factor = factor.permute(1, 0, 3, 2).reshape(d, n * m * k)
+        pooled = masked_softmax_pool(source, factor, mask.view(b, 1, n, 1, k), (n, m, k))  # (B, L' M K, d)
         pooled = pooled.view(b, n, m, k, d).permute(1, 0, 3, 2, 4).reshape(n, b * k, m * d)
         combined, bias = self._value_out(layers)
         out = torch.baddbmm(bias, pooled, combined).view(n, b, k, d)
-        query = inducing.unsqueeze(1) * mask.transpose(0, 1).unsqueeze(-1)  # eq. 14, (L', B, K, d)
-        return self.norm(query + out, layers)
+        # eq. 17's residual Q_hat + O, with Q_hat = I (.) z_K (eq. 14) fused into one pass, (L', B, K, d)
+        return self.norm(torch.addcmul(out, inducing.unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)), layers)
 
 
 class PatternSelector(_FactoredAttention):

@@ -39,17 +39,19 @@ def train(
         raise ValueError(f"model_params must be a JSON object, got {model_params!r}")
     with open(os.path.join(splits.path, "split.json")) as fh:
         negative_rate = float(json.load(fh).get("negative_rate", 1.0))
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="auto", progress=False,
-                         mlflow_tracking_uri=mlflow_tracking_uri or None,
-                         checkpoint_dir=tempfile.mkdtemp(prefix="apem-checkpoints-"))
     if mlflow_tracking_uri:
         from apem.model_registry import ensure_experiment, tracking
 
         with tracking(mlflow_tracking_uri) as client:  # a local store keeps artifacts beside itself
-            ensure_experiment(client, config.mlflow_experiment, mlflow_tracking_uri)
-    summary = train_from_dirs(os.path.join(splits.path, "train"), os.path.join(splits.path, "val"), model.path,
-                              model_name=model_name, model_overrides=overrides, config=config,
-                              negative_rate=negative_rate)
+            ensure_experiment(client, TrainConfig.mlflow_experiment, mlflow_tracking_uri)
+    # checkpoints only serve a resume within this task; the model artifact is the output
+    with tempfile.TemporaryDirectory(prefix="apem-checkpoints-") as checkpoints:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="auto",
+                             progress=False, mlflow_tracking_uri=mlflow_tracking_uri or None,
+                             checkpoint_dir=checkpoints)
+        summary = train_from_dirs(os.path.join(splits.path, "train"), os.path.join(splits.path, "val"),
+                                  model.path, model_name=model_name, model_overrides=overrides, config=config,
+                                  negative_rate=negative_rate)
     model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs})
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
