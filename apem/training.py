@@ -118,7 +118,7 @@ def keep_freed_memory_for_reuse() -> None:
         pass
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: MultiTaskModel, x: torch.Tensor, batch_size: int = 2048, device: str | torch.device = "cpu") -> np.ndarray:
     """(n, N) entire-space probabilities in eval mode. Batches of 2048 keep APEM's attention
     scores (L M K F floats per row) near 64 MB and in cache-friendlier pieces; larger batches only
