@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--model", default="apem", help="model name (see apem train --help)")
     r.add_argument("--model-params", default="{}", help="JSON object of model config overrides")
-    r.add_argument("--negative-rate", type=float, default=0.05, help="train-only negative downsampling rate")
+    r.add_argument("--negative-rate", type=float, default=0.1, help="train-only negative downsampling rate")
     r.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                    help="any other daily_retrain parameter, e.g. --param alpha=0.01 (repeatable)")
     r.set_defaults(handler=run_local_command)

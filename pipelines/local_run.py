@@ -36,7 +36,7 @@ class LocalRunConfig:
     seed: int = 0
     window_days: int = 0            # 0: every generated day
     run_date: str = ""              # empty: the last generated day
-    negative_rate: float = 0.05
+    negative_rate: float = 0.1
     model_name: str = "apem"
     model_params: dict = field(default_factory=dict)
     epochs: int = 2
