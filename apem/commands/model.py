@@ -26,19 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(handler=run_train)
 
-    p = sub.add_parser("evaluate", help="per-task metrics of a model on a labelled dataset")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--data", required=True, help="dataset directory")
-    p.add_argument("--out", required=True, help="metrics JSON file to write")
-    p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
-    p.set_defaults(handler=run_evaluate)
-
-    p = sub.add_parser("predict", help="entire-space funnel probabilities for every row of a dataset")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--data", required=True, help="dataset directory")
-    p.add_argument("--out", required=True, help="Parquet file to write (id column + p_<label> per step)")
-    p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
-    p.set_defaults(handler=run_predict)
+    scoring_commands = (
+        ("evaluate", "per-task metrics of a model on a labelled dataset", "metrics JSON file to write", run_evaluate),
+        ("predict", "entire-space funnel probabilities for every row of a dataset",
+         "Parquet file to write (id column + p_<label> per step)", run_predict),
+    )
+    for name, help_text, out_help, handler in scoring_commands:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="model directory")
+        p.add_argument("--data", required=True, help="dataset directory")
+        p.add_argument("--out", required=True, help=out_help)
+        p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
+        p.set_defaults(handler=handler)
 
 
 def _load(model_dir: str):
