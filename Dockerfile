@@ -1,4 +1,4 @@
-# The one image every pipeline component runs in: components.APEM_IMAGE names it.
+# The one image every pipeline component runs in: apem_kfp.components.APEM_IMAGE names it.
 #   docker build -t ghcr.io/apem-project/apem:0.1.0 .
 # It installs requirements.lock (the same lock `make setup` and the README use), with the torch
 # line switched from the CPU build to the CUDA build of the same pinned version. No credentials
@@ -39,7 +39,7 @@ COPY apem ./apem
 COPY components ./components
 COPY pipelines ./pipelines
 RUN uv pip install --no-cache --python /opt/venv/bin/python --no-deps . \
-    && python -c "import apem, components, pipelines.daily_retrain"
+    && python -c "import apem, apem_kfp.components, apem_kfp.pipelines.daily_retrain"
 
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin apem
 USER 10001:10001

@@ -44,15 +44,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from apem.features import FeatureEncoder  # noqa: E402
-from apem.layers import MLP, FieldEmbedding  # noqa: E402
-from apem.metrics import auc  # noqa: E402
-from apem.modelio import load_model, save_model  # noqa: E402
+from apem.data.encoding import FeatureEncoder  # noqa: E402
+from apem.nn.layers import MLP, FieldEmbedding  # noqa: E402
+from apem.eval.metrics import auc  # noqa: E402
+from apem.inference.model_dir import load_model, save_model  # noqa: E402
 from apem.models.base import ModelOutput, MultiTaskModel  # noqa: E402
 from apem.models.registry import build_model  # noqa: E402
-from apem.spec import read_dataset, write_dataset  # noqa: E402
-from apem.synth import START_DATE, SynthConfig, read_oracle, write_synthetic_dataset  # noqa: E402
-from apem.training import TrainConfig, encode_dataset, fit  # noqa: E402
+from apem.data.spec import read_dataset, write_dataset  # noqa: E402
+from apem.data.oracle import read_oracle  # noqa: E402
+from apem.research.synth import START_DATE, SynthConfig, write_synthetic_dataset  # noqa: E402
+from apem.train.trainer import TrainConfig, encode_dataset, fit  # noqa: E402
 
 
 class PlainEmbeddingMLP(MultiTaskModel):
@@ -133,7 +134,7 @@ def time_prediction(model_dir: str, data_dir: str, repeats: int = 1) -> dict:
 
 def time_in_memory_prediction(model: MultiTaskModel, encoder: FeatureEncoder, data_dir: str) -> dict:
     """Parquet on disk -> probabilities with the same steps for every model: read, encode, forward."""
-    from apem.training import predict
+    from apem.inference.predict import predict
 
     started = time.perf_counter()
     ds = read_dataset(data_dir)
@@ -191,7 +192,7 @@ def quality(args, root: str) -> dict:
             model_dir = save_model(os.path.join(root, f"q-{name}-{seed}"), model, encoder, train_ds.spec)
             probs = load_model(model_dir).predict_table(test_ds.table) if name != "plain_mlp" else None
             if probs is None:
-                from apem.training import predict
+                from apem.inference.predict import predict
                 probs = predict(model, torch.from_numpy(encoder.transform(test_ds.table)))
             tasks = {}
             for i, label in enumerate(train_ds.spec.labels):

@@ -1,6 +1,6 @@
 """Training throughput of every model on the same synthetic data, as ratios to Shared-Bottom.
 
-Every model trains one epoch through the project trainer (``apem.training.fit``, no validation) on
+Every model trains one epoch through the project trainer (``apem.train.trainer.fit``, no validation) on
 the same pre-encoded rows, after a short warm-up epoch on a slice; samples/s = rows / seconds of the
 measured epoch. Shared-Bottom is the reference measured in the same run (the issue's goal: APEM's
 training time at most 1.5x Shared-Bottom's; the paper's was 4.0x). Prints JSON and a markdown table.
@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from apem.experiment import resolve_model_names
-    from apem.features import FeatureEncoder
+    from apem.research.experiment import resolve_model_names
+    from apem.data.encoding import FeatureEncoder
     from apem.models.registry import build_model
-    from apem.spec import Dataset
-    from apem.synth import SynthConfig, default_spec, generate
-    from apem.training import EncodedData, TrainConfig, encode_dataset, fit, set_seed
+    from apem.data.spec import Dataset
+    from apem.data.features import default_spec
+    from apem.research.synth import SynthConfig, generate
+    from apem.train.trainer import EncodedData, TrainConfig, encode_dataset, fit, set_seed
 
     torch.set_num_threads(args.threads)
     names = resolve_model_names(args.models)

@@ -64,12 +64,12 @@ def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
     """The six component functions in one process, same arguments as the pipeline run."""
     from kfp import dsl
 
-    from components.evaluate import evaluate
-    from components.ingest import ingest
-    from components.push import push
-    from components.split import split
-    from components.train import train
-    from components.validate import validate
+    from apem_kfp.components.evaluate import evaluate
+    from apem_kfp.components.ingest import ingest
+    from apem_kfp.components.push import push
+    from apem_kfp.components.split import split
+    from apem_kfp.components.train import train
+    from apem_kfp.components.validate import validate
 
     def art(kind, name):
         return kind(name=name, uri=os.path.join(workdir, "artifacts", name), metadata={})
@@ -82,7 +82,7 @@ def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
         "r1": dsl.ClassificationMetrics, "r2": dsl.ClassificationMetrics, "r3": dsl.ClassificationMetrics,
         "preport": dsl.Markdown, "m6": dsl.Metrics}.items()}
     p = arguments
-    from apem.model_registry import sqlite_tracking_uri
+    from apem.release.mlflow_registry import sqlite_tracking_uri
 
     tracking = sqlite_tracking_uri(os.path.join(workdir, "mlflow"))
     output_root = os.path.join(workdir, "output")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    from pipelines.local_run import LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
+    from apem_kfp.pipelines.local_runner import LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     pipeline_dir = os.path.join(args.workdir, "pipeline")

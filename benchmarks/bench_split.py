@@ -21,9 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from apem.spec import DatasetSpec, parquet_files
-from apem.split import SPLITS, assign_batch, day_counts, plan_boundaries, split_dataset
-from apem.synth import ORACLE_DIR, ORACLE_FILE, SynthConfig, write_synthetic_dataset
+from apem.data.spec import DatasetSpec, parquet_files
+from apem.data.split_record import SPLITS
+from apem.dataplane.split import assign_batch, day_counts, plan_boundaries, split_dataset
+from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.research.synth import SynthConfig, write_synthetic_dataset
 
 
 def pyarrow_split(data_dir: str, out_dir: str, negative_rate: float, ratios=(8, 1, 1)) -> dict:

@@ -3,7 +3,7 @@
 Every component runs in the one project image built from the repository's ``Dockerfile``
 (``APEM_IMAGE``); nothing is pip-installed at run time (``install_kfp_package=False``: the image
 already has the pinned kfp). Each module is also compiled to ``components/<name>.yaml`` by
-``python -m components.compile_components`` so other pipelines can ``load_component_from_file`` it.
+``python -m apem_kfp.components.compile_components`` so other pipelines can ``load_component_from_file`` it.
 """
 
 IMAGE_REPOSITORY = "ghcr.io/apem-project/apem"

@@ -1,6 +1,6 @@
 """Compile every component to ``components/<name>.yaml`` for ``kfp.components.load_component_from_file``.
 
-Run ``python -m components.compile_components`` after changing a component; the YAMLs are committed
+Run ``python -m apem_kfp.components.compile_components`` after changing a component; the YAMLs are committed
 (a test checks they are up to date with the code).
 """
 
@@ -12,13 +12,13 @@ import os
 
 from kfp import compiler
 
-from components import COMPONENT_NAMES
+from apem_kfp.components import COMPONENT_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def component(name: str):
-    return getattr(importlib.import_module(f"components.{name}"), name)
+    return getattr(importlib.import_module(f"apem_kfp.components.{name}"), name)
 
 
 def compile_components(out_dir: str = HERE) -> list[str]:

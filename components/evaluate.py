@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import APEM_IMAGE
+from apem_kfp.components import APEM_IMAGE
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -27,7 +27,7 @@ def evaluate(
 ):
     """Score ``splits/test`` with the candidate and with the champion (MLflow registry alias
     ``champion`` of ``registered_model_name``), run DeLong's paired test and the paired bootstrap per
-    task, and apply the blessing rule (``apem.blessing``: no task significantly worse at ``alpha``,
+    task, and apply the blessing rule (``apem.eval.blessing``: no task significantly worse at ``alpha``,
     primary task not worse by point estimate; without a champion, beat chance on every task).
     ``evaluation`` holds the JSON the push component acts on; ``report`` the decision and reasons;
     ``roc_stepK`` the candidate's ROC curve of the K-th funnel step (its label in the metadata;
@@ -36,8 +36,9 @@ def evaluate(
     import json
     import os
 
-    from apem.blessing import BlessingRule
-    from apem.evaluation import evaluate_against_registry, render_report, summary_metrics
+    from apem.eval.blessing import BlessingRule
+    from apem.eval.comparison import render_report, summary_metrics
+    from apem.release.champion import evaluate_against_registry
 
     rule = BlessingRule(alpha=alpha, two_sided=two_sided, primary_task=primary_task,
                         primary_tolerance=primary_tolerance, chance_margin=chance_margin)

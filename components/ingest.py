@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Metrics, Output
 
-from components import APEM_IMAGE
+from apem_kfp.components import APEM_IMAGE
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -27,13 +27,13 @@ def ingest(
     import os
     import shutil
 
-    from apem.ingest import ingest as run_ingest
-    from apem.ingest import quarantine_path
-    from pipelines.schedule import training_window
+    from apem.dataplane.ingest import ingest as run_ingest
+    from apem.dataplane.ingest import quarantine_path
+    from apem.dataplane.window import training_window
 
     start, end = training_window(run_date, window_days, schedule_time)
     summary = run_ingest(raw_uri, start, end, dataset.path, attribution_window_days=attribution_window_days)
-    # apem.ingest writes the quarantine beside the dataset; the artifact gets its own path
+    # apem.dataplane.ingest writes the quarantine beside the dataset; the artifact gets its own path
     if os.path.isdir(quarantine.path):
         shutil.rmtree(quarantine.path)
     shutil.move(quarantine_path(dataset.path), quarantine.path)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 
-from components import APEM_IMAGE
+from apem_kfp.components import APEM_IMAGE
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -31,10 +31,10 @@ def push(
     """
     import json
 
-    from apem import storage
-    from apem.evaluation import summary_metrics
-    from apem.push import push as run_push
-    from apem.push import render_report
+    from apem.data import storage
+    from apem.eval.comparison import summary_metrics
+    from apem.release.push import push as run_push
+    from apem.release.push import render_report
 
     with open(evaluation.path) as fh:
         result = json.load(fh)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from components import APEM_IMAGE
+from apem_kfp.components import APEM_IMAGE
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -23,20 +23,16 @@ def split(
     runs: DirectRunner locally, Dataflow/Flink/Spark on the cluster.
     """
     import json
-    import os
     import shlex
 
-    from apem.split import split_dataset
+    from apem.data.split_record import SPLITS
+    from apem.dataplane.split import split_dataset
 
     ratios = tuple(int(part) for part in split_ratios.split(","))
     summary = split_dataset(dataset.path, splits.path, negative_rate=negative_rate, ratios=ratios,
                             runner=beam_runner, pipeline_args=shlex.split(beam_args) or None)
-    with open(os.path.join(splits.path, "split.json")) as fh:
-        info = json.load(fh)
     splits.metadata.update({"negative_rate": negative_rate, "ratios": split_ratios})
-    for name in ("train", "val", "test"):
-        rows = (info.get("rows") or {}).get(name, (summary.get("rows") or {}).get(name))
-        if rows is not None:
-            metrics.log_metric(f"{name}_rows", rows)
+    for name in SPLITS:
+        metrics.log_metric(f"{name}_rows", summary["rows"][name]["after_sampling"])
     metrics.log_metric("negative_rate", negative_rate)
-    print(json.dumps(info, default=str))
+    print(json.dumps(summary, default=str))

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import APEM_IMAGE
+from apem_kfp.components import APEM_IMAGE
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -20,7 +20,7 @@ def train(
     metrics: Output[Metrics],
 ):
     """Train ``model_name`` (a name of ``apem.models.registry``) with ``model_params`` (a JSON
-    object of config overrides, e.g. ``{"embedding_dim": 18}``) on ``splits/train``, early stopping
+    object of config overrides, e.g. ``{"embed_dim": 18}``) on ``splits/train``, early stopping
     on ``splits/val``. Uses CUDA when the pod has a GPU (the pipeline requests one) and the CPU
     otherwise. The training negative rate comes from ``splits/split.json`` and is saved with the
     model for recalibration. Logs to MLflow when ``mlflow_tracking_uri`` is set.
@@ -29,7 +29,9 @@ def train(
     import os
     import tempfile
 
-    from apem.training import TrainConfig, train_from_dirs
+    from apem.data.split_record import negative_rate_of_split
+    from apem.train.from_dirs import train_from_dirs
+    from apem.train.trainer import TrainConfig
 
     try:
         overrides = json.loads(model_params or "{}")
@@ -37,10 +39,9 @@ def train(
         raise ValueError(f"model_params is not a JSON object: {err}: {model_params!r}") from None
     if not isinstance(overrides, dict):
         raise ValueError(f"model_params must be a JSON object, got {model_params!r}")
-    with open(os.path.join(splits.path, "split.json")) as fh:
-        negative_rate = float(json.load(fh).get("negative_rate", 1.0))
+    negative_rate = negative_rate_of_split(splits.path)
     if mlflow_tracking_uri:
-        from apem.model_registry import ensure_experiment, tracking
+        from apem.release.mlflow_registry import ensure_experiment, tracking
 
         with tracking(mlflow_tracking_uri) as client:  # a local store keeps artifacts beside itself
             ensure_experiment(client, TrainConfig.mlflow_experiment, mlflow_tracking_uri)

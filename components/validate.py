@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
 
-from components import APEM_IMAGE
+from apem_kfp.components import APEM_IMAGE
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -24,8 +24,8 @@ def validate(
     import shutil
     import tempfile
 
-    from apem import storage
-    from apem.validation import REPORT_FILE, STATS_FILE, ValidationFailed, validate_dataset
+    from apem.data import storage
+    from apem.dataplane.validation import REPORT_FILE, STATS_FILE, ValidationFailed, validate_dataset
 
     baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
     baseline_stats = None

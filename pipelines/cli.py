@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_params(items: list[str]) -> dict:
     """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses (numbers, booleans), else as a string."""
-    from apem.cli import CommandError
+    from apem.cli.errors import CommandError
 
     params = {}
     for item in items:
@@ -62,15 +62,15 @@ def parse_params(items: list[str]) -> dict:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from pipelines.daily_retrain import compile_pipeline
+    from apem_kfp.pipelines.daily_retrain import compile_pipeline
 
     print(compile_pipeline(args.out))
     return 0
 
 
 def run_local_command(args: argparse.Namespace) -> int:
-    from apem.cli import CommandError
-    from pipelines.local_run import LocalRunConfig, closing_note, run_local
+    from apem.cli.errors import CommandError
+    from apem_kfp.pipelines.local_runner import LocalRunConfig, closing_note, run_local
 
     if args.rows <= 0 or args.days <= 0 or args.epochs <= 0:
         raise CommandError("--rows, --days and --epochs must be positive")
@@ -93,8 +93,8 @@ def run_local_command(args: argparse.Namespace) -> int:
 
 
 def run_schedule(args: argparse.Namespace) -> int:
-    from apem.cli import CommandError
-    from pipelines.schedule import create_schedule
+    from apem.cli.errors import CommandError
+    from apem_kfp.pipelines.kubeflow_runner import create_schedule
 
     try:
         run = create_schedule(args.host, args.cron, params=parse_params(args.param), experiment=args.experiment,

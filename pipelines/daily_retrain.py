@@ -1,7 +1,7 @@
 """The one pipeline definition: ``daily_retrain`` = ingest -> validate -> split -> train -> evaluate -> push.
 
 The same definition runs on a Kubeflow cluster (compiled IR YAML, GPU node for train, MLflow
-server, gs:// everywhere) and locally with ``kfp.local`` (``pipelines.local_run``): local runs
+server, gs:// everywhere) and locally with ``kfp.local`` (``apem_kfp.pipelines.local_runner``): local runs
 ignore the Kubernetes settings, and train falls back to the CPU. There is no ``dsl.Condition``:
 kfp's local runner cannot run one, so the blessing gate lives inside the push component.
 Caching is off: every task reads or changes state outside its inputs (fresh logs, the registry).
@@ -9,12 +9,12 @@ Caching is off: every task reads or changes state outside its inputs (fresh logs
 
 from kfp import compiler, dsl, kubernetes
 
-from components.evaluate import evaluate
-from components.ingest import ingest
-from components.push import push
-from components.split import split
-from components.train import train
-from components.validate import validate
+from apem_kfp.components.evaluate import evaluate
+from apem_kfp.components.ingest import ingest
+from apem_kfp.components.push import push
+from apem_kfp.components.split import split
+from apem_kfp.components.train import train
+from apem_kfp.components.validate import validate
 
 PIPELINE_NAME = "apem-daily-retrain"
 TASK_ORDER = ("ingest", "validate", "split", "train", "evaluate", "push")
@@ -65,7 +65,7 @@ def daily_retrain(
 ):
     """Retrain on the ``window_days`` days ending ``run_date`` (empty: the day before the scheduled
     time) and promote the candidate only if the blessing rule (alpha, two_sided, primary_task,
-    primary_tolerance, chance_margin; see ``apem.blessing``) says it is no worse than the champion."""
+    primary_tolerance, chance_margin; see ``apem.eval.blessing``) says it is no worse than the champion."""
     ingest_task = ingest(
         raw_uri=raw_uri, run_date=run_date, window_days=window_days,
         schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,

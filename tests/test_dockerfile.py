@@ -7,7 +7,7 @@ import tomllib
 
 import yaml
 
-import components
+import apem_kfp.components
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,12 +70,12 @@ def test_runs_as_non_root_and_bakes_no_credentials():
 
 def test_components_run_in_the_image_built_from_it():
     label = re.search(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', read("Dockerfile")).group(1)
-    assert label == components.APEM_IMAGE
-    assert f"docker build -t {components.APEM_IMAGE} ." in read("Dockerfile")
+    assert label == apem_kfp.components.APEM_IMAGE
+    assert f"docker build -t {apem_kfp.components.APEM_IMAGE} ." in read("Dockerfile")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
-        assert components.IMAGE_TAG == tomllib.load(fh)["project"]["version"]
-    for name in components.COMPONENT_NAMES:  # the committed component YAMLs name it too
+        assert apem_kfp.components.IMAGE_TAG == tomllib.load(fh)["project"]["version"]
+    for name in apem_kfp.components.COMPONENT_NAMES:  # the committed component YAMLs name it too
         with open(os.path.join(ROOT, "components", f"{name}.yaml")) as fh:
             spec = yaml.safe_load(fh)
         images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-        assert images == {components.APEM_IMAGE}, name
+        assert images == {apem_kfp.components.APEM_IMAGE}, name

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipelines import daily_retrain as dr
+from apem_kfp.pipelines import daily_retrain as dr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERLAYS = {"dev": "apem-dev", "prod": "apem-prod"}

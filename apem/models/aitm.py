@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from apem.layers import MLP, FieldEmbedding
-from apem.models.base import FieldSpec, LossConfig, ModelOutput, MultiTaskModel
+from apem.models.base import EmbeddingConfig, ModelOutput, MultiTaskModel
+from apem.models.registry import register_model
+from apem.nn.layers import MLP
 
 
 def behavioral_expectation_calibrator(probs: torch.Tensor) -> torch.Tensor:
@@ -54,30 +55,28 @@ class InformationTransferAttention(nn.Module):
 
 
 @dataclass
-class AITMConfig:
-    embed_dim: int = 18
+class AITMConfig(EmbeddingConfig):
     tower_hidden: tuple[int, ...] = (128, 64, 32)
     dropout: tuple[float, ...] = (0.1, 0.3, 0.3)
     calibrator_weight: float = 0.3
 
 
+@register_model("aitm")
 class AITM(MultiTaskModel):
+    """Not a :class:`TowerModel`: task t's tower output feeds task t+1 through the AIT module."""
+
     name = "AITM"
     Config = AITMConfig
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, config: AITMConfig | None = None,
-                 loss_config: LossConfig | None = None) -> None:
-        super().__init__(fields, n_tasks, config, loss_config)
+    def build(self) -> None:
         cfg = self.config
         if len(cfg.dropout) != len(cfg.tower_hidden):
             raise ValueError("AITM: dropout needs one value per tower layer")
-        self.embedding = FieldEmbedding(fields, cfg.embed_dim)
-        in_dim = len(fields) * cfg.embed_dim
-        self.towers = nn.ModuleList(self._tower(in_dim) for _ in range(n_tasks))
+        self.towers = nn.ModuleList(self._tower(self.flat_dim) for _ in range(self.n_tasks))
         dim = cfg.tower_hidden[-1]
-        self.transfers = nn.ModuleList(MLP(dim, [dim], dropout=cfg.dropout[-1]) for _ in range(n_tasks - 1))
+        self.transfers = nn.ModuleList(MLP(dim, [dim], dropout=cfg.dropout[-1]) for _ in range(self.n_tasks - 1))
         self.attention = InformationTransferAttention(dim)
-        self.heads = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_tasks))
+        self.heads = nn.ModuleList(nn.Linear(dim, 1) for _ in range(self.n_tasks))
 
     def _tower(self, in_dim: int) -> nn.Sequential:
         layers = []

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from apem.models.base import FieldSpec, LossConfig, ModelOutput
-from apem.models.esmm import ESMM, ESMMConfig, chain_probabilities
+from apem.models.base import ModelOutput
+from apem.models.esmm import ESMM, ESMMConfig
+from apem.models.registry import register_model
 
 
 def inverse_propensity_weight(propensity: torch.Tensor, min_propensity: float) -> torch.Tensor:
@@ -63,26 +62,28 @@ class ESCM2Config(ESMMConfig):
     min_propensity: float = 0.01
 
 
+@register_model("escm2_dr", variant="dr")  # decorators apply bottom-up: ips is listed first
+@register_model("escm2_ips", variant="ips")
 class ESCM2(ESMM):
     name = "ESCM2"
     Config = ESCM2Config
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, config: ESCM2Config | None = None,
-                 loss_config: LossConfig | None = None) -> None:
-        super().__init__(fields, n_tasks, config, loss_config)
-        if self.config.variant not in ("ips", "dr"):
-            raise ValueError(f"ESCM2 variant must be 'ips' or 'dr', got {self.config.variant!r}")
-        self.name = f"ESCM2-{self.config.variant.upper()}"
-        self.imputation = (nn.ModuleList(self.tower() for _ in range(n_tasks - 1))
-                           if self.config.variant == "dr" else None)
+    def build(self) -> None:
+        super().build()
+        cfg = self.config
+        if cfg.variant not in ("ips", "dr"):
+            raise ValueError(f"ESCM2 variant must be 'ips' or 'dr', got {cfg.variant!r}")
+        self.name = f"ESCM2-{cfg.variant.upper()}"
+        # DR: one imputation head per conditional head 2..N, on the same shared input
+        self.imputation = (self.make_towers(self.flat_dim, cfg.tower_hidden, cfg.dropout, count=self.n_tasks - 1)
+                           if cfg.variant == "dr" else None)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        inputs = self.embedding(x).flatten(1)
-        conditional = torch.sigmoid(self.conditional_logits(inputs))
-        aux = {"conditional": conditional}
+        shared = self.shared_input(self.embedding(x))
+        output = self.output(self.towers(shared))
         if self.imputation is not None:
-            aux["imputed_label"] = torch.sigmoid(torch.cat([head(inputs) for head in self.imputation], dim=1))
-        return ModelOutput(probs=chain_probabilities(conditional), aux=aux)
+            output.aux["imputed_label"] = torch.sigmoid(self.imputation(shared[:, 1:]))
+        return output
 
     def counterfactual_loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The regulariser summed over conditional heads 2..N (plus, for DR, the imputation loss)."""

@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from apem.layers import MLP, FieldEmbedding
-from apem.models.base import FieldSpec, LossConfig, ModelOutput, MultiTaskModel
+from apem.models.base import EmbeddingConfig, ModelOutput, TowerModel
+from apem.models.registry import register_model
 
 
 def chain_probabilities(conditional: torch.Tensor) -> torch.Tensor:
@@ -30,31 +29,22 @@ def chain_probabilities(conditional: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ESMMConfig:
-    embed_dim: int = 18
+class ESMMConfig(EmbeddingConfig):
     tower_hidden: tuple[int, ...] = (360, 200, 80)
     dropout: float = 0.0
 
 
-class ESMM(MultiTaskModel):
+@register_model("esmm")
+class ESMM(TowerModel):
     name = "ESMM"
     Config = ESMMConfig
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, config: ESMMConfig | None = None,
-                 loss_config: LossConfig | None = None) -> None:
-        super().__init__(fields, n_tasks, config, loss_config)
-        cfg = self.config
-        self.embedding = FieldEmbedding(fields, cfg.embed_dim)
-        self.in_dim = len(fields) * cfg.embed_dim
-        self.towers = nn.ModuleList(self.tower() for _ in range(n_tasks))
+    def build(self) -> None:
+        self.towers = self.make_towers(self.flat_dim, self.config.tower_hidden, self.config.dropout)
 
-    def tower(self) -> MLP:
-        return MLP(self.in_dim, self.config.tower_hidden, out_dim=1, dropout=self.config.dropout)
+    def task_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shared_input(h)
 
-    def conditional_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([tower(inputs) for tower in self.towers], dim=1)
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        inputs = self.embedding(x).flatten(1)
-        conditional = torch.sigmoid(self.conditional_logits(inputs))
+    def output(self, logits: torch.Tensor) -> ModelOutput:
+        conditional = torch.sigmoid(logits)  # c_1 = p_1, c_i = P(T_i | T_{i-1}, X)
         return ModelOutput(probs=chain_probabilities(conditional), aux={"conditional": conditional})

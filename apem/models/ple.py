@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from apem.layers import MLP, FieldEmbedding
-from apem.models.base import FieldSpec, LossConfig, ModelOutput, MultiTaskModel
-from apem.models.mmoe import ExpertGroup, gated_mixture
+from apem.models.base import EmbeddingConfig, TowerModel
+from apem.models.experts import ExpertGroup, gated_mixture
+from apem.models.registry import register_model
 
 
 class CGCLayer(nn.Module):
@@ -52,8 +52,7 @@ class CGCLayer(nn.Module):
 
 
 @dataclass
-class PLEConfig:
-    embed_dim: int = 18
+class PLEConfig(EmbeddingConfig):
     n_levels: int = 2
     n_specific_experts: int = 1
     n_shared_experts: int = 1
@@ -62,32 +61,27 @@ class PLEConfig:
     dropout: float = 0.0
 
 
-class PLE(MultiTaskModel):
+@register_model("ple")
+class PLE(TowerModel):
     name = "PLE"
     Config = PLEConfig
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, config: PLEConfig | None = None,
-                 loss_config: LossConfig | None = None) -> None:
-        super().__init__(fields, n_tasks, config, loss_config)
+    def build(self) -> None:
         cfg = self.config
         if cfg.n_levels < 1 or cfg.n_specific_experts < 1 or cfg.n_shared_experts < 1:
             raise ValueError("PLE needs n_levels, n_specific_experts and n_shared_experts >= 1")
-        self.embedding = FieldEmbedding(fields, cfg.embed_dim)
-        in_dim = len(fields) * cfg.embed_dim
-        levels = []
+        levels, in_dim = [], self.flat_dim
         for level in range(cfg.n_levels):
-            layer = CGCLayer(in_dim, n_tasks, cfg.n_specific_experts, cfg.n_shared_experts, cfg.expert_hidden,
+            layer = CGCLayer(in_dim, self.n_tasks, cfg.n_specific_experts, cfg.n_shared_experts, cfg.expert_hidden,
                              cfg.dropout, with_shared_gate=level < cfg.n_levels - 1)
             levels.append(layer)
             in_dim = layer.out_dim
         self.levels = nn.ModuleList(levels)
-        self.towers = nn.ModuleList(MLP(in_dim, cfg.tower_hidden, out_dim=1, dropout=cfg.dropout)
-                                    for _ in range(n_tasks))
+        self.towers = self.make_towers(in_dim, cfg.tower_hidden, cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        shared = self.embedding(x).flatten(1)
+    def task_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        shared = h.flatten(1)
         task_inputs = [shared] * self.n_tasks
         for level in self.levels:
             task_inputs, shared = level(task_inputs, shared)
-        logits = torch.cat([tower(inp) for tower, inp in zip(self.towers, task_inputs)], dim=1)
-        return ModelOutput(probs=torch.sigmoid(logits))
+        return torch.stack(task_inputs, dim=1)  # (B, N, D)

@@ -1,43 +1,58 @@
-"""Model names used by the CLI, the experiment grid and the pipeline, mapped to classes and configs.
+"""The one list of model names (as timm's ``@register_model``): name -> class, config and loss defaults.
 
-Each model module defines one ``MultiTaskModel`` subclass with a ``Config`` dataclass. Ablations are
-APEM with config overrides, so they share APEM's code.
+Each model module registers its class with :func:`register_model`; a variant (an ablation, ESCM2's
+two estimators) registers the same class again under its own name with config or loss overrides,
+so variants share their model's code. ``apem.models`` imports every model module, so importing
+anything from ``apem.models`` fills the registry.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import asdict, fields as dataclass_fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields as dataclass_fields
+from typing import Any, Callable, Sequence, TypeVar
 
-from apem.models.base import FieldSpec, LossConfig, MultiTaskModel
+from apem.data.encoding import FieldSpec
+from apem.nn.losses import LossConfig
 
-# name -> ("module:Class", config overrides, loss overrides)
-MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "apem": ("apem.models.apem:APEM", {}, {}),
-    "single_task": ("apem.models.single_task:SingleTask", {}, {}),
-    "shared_bottom": ("apem.models.shared_bottom:SharedBottom", {}, {}),
-    "mmoe": ("apem.models.mmoe:MMoE", {}, {}),
-    "ple": ("apem.models.ple:PLE", {}, {}),
-    "aitm": ("apem.models.aitm:AITM", {}, {}),
-    "esmm": ("apem.models.esmm:ESMM", {}, {}),
-    "escm2_ips": ("apem.models.escm2:ESCM2", {"variant": "ips"}, {}),
-    "escm2_dr": ("apem.models.escm2:ESCM2", {"variant": "dr"}, {}),
-    "apem_wo_asrg": ("apem.models.apem:APEM", {"dynamic_activation": False}, {}),
-    "apem_wo_ps": ("apem.models.apem:APEM", {"task_indicators": False}, {}),
-    "apem_wo_ld": ("apem.models.apem:APEM", {}, {"dependence_weights": 0.0}),
-}
+ModelClass = TypeVar("ModelClass", bound=type)
 
 
-def model_names() -> list[str]:
-    return list(MODELS)
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    cls: type
+    config_defaults: dict[str, Any]
+    loss_defaults: dict[str, Any]
 
 
-def model_class(name: str) -> type[MultiTaskModel]:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    module_name, class_name = MODELS[name][0].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+_REGISTRY: dict[str, RegisteredModel] = {}
+
+
+def register_model(name: str, loss: dict[str, Any] | None = None, **config: Any) -> Callable[[ModelClass], ModelClass]:
+    """Class decorator: register ``cls`` under ``name``, with config (and ``loss``) overrides."""
+
+    def add(cls: ModelClass) -> ModelClass:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = RegisteredModel(name, cls, dict(config), dict(loss or {}))
+        return cls
+
+    return add
+
+
+def list_models() -> list[str]:
+    """Every registered name, in registration order (the order of ``apem.models``' imports)."""
+    return list(_REGISTRY)
+
+
+def registered(name: str) -> RegisteredModel:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def model_class(name: str) -> type:
+    return registered(name).cls
 
 
 def _typed(config_cls: type, values: dict[str, Any], what: str):
@@ -51,17 +66,15 @@ def _typed(config_cls: type, values: dict[str, Any], what: str):
 def resolve_configs(name: str, overrides: dict[str, Any] | None = None,
                     loss_overrides: dict[str, Any] | None = None) -> tuple[Any, LossConfig]:
     """The model's typed Config and LossConfig: registry defaults, then the caller's overrides."""
-    cls = model_class(name)
-    _, config_defaults, loss_defaults = MODELS[name]
-    config = _typed(cls.Config, {**config_defaults, **(overrides or {})}, f"{name} config")
-    loss = _typed(cls.default_loss_config().__class__,
-                  {**asdict(cls.default_loss_config()), **loss_defaults, **(loss_overrides or {})}, "loss")
+    entry = registered(name)
+    config = _typed(entry.cls.Config, {**entry.config_defaults, **(overrides or {})}, f"{name} config")
+    loss_default = entry.cls.default_loss_config()
+    loss = _typed(type(loss_default), {**asdict(loss_default), **entry.loss_defaults, **(loss_overrides or {})},
+                  "loss")
     return config, loss
 
 
-def build_model(name: str, fields: list[FieldSpec], n_tasks: int, overrides: dict[str, Any] | None = None,
-                loss_overrides: dict[str, Any] | None = None) -> MultiTaskModel:
+def build_model(name: str, fields: Sequence[FieldSpec], n_tasks: int, overrides: dict[str, Any] | None = None,
+                loss_overrides: dict[str, Any] | None = None):
     config, loss = resolve_configs(name, overrides, loss_overrides)
-    model = model_class(name)(fields, n_tasks, config, loss)
-    model.registry_name = name
-    return model
+    return registered(name).cls(fields, n_tasks, config, loss, registry_name=name)

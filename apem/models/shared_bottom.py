@@ -10,34 +10,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from apem.layers import MLP, FieldEmbedding
-from apem.models.base import FieldSpec, LossConfig, ModelOutput, MultiTaskModel
+from apem.models.base import EmbeddingConfig, TowerModel
+from apem.models.registry import register_model
+from apem.nn.layers import MLP
 
 
 @dataclass
-class SharedBottomConfig:
-    embed_dim: int = 18
+class SharedBottomConfig(EmbeddingConfig):
     bottom_hidden: tuple[int, ...] = (256, 128)
     tower_hidden: tuple[int, ...] = (64,)
     dropout: float = 0.0
 
 
-class SharedBottom(MultiTaskModel):
+@register_model("shared_bottom")
+class SharedBottom(TowerModel):
     name = "Shared-Bottom"
     Config = SharedBottomConfig
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, config: SharedBottomConfig | None = None,
-                 loss_config: LossConfig | None = None) -> None:
-        super().__init__(fields, n_tasks, config, loss_config)
+    def build(self) -> None:
         cfg = self.config
-        self.embedding = FieldEmbedding(fields, cfg.embed_dim)
-        self.bottom = MLP(len(fields) * cfg.embed_dim, cfg.bottom_hidden, dropout=cfg.dropout)
-        self.towers = nn.ModuleList(
-            MLP(self.bottom.out_dim, cfg.tower_hidden, out_dim=1, dropout=cfg.dropout) for _ in range(n_tasks))
+        self.bottom = MLP(self.flat_dim, cfg.bottom_hidden, dropout=cfg.dropout)
+        self.towers = self.make_towers(self.bottom.out_dim, cfg.tower_hidden, cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        shared = self.bottom(self.embedding(x).flatten(1))
-        logits = torch.cat([tower(shared) for tower in self.towers], dim=1)
-        return ModelOutput(probs=torch.sigmoid(logits))
+    def task_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bottom(h.flatten(1)).unsqueeze(1).expand(-1, self.n_tasks, -1)  # (B, N, D)

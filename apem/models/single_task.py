@@ -1,8 +1,7 @@
-"""Single-Task baseline (APEM paper, sec. 4.1.2): one independent MLP [256, 128, 64] per task.
+"""Single-Task baseline (APEM paper sec. 4.1.2): an independent embedding-MLP per step.
 
-Each task owns its embedding table and its MLP, so nothing is shared between tasks; this is why it is
-the largest model in the paper's Fig 8(b). Every task is trained on its own entire-space label
-P(T_i = 1 | X) (eq 20's BCE with sigma = 0, the base loss).
+Each task has its own embedding of every field and its own MLP [256, 128, 64] -> 1; nothing is
+shared. The N embeddings are one table of width N d (one lookup), split per task.
 """
 
 from __future__ import annotations
@@ -10,32 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from apem.layers import MLP, FieldEmbedding
-from apem.models.base import FieldSpec, LossConfig, ModelOutput, MultiTaskModel
+from apem.models.base import EmbeddingConfig, TowerModel
+from apem.models.registry import register_model
 
 
 @dataclass
-class SingleTaskConfig:
-    embed_dim: int = 18
+class SingleTaskConfig(EmbeddingConfig):
     hidden: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.0
 
 
-class SingleTask(MultiTaskModel):
+@register_model("single_task")
+class SingleTask(TowerModel):
     name = "Single-Task"
     Config = SingleTaskConfig
 
-    def __init__(self, fields: list[FieldSpec], n_tasks: int, config: SingleTaskConfig | None = None,
-                 loss_config: LossConfig | None = None) -> None:
-        super().__init__(fields, n_tasks, config, loss_config)
-        cfg = self.config
-        self.embeddings = nn.ModuleList(FieldEmbedding(fields, cfg.embed_dim) for _ in range(n_tasks))
-        in_dim = len(fields) * cfg.embed_dim
-        self.towers = nn.ModuleList(
-            MLP(in_dim, cfg.hidden, out_dim=1, dropout=cfg.dropout) for _ in range(n_tasks))
+    @property
+    def embedding_copies(self) -> int:  # one embedding per task
+        return self.n_tasks
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        logits = [tower(embed(x).flatten(1)) for embed, tower in zip(self.embeddings, self.towers)]
-        return ModelOutput(probs=torch.sigmoid(torch.cat(logits, dim=1)))
+    def build(self) -> None:
+        self.towers = self.make_towers(self.flat_dim, self.config.hidden, self.config.dropout)
+
+    def task_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        b, f, _ = h.shape  # (B, F, N d) -> (B, N, F d): task i reads only its own copy
+        return h.view(b, f, self.n_tasks, -1).transpose(1, 2).reshape(b, self.n_tasks, -1)

@@ -8,15 +8,15 @@ import pytest
 import torch
 from kfp import dsl
 
-from apem import model_registry
-from apem.synth import SynthConfig
-from apem.synth_events import write_synthetic_events
-from components.evaluate import evaluate
-from components.ingest import ingest
-from components.push import push
-from components.split import split
-from components.train import train
-from components.validate import validate
+from apem.release import mlflow_registry
+from apem.research.synth import SynthConfig
+from apem.research.synth_events import write_synthetic_events
+from apem_kfp.components.evaluate import evaluate
+from apem_kfp.components.ingest import ingest
+from apem_kfp.components.push import push
+from apem_kfp.components.split import split
+from apem_kfp.components.train import train
+from apem_kfp.components.validate import validate
 
 BEAM_ARGS = "--direct_running_mode=in_memory --direct_num_workers=1"
 TINY_ESMM = json.dumps({"embed_dim": 4, "tower_hidden": [8]})
@@ -40,7 +40,7 @@ def chain(tmp_path_factory):
         "roc1": dsl.ClassificationMetrics, "roc2": dsl.ClassificationMetrics, "roc3": dsl.ClassificationMetrics,
         "push_report": dsl.Markdown, "push_metrics": dsl.Metrics,
     }.items()}
-    tracking = model_registry.sqlite_tracking_uri(str(root / "mlflow"))
+    tracking = mlflow_registry.sqlite_tracking_uri(str(root / "mlflow"))
     out = {"root": root, "a": a, "tracking": tracking}
     out["window_end"] = ingest.python_func(
         raw_uri=str(root / "raw"), run_date="2026-01-06", window_days=6, schedule_time="",
@@ -98,7 +98,7 @@ def test_split_and_train(chain):
     with open(os.path.join(a["splits"].path, "split.json")) as fh:
         assert json.load(fh)["negative_rate"] == 0.5
     assert a["model"].metadata == {"model_name": "esmm", "negative_rate": 0.5, "epochs": 1}
-    from apem.modelio import load_model
+    from apem.inference.model_dir import load_model
 
     assert load_model(a["model"].path).negative_rate == 0.5
 
@@ -120,12 +120,12 @@ def test_push_gate_both_ways(chain):
     report, metrics = run_push(chain, blessed=False, name="no")
     assert metrics.metadata == {"pushed": 0.0}
     assert "not promoted" in open(report.path).read()
-    assert model_registry.champion_version(chain["tracking"], "apem-components") is None
+    assert mlflow_registry.champion_version(chain["tracking"], "apem-components") is None
     assert not os.path.exists(os.path.join(root, "serving"))
 
     report, metrics = run_push(chain, blessed=True, name="yes")
     assert metrics.metadata == {"pushed": 1.0, "version": 1.0}
-    assert model_registry.champion_version(chain["tracking"], "apem-components") == "1"
+    assert mlflow_registry.champion_version(chain["tracking"], "apem-components") == "1"
     assert os.path.exists(os.path.join(root, "serving", "v1", "config.json"))
     kept = os.path.join(root, "output", "reports", chain["window_end"])
     assert sorted(os.listdir(kept)) == ["evaluation.json", "push.md"]

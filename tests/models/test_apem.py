@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from apem.models.apem import APEM
-from apem.models.base import FieldSpec
+from apem.models.apem_model import APEM
+from apem.data.encoding import FieldSpec
 from apem.models.registry import build_model, resolve_configs
 
 torch.set_num_threads(1)

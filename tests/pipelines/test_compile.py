@@ -9,12 +9,12 @@ import yaml
 from kfp import compiler, dsl
 from kfp.components import load_component_from_file
 
-import components
-from apem.cli import main
-from components.compile_components import compile_components
-from pipelines import daily_retrain as dr
+import apem_kfp.components
+from apem.cli.main import main
+from apem_kfp.components.compile_components import compile_components
+from apem_kfp.pipelines import daily_retrain as dr
 
-COMPONENT_DIR = os.path.dirname(os.path.abspath(components.__file__))
+COMPONENT_DIR = os.path.dirname(os.path.abspath(apem_kfp.components.__file__))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_train_requests_a_gpu_node(compiled):
     assert k8s["exec-train"]["nodeSelector"]["labels"] == {dr.GPU_NODE_LABEL[0]: dr.GPU_NODE_LABEL[1]}
     assert k8s["exec-train"]["tolerations"] == [dr.GPU_TOLERATION]
     for name, executor in spec["deploymentSpec"]["executors"].items():
-        assert executor["container"]["image"] == components.APEM_IMAGE, name
+        assert executor["container"]["image"] == apem_kfp.components.APEM_IMAGE, name
         assert "pip install" not in " ".join(executor["container"]["command"]), name
 
 
@@ -84,14 +84,14 @@ def test_committed_component_yamls_are_up_to_date(tmp_path):
     fresh = compile_components(str(tmp_path))
     names = [os.path.basename(p) for p in fresh]
     match, mismatch, errors = filecmp.cmpfiles(COMPONENT_DIR, str(tmp_path), names, shallow=False)
-    assert not mismatch and not errors, f"run `python -m components.compile_components`: {mismatch + errors}"
+    assert not mismatch and not errors, f"run `python -m apem_kfp.components.compile_components`: {mismatch + errors}"
 
 
-@pytest.mark.parametrize("name", components.COMPONENT_NAMES)
+@pytest.mark.parametrize("name", apem_kfp.components.COMPONENT_NAMES)
 def test_component_yaml_loads_and_matches_the_python_component(name):
     path = os.path.join(COMPONENT_DIR, f"{name}.yaml")
     loaded = load_component_from_file(path)
-    original = getattr(__import__(f"components.{name}", fromlist=[name]), name)
+    original = getattr(__import__(f"apem_kfp.components.{name}", fromlist=[name]), name)
     assert loaded.name == name
     assert loaded.component_spec.inputs.keys() == original.component_spec.inputs.keys()
     assert (loaded.component_spec.outputs or {}).keys() == (original.component_spec.outputs or {}).keys()

@@ -1,0 +1,1 @@
+"""The ``apem`` command line: ``main`` plus one module per subject."""

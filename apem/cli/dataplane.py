@@ -1,0 +1,99 @@
+"""``apem ingest``, ``apem validate`` and ``apem split``: the data plane of the daily pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 8,1,1, got {text!r}") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive numbers like 8,1,1, got {text!r}")
+    return values
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="join raw daily event partitions into a funnel dataset (+ quarantine)")
+    p.add_argument("--raw", required=True, help="raw event root (local or gs://) with dt=YYYY-MM-DD/ partitions")
+    p.add_argument("--start", required=True, type=_date)
+    p.add_argument("--end", required=True, type=_date)
+    p.add_argument("--out", required=True, help="output dataset (local or gs://); quarantine goes to OUT_quarantine")
+    p.add_argument("--attribution-days", type=int, default=3, help="follow-up events later than this are quarantined")
+    p.add_argument("--allow-missing-days", action="store_true", help="skip missing or empty partitions")
+    p.add_argument("--file-format", choices=("jsonl", "csv", "parquet"), default=None,
+                   help="read only files of this format (default: by file extension)")
+    p.set_defaults(handler=run_ingest)
+
+    p = sub.add_parser("validate", help="TFDV statistics, schema anomalies and drift; non-zero exit on anomalies")
+    p.add_argument("--data", required=True, help="dataset directory (local or gs://)")
+    p.add_argument("--schema", default=None, help="schema .pbtxt (default: the curated one in apem/resources)")
+    p.add_argument("--out", required=True, help="report directory: stats.pb, anomalies.md, anomalies.json")
+    p.add_argument("--baseline-stats", default=None, help="previous window's stats.pb, for the drift check")
+    p.add_argument("--warn-only", action="store_true", help="report anomalies but exit 0")
+    p.set_defaults(handler=run_validate)
+
+    p = sub.add_parser("split", help="Beam: chronological train/val/test split with negative downsampling in train",
+                       epilog="Unknown options are passed to Beam as pipeline options, e.g. "
+                              "--direct_num_workers=4, or --project/--region/--temp_location for Dataflow.")
+    p.add_argument("--data", required=True, help="dataset directory (local or gs://)")
+    p.add_argument("--out", required=True, help="output root: OUT/train, OUT/val, OUT/test, OUT/split.json")
+    p.add_argument("--neg-rate", type=float, default=1.0, help="keep rate R of train rows whose first step is 0")
+    p.add_argument("--ratios", type=_ratios, default=(8, 1, 1), help="train,val,test day shares (default 8,1,1)")
+    p.add_argument("--runner", default="DirectRunner", help="Beam runner (DirectRunner, DataflowRunner, ...)")
+    p.set_defaults(handler=run_split, accepts_unknown_args=True)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from apem.cli.errors import CommandError
+    from apem.dataplane.ingest import IngestError, ingest
+
+    try:
+        summary = ingest(args.raw, args.start, args.end, args.out, attribution_window_days=args.attribution_days,
+                         allow_missing_days=args.allow_missing_days, file_format=args.file_format)
+    except IngestError as err:
+        raise CommandError(str(err)) from None
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {summary['rows']} rows to {summary['dataset']}; quarantined {summary['quarantined']} "
+          f"{ {k: v for k, v in summary['quarantine'].items() if v} } to {summary['quarantine_path']}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from apem.dataplane.validation import DEFAULT_SCHEMA, ValidationFailed, validate_dataset
+
+    try:
+        result = validate_dataset(args.data, schema_path=args.schema or DEFAULT_SCHEMA, out_dir=args.out,
+                                  baseline_stats=args.baseline_stats, warn_only=args.warn_only)
+    except ValidationFailed as err:
+        print(f"apem validate: {err}", file=sys.stderr)
+        return 1
+    print(f"{result['summary']}; report {result['report_path']}, stats {result['stats_path']}")
+    return 0
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from apem.cli.errors import CommandError
+    from apem.dataplane.split import SplitError, split_dataset
+
+    if not 0.0 < args.neg_rate <= 1.0:
+        raise CommandError(f"--neg-rate must be in (0, 1], got {args.neg_rate}")
+    try:
+        summary = split_dataset(args.data, args.out, negative_rate=args.neg_rate, ratios=args.ratios,
+                                runner=args.runner, pipeline_args=list(getattr(args, "unknown_args", [])))
+    except SplitError as err:
+        raise CommandError(str(err)) from None
+    print(json.dumps(summary, indent=2))
+    return 0

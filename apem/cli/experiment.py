@@ -1,0 +1,53 @@
+"""``apem experiment``: every model x seed on one split; report.json, report.md and plots."""
+
+from __future__ import annotations
+
+import argparse
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="compare APEM, baselines and ablations over seeds (paper Tables 3-4)")
+    p.add_argument("--train", required=True, help="training dataset directory")
+    p.add_argument("--val", required=True, help="validation dataset directory (early stopping)")
+    p.add_argument("--test", required=True, help="test dataset directory (scored only)")
+    p.add_argument("--models", default="all", help="comma-separated model registry names (apem, shared_bottom, ple, ... "
+                   "apem_wo_ld; an unknown name lists them all), or all")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per model")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=2, help="early-stopping patience in epochs (val AUC)")
+    p.add_argument("--max-rows", type=int, default=None, help="use at most the first N rows of each split")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--oracle", default=None,
+                   help="dataset directory holding oracle/truth.parquet for the test rows (default: --test)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apem.cli.errors import CommandError
+    from apem.research.experiment import ExperimentConfig, resolve_model_names, run_experiment
+
+    try:
+        models = resolve_model_names(args.models)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CommandError(f"{flag} must be at least 1, got {value}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise CommandError(f"--max-rows must be at least 1, got {args.max_rows}")
+    config = ExperimentConfig(models=models, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
+                              lr=args.lr, patience=args.patience, max_rows=args.max_rows, device=args.device,
+                              num_threads=args.threads, progress=not args.no_progress)
+    try:
+        report = run_experiment(args.train, args.val, args.test, args.out, config, oracle_dir=args.oracle)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    failed = sum(len(entry["errors"]) for entry in report["models"].values())
+    print(f"wrote {args.out}/report.json and report.md ({len(models)} models x {args.seeds} seeds, {failed} failed runs)")
+    return 0

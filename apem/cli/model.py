@@ -1,0 +1,105 @@
+"""``apem train``, ``apem evaluate`` and ``apem predict``: the model lifecycle on dataset directories."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from apem.data.atomic import atomic_file, write_text_atomic
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a training dataset, early-stopping on a validation dataset")
+    p.add_argument("--train", required=True, help="training dataset directory")
+    p.add_argument("--val", required=True, help="validation dataset directory")
+    p.add_argument("--model", default="apem", help="registry model name (apem, mmoe, apem_wo_ld, ...)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=2, help="epochs without validation-AUC gain before stopping")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI; logs params, metrics and the model")
+    p.add_argument("--negative-rate", type=float, default=None,
+                   help="training negative sampling rate (default: from ../split.json next to --train, else 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(handler=run_train)
+
+    scoring_commands = (
+        ("evaluate", "per-task metrics of a model on a labelled dataset", "metrics JSON file to write", run_evaluate),
+        ("predict", "entire-space funnel probabilities for every row of a dataset",
+         "Parquet file to write (id column + p_<label> per step)", run_predict),
+    )
+    for name, help_text, out_help, handler in scoring_commands:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="model directory")
+        p.add_argument("--data", required=True, help="dataset directory")
+        p.add_argument("--out", required=True, help=out_help)
+        p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
+        p.set_defaults(handler=handler)
+
+
+def _load(model_dir: str):
+    from apem.cli.errors import CommandError
+    from apem.inference.model_dir import ModelDirError, load_model
+
+    try:
+        return load_model(model_dir)
+    except ModelDirError as err:
+        raise CommandError(str(err)) from None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from apem.cli.errors import CommandError
+    from apem.train.from_dirs import train_from_dirs
+    from apem.train.trainer import TrainConfig
+
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.patience < 1:
+        raise CommandError("--epochs and --batch-size must be >= 1, --lr > 0 and --patience >= 1")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=args.device, patience=args.patience, num_threads=args.threads,
+                         mlflow_tracking_uri=args.mlflow_uri, resume=args.resume)
+    try:
+        summary = train_from_dirs(args.train, args.val, args.out, model_name=args.model, config=config,
+                                  negative_rate=args.negative_rate)
+    except ValueError as err:  # DatasetError is a ValueError too; unknown model, bad device, bad rate
+        raise CommandError(str(err)) from None
+    last = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps({"model_dir": summary["model_dir"], "best_epoch": summary["best_epoch"],
+                      "best_val_auc_mean": summary["best_val_auc"], "epochs_run": len(summary["history"]),
+                      "last_epoch_samples_per_s": last.get("samples_per_s")}, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from apem.eval.metrics import evaluate_predictions
+
+    loaded = _load(args.model)
+    probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
+    metrics = evaluate_predictions(dataset.labels(), probs, dataset.spec.labels)
+    metrics.update({"model_dir": os.path.abspath(args.model), "data": os.path.abspath(args.data),
+                    "model": loaded.name})
+    write_text_atomic(args.out, json.dumps(metrics, indent=2))
+    print(json.dumps({name: round(m["auc"], 4) if m["auc"] is not None else None
+                      for name, m in metrics["tasks"].items()}))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    loaded = _load(args.model)
+    probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
+    columns = {}
+    if dataset.spec.id_column:
+        columns[dataset.spec.id_column] = dataset.table.column(dataset.spec.id_column)
+    for i, name in enumerate(dataset.spec.labels):
+        columns[f"p_{name}"] = pa.array(probs[:, i])
+    with atomic_file(os.path.abspath(args.out)) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    print(f"wrote {len(probs)} predictions to {args.out}")
+    return 0

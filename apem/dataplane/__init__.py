@@ -1,0 +1,1 @@
+"""Ingestion of raw logs, TFDV validation, the Beam chronological split and the training window."""

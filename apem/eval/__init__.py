@@ -1,0 +1,1 @@
+"""Metrics, significance tests (DeLong, bootstrap), champion comparison and the blessing rule."""

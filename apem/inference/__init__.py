@@ -1,0 +1,1 @@
+"""Model directories (save/load), batch prediction, recalibration, export and the serving model."""

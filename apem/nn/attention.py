@@ -1,0 +1,205 @@
+"""Attention of APEM (paper eq. 14-19): inducing-point attention (ASRG, eq. 14-17), the Pattern
+Selector (eq. 18-19), and plain multi-head self-attention for the "w/o ASRG" ablation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from apem.nn.layers import StackedLayerNorm
+
+
+def multihead_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
+    """Scaled dot-product attention (eq. 15) with ``heads`` heads, concatenated (eq. 16 before W^O).
+
+    queries (B, Q, d), keys and values (B, S, d) -> (B, Q, d). Heads are folded into the batch so
+    the work is two ``bmm`` calls.
+    """
+    b, q_len, d = queries.shape
+    s_len = keys.shape[1]
+    h = d // heads
+
+    def split(t: torch.Tensor, length: int) -> torch.Tensor:
+        return t.reshape(b, length, heads, h).transpose(1, 2).reshape(b * heads, length, h)
+
+    scores = torch.bmm(split(queries, q_len) * h ** -0.5, split(keys, s_len).transpose(1, 2))
+    out = torch.bmm(torch.softmax(scores, dim=-1), split(values, s_len))
+    return out.reshape(b, heads, q_len, h).transpose(1, 2).reshape(b, q_len, d)
+
+
+def softmax_over_sources_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 of (B, S, P) scores, in place (public ops only): no second (B, S, P) buffer."""
+    scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=1, keepdim=True))
+
+
+class _MaskedSoftmaxPool(torch.autograd.Function):
+    """Autograd for :func:`masked_softmax_pool` with a hand-written backward.
+
+    The (B, S, P) score tensor (8192 floats per row at Table 2's sizes) dominates APEM's cost, so
+    forward keeps only two copies (raw scores, softmax weights) and backward reuses its own buffers
+    in place: one big GEMM per factor instead of autograd's chain of elementwise temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, source, factor, mask, columns):
+        b, s, d = source.shape
+        raw = (source.reshape(b * s, d) @ factor).view(b, s, -1)
+        weights = (raw.view(b, s, *columns) * mask).view(b, s, -1)
+        ctx.columns = columns
+        softmax_over_sources_(weights)
+        ctx.save_for_backward(source, factor, mask, raw if ctx.needs_input_grad[2] else None, weights)
+        return torch.bmm(weights.transpose(1, 2), source)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled):
+        source, factor, mask, raw, weights = ctx.saved_tensors
+        b, s, d = source.shape
+        grad_pooled = grad_pooled.contiguous()
+        grad_source = torch.bmm(weights, grad_pooled)  # through the pooling
+        grad_scores = torch.bmm(source, grad_pooled.transpose(1, 2))  # d/d weights, (B, S, P)
+        # softmax backward in place: w (g - sum_s w g) = w g - w * sum_s(w g)
+        grad_scores.mul_(weights)
+        grad_scores.addcmul_(weights, grad_scores.sum(dim=1, keepdim=True), value=-1.0)
+        grad_mask = None
+        if ctx.needs_input_grad[2]:  # d/d mask = sum over fields of grad_scores * raw; raw is not needed again
+            # reduce the field axis first (a contiguous slab sum), then any broadcast axes of the mask
+            grad_mask = raw.mul_(grad_scores).view(b, s, *ctx.columns).sum(dim=1, keepdim=True).sum_to_size(mask.shape)
+        grad_raw = grad_scores.view(b, s, *ctx.columns).mul_(mask).view(b * s, -1)
+        grad_source = grad_source.view(b * s, d).addmm_(grad_raw, factor.t()).view(b, s, d)
+        grad_factor = source.reshape(b * s, d).t() @ grad_raw if ctx.needs_input_grad[1] else None
+        return grad_source, grad_factor, grad_mask, None
+
+
+def masked_softmax_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
+                        columns: tuple[int, ...]) -> torch.Tensor:
+    """Eq. 14-15's attention pooling with factored scores: softmax over the S source rows of
+    mask * (S_b factor), then the weighted sum of source rows.
+
+    source (B, S, d), factor (d, P) (the query-side factor, already scaled), ``columns`` a split of
+    P, and mask broadcastable against the scores viewed as (B, S, *columns) (a query whose mask
+    is 0 gets uniform weights) -> pooled (B, P, d).
+    """
+    if torch.is_grad_enabled() and (source.requires_grad or factor.requires_grad or mask.requires_grad):
+        return _MaskedSoftmaxPool.apply(source, factor, mask, tuple(columns))
+    b, s, d = source.shape
+    scores = (source.reshape(b * s, d) @ factor).view(b, s, *columns)
+    scores = scores.mul_(mask).view(b, s, -1)
+    if torch.jit.is_tracing():
+        scores = torch.softmax(scores, dim=1)
+    else:  # in place: inference keeps a single (B, S, P) buffer
+        softmax_over_sources_(scores)
+    return torch.bmm(scores.transpose(1, 2), source)
+
+
+def _stacked_weight(n_layers: int, in_dim: int, out_dim: int) -> nn.Parameter:
+    w = torch.empty(n_layers, in_dim, out_dim)
+    nn.init.uniform_(w, -in_dim ** -0.5, in_dim ** -0.5)
+    return nn.Parameter(w)
+
+
+class FactoredAttention(nn.Module):
+    """The attention weights shared by the inducing-point (eq. 15-16) and task-indicator (eq. 18) attentions.
+
+    Both attend from a *learnt* query (inducing points or task indicators) over a per-sample source S.
+    Because the query is a parameter, the products are re-associated so the work is a few large
+    matmuls instead of many tiny per-head ones:
+
+    - scores_m = Q_m (S W^K_m)^T = S (W^K_m Q_m^T): the (d x queries) factor is computed once per batch;
+    - concat_m(A_m S W^V_m) W^O = sum_m (A_m S)(W^V_m W^O_m): attention-pool S first, then one (M d x d) matmul.
+
+    W^K has no bias: a key bias adds the same value to every score of a query and cancels in the
+    softmax. W^V's bias passes through (attention weights sum to 1) and is folded into W^O's bias.
+    """
+
+    def __init__(self, n_layers: int, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.heads, self.dim, self.head_dim = heads, dim, dim // heads
+        self.w_key = _stacked_weight(n_layers, dim, dim)
+        self.w_value = _stacked_weight(n_layers, dim, dim)
+        self.b_value = nn.Parameter(torch.zeros(n_layers, dim))
+        self.w_out = _stacked_weight(n_layers, dim, dim)
+        self.b_out = nn.Parameter(torch.zeros(n_layers, 1, dim))
+
+    def score_factor(self, queries: torch.Tensor, layers: slice) -> torch.Tensor:
+        """(L', d, Q, M): W^K_m Q_m^T per layer and head, scaled by 1/sqrt(d_head)."""
+        n, d, m, h = queries.shape[0], self.dim, self.heads, self.head_dim
+        q = queries.reshape(n, queries.shape[1], m, h)
+        return torch.einsum("lemh,lqmh->leqm", self.w_key[layers].reshape(n, d, m, h), q) * h ** -0.5
+
+    def value_out(self, layers: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L', M d, d) stacked W^V_m W^O_m blocks and the (L', 1, d) folded bias."""
+        w_v, w_o = self.w_value[layers], self.w_out[layers]
+        n, d, m, h = w_v.shape[0], self.dim, self.heads, self.head_dim
+        combined = torch.einsum("lemh,lmho->lmeo", w_v.reshape(n, d, m, h), w_o.reshape(n, m, h, d))
+        bias = torch.bmm(self.b_value[layers].unsqueeze(1), w_o) + self.b_out[layers]
+        return combined.reshape(n, m * d, d), bias
+
+
+class InducingPointAttention(nn.Module):
+    """ASRG's feature-interaction layer (eq. 14-17) for a stack of L layers.
+
+    Q_hat = I (.) z_K (eq. 14); O = concat_m softmax(Q_hat_m K_m^T / sqrt(d_m)) V_m W^O with
+    K = S W^K, V = S W^V (eq. 15-16); Y_ASRG = LayerNorm(Q_hat + O) (eq. 17, the Set-Transformer MAB
+    reading of the paper's "LayerNorm(O, H)": the residual is the K-row query, since H has F rows).
+    """
+
+    def __init__(self, n_layers: int, n_points: int, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attention = FactoredAttention(n_layers, dim, heads)
+        self.norm = StackedLayerNorm(n_layers, dim)
+        self.inducing = nn.Parameter(torch.randn(n_layers, n_points, dim) * dim ** -0.5)
+        self.n_points, self.heads = n_points, heads
+
+    def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        """source (B, S, d) attended by the layers in ``layers``; mask z_K (B, L', K) -> Y (L', B, K, d)."""
+        b, s, d = source.shape
+        inducing = self.inducing[layers]
+        n, k, m = inducing.shape[0], self.n_points, self.heads
+        factor = self.attention.score_factor(inducing, layers)  # (L', d, K, M)
+        # score columns ordered (layer, head, point): the mask then broadcasts over a contiguous K axis
+        factor = factor.permute(1, 0, 3, 2).reshape(d, n * m * k)
+        pooled = masked_softmax_pool(source, factor, mask.view(b, 1, n, 1, k), (n, m, k))  # (B, L' M K, d)
+        pooled = pooled.view(b, n, m, k, d).permute(1, 0, 3, 2, 4).reshape(n, b * k, m * d)
+        combined, bias = self.attention.value_out(layers)
+        out = torch.baddbmm(bias, pooled, combined).view(n, b, k, d)
+        # eq. 17's residual Q_hat + O, with Q_hat = I (.) z_K (eq. 14) fused into one pass, (L', B, K, d)
+        return self.norm(torch.addcmul(out, inducing.unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)), layers)
+
+
+class PatternSelector(nn.Module):
+    """Explicit Pattern Selector (eq. 18-19) over a stack of shared representations.
+
+    F_i^k = Attention(alpha_i^k, Y^k, Y^k) with eq. 15-16's multi-head attention (eq. 18), and
+    T_i^k = LayerNorm(T_i^{k-1} + F_i^k) (eq. 19), with T_i^1 = LayerNorm(F_i^1) since T^0 is ignored.
+    ``task_indicators=False`` (the "w/o PS" ablation) uses the task-agnostic mean of Y^k's rows as F^k.
+    """
+
+    def __init__(self, n_layers: int, n_tasks: int, dim: int, heads: int, task_indicators: bool = True) -> None:
+        super().__init__()
+        self.n_tasks, self.heads = n_tasks, heads
+        self.task_indicators = task_indicators
+        self.norm = StackedLayerNorm(n_layers, dim)
+        if task_indicators:  # the "w/o PS" ablation has no attention parameters at all
+            self.attention = FactoredAttention(n_layers, dim, heads)
+            self.indicator = nn.Parameter(torch.randn(n_layers, n_tasks, dim) * dim ** -0.5)
+
+    def forward(self, shared: torch.Tensor) -> torch.Tensor:
+        """shared (L, B, R, d) -> T^L (B, N, d)."""
+        n, b, r, d = shared.shape
+        t_count, m = self.n_tasks, self.heads
+        if self.task_indicators:
+            factor = self.attention.score_factor(self.indicator, slice(None)).reshape(n, d, t_count * m)
+            weights = torch.softmax(torch.bmm(shared.reshape(n, b * r, d), factor).view(n * b, r, t_count * m), dim=1)
+            pooled = torch.bmm(weights.transpose(1, 2), shared.reshape(n * b, r, d))  # (L B, N M, d)
+            combined, bias = self.attention.value_out(slice(None))
+            task_parts = torch.baddbmm(bias, pooled.view(n, b * t_count, m * d), combined).view(n, b, t_count, d)
+        else:
+            task_parts = shared.mean(dim=2, keepdim=True).expand(n, b, t_count, d)
+        t = self.norm(task_parts[0], 0)
+        for layer in range(1, n):
+            t = self.norm(t + task_parts[layer], layer)
+        return t

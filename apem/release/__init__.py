@@ -1,0 +1,1 @@
+"""The MLflow model registry (aliases, not stages) and push: registration and the serving copy."""

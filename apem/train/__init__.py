@@ -1,0 +1,1 @@
+"""The trainer loop, checkpoints, MLflow tracking and training from dataset directories."""

@@ -1,0 +1,93 @@
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from apem.cli.main import main
+from apem.data.spec import DatasetSpec, write_dataset
+from apem.data.features import default_spec
+from apem.research.synth import SynthConfig, generate
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    table, _ = generate(SynthConfig(rows=5_000, days=5, seed=6))
+    spec = default_spec()
+    write_dataset(table.slice(0, 3_500), spec, str(root / "train"))
+    write_dataset(table.slice(3_500, 750), spec, str(root / "val"))
+    write_dataset(table.slice(4_250), spec, str(root / "test"))
+    code = main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--model", "apem_wo_asrg",
+                 "--out", str(root / "model"), "--epochs", "2", "--batch-size", "512", "--device", "cpu",
+                 "--threads", "1"])
+    assert code == 0
+    return root
+
+
+def test_train_evaluate_predict(trained, capsys):
+    root = trained
+    assert main(["evaluate", "--model", str(root / "model"), "--data", str(root / "test"),
+                 "--out", str(root / "out" / "metrics.json")]) == 0
+    metrics = json.loads((root / "out" / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"click", "authorize", "convert"}
+    assert metrics["model"] == "apem_wo_asrg" and metrics["rows"] == 750
+    assert {"auc", "auc_subspace", "logloss", "calibration_error", "funnel_consistency"} <= set(metrics["tasks"]["click"])
+    assert main(["predict", "--model", str(root / "model"), "--data", str(root / "test"),
+                 "--out", str(root / "out" / "preds.parquet")]) == 0
+    preds = pq.read_table(root / "out" / "preds.parquet")
+    assert preds.column_names == ["impression_id", "p_click", "p_authorize", "p_convert"]
+    assert preds.num_rows == 750
+    assert preds.column("impression_id").to_pylist() == pq.read_table(root / "test" / "part-00000.parquet").column("impression_id").to_pylist()
+
+
+def test_resume_flag_continues_from_checkpoint(trained, capsys):
+    root = trained
+    capsys.readouterr()
+    assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--model", "apem_wo_asrg",
+                 "--out", str(root / "model"), "--epochs", "3", "--batch-size", "512", "--resume", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epochs_run"] == 3  # two from the first run, one new
+
+
+def _expect_error(argv, capsys, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_input_gives_one_line_errors(trained, capsys, tmp_path):
+    root = trained
+    model, test = str(root / "model"), str(root / "test")
+    _expect_error(["evaluate", "--model", str(tmp_path / "missing"), "--data", test, "--out", str(tmp_path / "m.json")],
+                  capsys, "model directory not found")
+    future = tmp_path / "future"
+    os.makedirs(future)
+    for name in os.listdir(model):
+        (future / name).write_bytes((root / "model" / name).read_bytes())
+    config = json.loads((future / "config.json").read_text())
+    (future / "config.json").write_text(json.dumps({**config, "format_version": 0}))
+    _expect_error(["predict", "--model", str(future), "--data", test, "--out", str(tmp_path / "p.parquet")],
+                  capsys, "format version 0")
+    # a dataset whose spec differs from the model's
+    other_spec = DatasetSpec(**{**default_spec().to_dict(), "numerical": ["credit_score", "balance"]})
+    table = generate(SynthConfig(rows=200, days=1, seed=1))[0]
+    write_dataset(table, other_spec, str(tmp_path / "other"))
+    _expect_error(["evaluate", "--model", model, "--data", str(tmp_path / "other"), "--out", str(tmp_path / "m.json")],
+                  capsys, "spec does not match", "numerical")
+    # an empty dataset
+    write_dataset(table.slice(0, 0), default_spec(), str(tmp_path / "empty"))
+    _expect_error(["predict", "--model", model, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "p.parquet")],
+                  capsys, "no rows")
+    _expect_error(["train", "--train", str(tmp_path / "empty"), "--val", test, "--out", str(tmp_path / "m2")],
+                  capsys, "no rows")
+    _expect_error(["train", "--train", str(root / "train"), "--val", test, "--model", "nope", "--out", str(tmp_path / "m3")],
+                  capsys, "unknown model")
+    _expect_error(["train", "--train", str(root / "train"), "--val", str(tmp_path / "other"), "--out", str(tmp_path / "m4")],
+                  capsys, "spec does not match")
+    if not torch.cuda.is_available():
+        _expect_error(["train", "--train", str(root / "val"), "--val", test, "--device", "cuda", "--out", str(tmp_path / "m5")],
+                      capsys, "CUDA is not available")

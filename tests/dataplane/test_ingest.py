@@ -1,0 +1,172 @@
+import datetime as dt
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from apem.data import storage
+from apem.cli.main import main as apem_main
+from apem.dataplane.ingest import QUARANTINE_FILE, QUARANTINE_REASONS, IngestError, ingest, quarantine_path
+from apem.data.spec import read_dataset
+from apem.data.oracle import read_oracle
+from apem.research.synth import SynthConfig, generate
+from apem.research.synth_events import write_synthetic_events
+
+DAY1, DAY2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
+FEATURES = {
+    "user_id": "u1", "product_id": "p1", "product_type": "loan", "channel": "app", "position": 1, "hour": 9,
+    "weekday": 3, "region": "r01", "age_band": "26-35", "segment": "mass", "credit_score": 700.0,
+    "balance": 10.5, "income": None, "tenure_months": 12.0, "products_held": 1, "days_since_login": 2.0,
+}
+
+
+def _event(imp, kind, time, event_id=None, **fields):
+    out = {"event_id": event_id or f"{imp}-{kind}", "event_type": kind, "event_time": time, "impression_id": imp}
+    if kind == "impression":
+        out.update(FEATURES)
+    out.update(fields)
+    return json.dumps(out)
+
+
+def _write_day(root, day, lines):
+    storage.write_bytes(storage.join(root, f"dt={day.isoformat()}", "events.jsonl"), "\n".join(lines).encode() + b"\n")
+
+
+@pytest.fixture
+def handmade(tmp_path):
+    """Two days of events with exactly one instance of each problem (two of out_of_order_steps)."""
+    raw = str(tmp_path / "raw")
+    _write_day(raw, DAY1, [
+        _event("good", "impression", "2026-01-01T10:00:00"),
+        _event("good", "click", "2026-01-01T10:01:00"),
+        _event("good", "authorize", "2026-01-01T12:00:00"),
+        _event("good", "click", "2026-01-01T10:01:00"),                          # duplicate_event (same id)
+        _event("nochan", "impression", "2026-01-01T11:00:00", channel=None),      # missing_field
+        json.dumps({"event_type": "click", "event_time": "2026-01-01T11:00", "impression_id": "noid"}),  # missing_field
+        _event("badtime", "impression", "yesterday"),                             # bad_value
+        _event("ghost", "click", "2026-01-01T13:00:00"),                          # unknown_impression
+        _event("skip", "impression", "2026-01-01T14:00:00"),
+        _event("skip", "authorize", "2026-01-01T15:00:00"),                       # out_of_order: no click
+        _event("early", "impression", "2026-01-01T16:00:00"),
+        _event("early", "click", "2026-01-01T15:59:00"),                          # out_of_order: before impression
+        '{"event_id": "broken',                                                    # unparsable_line
+        _event("slow", "impression", "2026-01-01T20:00:00"),
+    ])
+    _write_day(raw, DAY2, [
+        _event("plain", "impression", "2026-01-02T08:00:00", position="1"),  # JSON type varies: Python path
+        _event("good", "convert", "2026-01-02T09:00:00"),                         # late arrival, within window
+        _event("slow", "click", "2026-01-03T21:00:00"),                           # late_beyond_window (1 day)
+    ])
+    return raw
+
+
+def test_each_bad_input_gets_its_reason_and_count(handmade, tmp_path):
+    out = str(tmp_path / "ds")
+    summary = ingest(handmade, DAY1, DAY2, out, attribution_window_days=1)
+    assert summary["quarantine"] == {
+        "unparsable_line": 1, "missing_field": 2, "bad_value": 1, "duplicate_event": 1,
+        "unknown_impression": 1, "late_beyond_window": 1, "out_of_order_steps": 2,
+    }
+    assert summary["rows"] == 3 and summary["quarantine_path"] == quarantine_path(out) == out + "_quarantine"
+    ds = read_dataset(out)
+    rows = {r["impression_id"]: r for r in ds.table.to_pylist()}
+    assert set(rows) == {"good", "plain", "slow"}
+    assert [rows["good"][s] for s in ("click", "authorize", "convert")] == [1, 1, 1]
+    assert [rows["slow"][s] for s in ("click", "authorize", "convert")] == [0, 0, 0]
+    assert np.isnan(rows["plain"]["income"]) and rows["plain"]["position"] == 1
+    q = pq.read_table(storage.join(summary["quarantine_path"], QUARANTINE_FILE)).to_pandas()
+    by_id = dict(zip(q["impression_id"], q["reason"]))
+    assert by_id["nochan"] == "missing_field" and by_id["ghost"] == "unknown_impression"
+    assert by_id["skip"] == by_id["early"] == "out_of_order_steps"
+    assert "authorize without click" in q.loc[q.impression_id == "skip", "detail"].iat[0]
+    assert "click before impression" in q.loc[q.impression_id == "early", "detail"].iat[0]
+    bad_line = q[q.reason == "unparsable_line"].iloc[0]
+    assert bad_line["line"] == 13 and bad_line["source"].endswith("dt=2026-01-01/events.jsonl")
+    assert bad_line["raw"] == '{"event_id": "broken'
+    assert "missing event_id" in q.loc[q.impression_id == "noid", "detail"].iat[0]
+
+
+def test_missing_and_empty_partitions_are_errors_unless_allowed(handmade, tmp_path):
+    with pytest.raises(IngestError, match=r"missing partition\(s\) \['2026-01-03'\]"):
+        ingest(handmade, DAY1, dt.date(2026, 1, 3), str(tmp_path / "a"))
+    summary = ingest(handmade, DAY1, dt.date(2026, 1, 3), str(tmp_path / "a"), allow_missing_days=True)
+    assert summary["missing_days"] == ["2026-01-03"] and summary["rows"] > 0
+    storage.write_bytes(storage.join(handmade, "dt=2026-01-03", "events.jsonl"), b"")
+    with pytest.raises(IngestError, match="empty partition"):
+        ingest(handmade, DAY1, dt.date(2026, 1, 3), str(tmp_path / "b"))
+    assert apem_main(["ingest", "--raw", handmade, "--start", "2026-01-01", "--end", "2026-01-05",
+                      "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("events")
+    config = SynthConfig(rows=2500, days=6, seed=5)
+    summaries = {fmt: write_synthetic_events(config, str(root / fmt), file_format=fmt)
+                 for fmt in ("jsonl", "csv", "parquet")}
+    return root, config, summaries
+
+
+def _frame(path):
+    return read_dataset(path).table.to_pandas().sort_values("impression_id").reset_index(drop=True)
+
+
+def test_synthetic_events_roundtrip_to_the_generated_dataset(synthetic, tmp_path):
+    root, config, summaries = synthetic
+    mess = summaries["jsonl"]["mess"]
+    out = str(tmp_path / "ds")
+    summary = ingest(str(root / "jsonl"), config.start, config.start + dt.timedelta(days=config.days - 1), out)
+    q = summary["quarantine"]
+    assert set(q) == set(QUARANTINE_REASONS)
+    assert q["unparsable_line"] == mess["unparsable_line"] > 0
+    assert q["missing_field"] == mess["missing_field"]
+    assert q["duplicate_event"] == mess["duplicate"] > 0
+    assert q["out_of_order_steps"] == mess["lost_click"]
+    assert q["late_beyond_window"] == mess["convert_beyond_3_days"]
+    # every impression is a row, or quarantined, or out of this window (it arrived after the last day)
+    assert summary["rows"] + q["missing_field"] + q["out_of_order_steps"] <= config.rows
+    table, _ = generate(config)
+    truth = table.to_pandas().set_index("impression_id")
+    got = _frame(out).set_index("impression_id")
+    truth = truth.loc[got.index]
+    for column in ("click", "authorize", "product_type", "position", "balance", "event_time"):
+        assert (got[column].astype(str) == truth[column].astype(str)).all(), column
+    assert (got["convert"] != truth["convert"]).sum() <= q["late_beyond_window"]
+    np.testing.assert_allclose(got["income"], truth["income"], rtol=1e-12)
+    oracle = read_oracle(out)  # the truth travels with the dataset, row for row
+    assert sorted(oracle.column("impression_id").to_pylist()) == sorted(got.index)
+
+
+def test_csv_and_parquet_ingest_like_jsonl(synthetic, tmp_path):
+    root, config, _ = synthetic
+    end = config.start + dt.timedelta(days=2)
+    frames = {}
+    for fmt in ("jsonl", "csv", "parquet"):
+        summary = ingest(str(root / fmt), config.start, end, str(tmp_path / fmt), file_format=fmt)
+        frames[fmt] = (_frame(str(tmp_path / fmt)), summary["quarantine"])
+    jsonl, q_jsonl = frames["jsonl"]
+    for fmt in ("csv", "parquet"):
+        frame, q = frames[fmt]
+        assert frame.dtypes.astype(str).to_dict() == jsonl.dtypes.astype(str).to_dict(), fmt
+        assert frame.astype(str).equals(jsonl.astype(str)), fmt
+        expected = dict(q_jsonl, unparsable_line=q_jsonl["unparsable_line"] if fmt == "csv" else 0)
+        assert q == expected, fmt
+
+
+def test_ingest_from_gcs_equals_local(synthetic, gcs_prefix, tmp_path):
+    root, config, _ = synthetic
+    raw_gcs = storage.join(gcs_prefix, "raw")
+    write_synthetic_events(config, raw_gcs)
+    end = config.start + dt.timedelta(days=3)
+    local = ingest(str(root / "jsonl"), config.start, end, str(tmp_path / "local"))
+    remote_out = storage.join(gcs_prefix, "dataset")
+    remote = ingest(raw_gcs, config.start, end, remote_out)
+    assert remote["quarantine"] == local["quarantine"] and remote["rows"] == local["rows"]
+    assert storage.exists(storage.join(remote_out, storage.SUCCESS_MARKER))
+    remote_frame = storage.read_dataset_at(remote_out).table.to_pandas().sort_values("impression_id")
+    assert remote_frame.reset_index(drop=True).astype(str).equals(_frame(str(tmp_path / "local")).astype(str))
+    q_remote = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(remote["quarantine_path"], QUARANTINE_FILE))))
+    assert q_remote.num_rows == sum(local["quarantine"].values())

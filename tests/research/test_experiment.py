@@ -1,0 +1,117 @@
+"""``apem experiment`` end to end on a tiny chronological split, plus its t-test and name handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from scipy import stats
+
+from apem.cli.main import main
+from apem.models.registry import list_models
+from apem.research.experiment import paired_t_test, resolve_model_names
+from apem.data.spec import write_dataset
+from apem.data.features import default_spec
+from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.research.synth import SynthConfig, generate
+
+
+def test_paired_t_test_matches_a_hand_computation_and_scipy() -> None:
+    a = [0.70, 0.72, 0.71, 0.73, 0.74]
+    b = [0.69, 0.70, 0.70, 0.71, 0.72]
+    d = np.subtract(a, b)  # 0.01, 0.02, 0.01, 0.02, 0.02
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert t == pytest.approx(0.016 / (np.sqrt(0.00003) / np.sqrt(5)))
+    expected = 2 * stats.t.sf(abs(t), df=len(d) - 1)
+    assert paired_t_test(a, b) == pytest.approx(expected, rel=1e-9)
+    assert paired_t_test(a, b) == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-12)
+    assert paired_t_test(a, a) == 1.0
+    assert np.isnan(paired_t_test([0.7], [0.6]))
+    with pytest.raises(ValueError):
+        paired_t_test([0.7, 0.8], [0.6])
+
+
+def test_model_names_resolve_all_lists_and_reject_unknown() -> None:
+    assert resolve_model_names("all") == list_models()
+    assert len(list_models()) == 12
+    assert resolve_model_names("esmm, apem,esmm") == ["esmm", "apem"]
+    with pytest.raises(ValueError, match="unknown model 'xgboost'"):
+        resolve_model_names("apem,xgboost")
+
+
+@pytest.fixture(scope="module")
+def split_dirs(tmp_path_factory) -> dict[str, str]:
+    """A small synthetic dataset split by day: 6 days train, 2 val, 2 test (the oracle goes with test)."""
+    root = tmp_path_factory.mktemp("experiment_data")
+    table, oracle = generate(SynthConfig(rows=4000, days=10, seed=3))
+    spec = default_spec()
+    days = pc.cast(table.column(spec.time_column), "int64").to_numpy() // (86_400 * 10**6)
+    day_index = days - days.min()
+    dirs = {}
+    for name, (lo, hi) in {"train": (0, 6), "val": (6, 8), "test": (8, 10)}.items():
+        mask = (day_index >= lo) & (day_index < hi)
+        dirs[name] = write_dataset(table.filter(mask), spec, str(root / name))
+    os.makedirs(os.path.join(dirs["test"], ORACLE_DIR))
+    import pyarrow.parquet as pq
+
+    pq.write_table(oracle, os.path.join(dirs["test"], ORACLE_DIR, ORACLE_FILE))
+    return dirs
+
+
+def test_experiment_grid_writes_report_and_survives_a_failing_model(split_dirs, tmp_path, monkeypatch) -> None:
+    from apem.models import registry
+
+    # a model whose config is invalid fails at build time; the grid must report it and go on
+    broken = dataclasses.replace(registry.registered("mmoe"), config_defaults={"dropout": 1.5})
+    monkeypatch.setitem(registry._REGISTRY, "mmoe", broken)
+    out = tmp_path / "report"
+    code = main(["experiment", "--train", split_dirs["train"], "--val", split_dirs["val"], "--test", split_dirs["test"],
+                 "--models", "apem,single_task,esmm,mmoe", "--seeds", "2", "--epochs", "1", "--batch-size", "256",
+                 "--threads", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    labels = report["labels"]
+    assert labels == ["click", "authorize", "convert"]
+    assert list(report["models"]) == ["apem", "single_task", "esmm", "mmoe"]
+    for name in ("apem", "single_task", "esmm"):
+        entry = report["models"][name]
+        assert entry["seeds_ok"] == [0, 1] and entry["errors"] == []
+        for label in labels:
+            assert len(entry["aucs"][label]) == 2
+            assert entry["auc_mean"][label] == pytest.approx(np.mean(entry["aucs"][label]))
+            assert entry["auc_std"][label] == pytest.approx(np.std(entry["aucs"][label], ddof=1))
+            assert all(0.0 <= a <= 1.0 for a in entry["aucs"][label])  # tiny data: quality is not asserted here
+        assert entry["parameters"] > 0 and entry["model_bytes"] >= 4 * entry["parameters"]
+        assert entry["seconds_per_epoch"] > 0 and entry["inference_seconds"] > 0
+    apem, esmm = report["models"]["apem"], report["models"]["esmm"]
+    for label in labels:
+        assert apem["p_value_vs_apem"][label] is None
+        assert esmm["p_value_vs_apem"][label] == pytest.approx(paired_t_test(apem["aucs"][label], esmm["aucs"][label]))
+        single = report["models"]["single_task"]["auc_mean"][label]
+        assert esmm["gain_over_single_task"][label] == pytest.approx((esmm["auc_mean"][label] - single) / single)
+    failed = report["models"]["mmoe"]
+    assert failed["seeds_ok"] == [] and len(failed["errors"]) == 2 and "dropout" in failed["errors"][0]["error"]
+    oracle = report["oracle_auc"]
+    assert oracle["matched_rows"] == oracle["test_rows"] == report["config"]["rows"]["test"]
+    assert all(0.5 < oracle["tasks"][label] <= 1.0 for label in labels)
+    selection = report["selection_rate"]
+    assert 0.0 <= selection["mean"] <= 1.0 and sum(selection["histogram"]["counts"]) == oracle["test_rows"]
+    for png in ("auc_comparison.png", "efficiency.png", "selection_rate.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "| esmm |" in markdown and "oracle" in markdown and "mmoe seed 0:" in markdown
+
+
+def test_experiment_cli_rejects_bad_arguments(split_dirs, tmp_path, capsys) -> None:
+    common = ["experiment", "--train", split_dirs["train"], "--val", split_dirs["val"], "--test", split_dirs["test"],
+              "--out", str(tmp_path / "r")]
+    assert main(common + ["--models", "apem,nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(common + ["--models", "esmm", "--seeds", "0"]) == 2
+    assert main(["experiment", "--train", str(tmp_path / "missing"), "--val", split_dirs["val"], "--test",
+                 split_dirs["test"], "--out", str(tmp_path / "r"), "--models", "esmm"]) == 2
+    assert "missing" in capsys.readouterr().err

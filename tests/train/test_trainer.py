@@ -1,0 +1,103 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from apem.data.encoding import FeatureEncoder
+from apem.eval.metrics import auc
+from apem.models.registry import build_model
+from apem.data.spec import Dataset, write_dataset
+from apem.data.features import default_spec
+from apem.research.synth import SynthConfig, generate
+from apem.train.trainer import TrainConfig, encode_dataset, fit
+from apem.inference.predict import predict
+from apem.train.from_dirs import train_from_dirs
+
+torch.set_num_threads(1)
+SMALL = {"inducing_points": 16, "layers": 2}
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    table, _ = generate(SynthConfig(rows=40_000, days=10, seed=3))
+    spec = default_spec()
+    train, val = Dataset(spec, table.slice(0, 32_000)), Dataset(spec, table.slice(32_000))
+    encoder = FeatureEncoder(spec).fit(train)
+    return encoder, encode_dataset(train, encoder), encode_dataset(val, encoder)
+
+
+def test_encoded_data_shapes(encoded):
+    encoder, train, _ = encoded
+    assert train.x.dtype == torch.int64 and train.x.shape == (32_000, len(encoder.fields))
+    assert train.y.dtype == torch.float32 and train.y.shape == (32_000, 3)
+    cards = torch.tensor([f.cardinality for f in encoder.fields])
+    assert (train.x < cards).all() and (train.x >= 0).all()
+
+
+def test_training_beats_chance_on_every_task(encoded):
+    encoder, train, val = encoded
+    model = build_model("apem", encoder.fields, 3, SMALL)
+    result = fit(model, train, val, TrainConfig(epochs=3, batch_size=256, lr=3e-3, progress=False, patience=3))
+    probs = predict(model, val.x)
+    aucs = [auc(val.y[:, i].numpy(), probs[:, i]) for i in range(3)]
+    assert min(aucs) > 0.6, aucs
+    assert result.best_val_auc == pytest.approx(np.mean(aucs))  # best state restored
+    assert len(result.history) == 3 and result.history[0]["samples_per_s"] > 0
+    assert result.steps == 3 * 125
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(encoded, tmp_path):
+    encoder, train, val = encoded
+    small_train = type(train)(train.x[:3000], train.y[:3000])
+    small_val = type(val)(val.x[:2000], val.y[:2000])
+
+    def run(epochs, checkpoint_dir, resume=False, model=None):
+        torch.manual_seed(123)  # model init differs from the trainer seed on purpose
+        model = build_model("apem", encoder.fields, 3, {**SMALL, "dropout": 0.1})
+        cfg = TrainConfig(epochs=epochs, batch_size=256, seed=7, progress=False, patience=10,
+                          checkpoint_dir=str(checkpoint_dir), resume=resume)
+        return model, fit(model, small_train, small_val, cfg)
+
+    full_model, full = run(4, tmp_path / "full")
+    run(2, tmp_path / "killed")  # stands in for a run killed after its second checkpoint
+    resumed_model, resumed = run(4, tmp_path / "killed", resume=True)
+    assert [h["val_auc"] for h in resumed.history] == [h["val_auc"] for h in full.history]
+    assert resumed.best_epoch == full.best_epoch and resumed.steps == full.steps
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert json.loads(ckpt["progress"])["next_epoch"] == 4
+
+
+def test_train_from_dirs_reads_negative_rate_and_logs_to_mlflow(tmp_path):
+    table, _ = generate(SynthConfig(rows=6_000, days=5, seed=4))
+    spec = default_spec()
+    write_dataset(table.slice(0, 5_000), spec, str(tmp_path / "split" / "train"))
+    write_dataset(table.slice(5_000), spec, str(tmp_path / "split" / "val"))
+    (tmp_path / "split" / "split.json").write_text(json.dumps({"negative_rate": 0.25}))
+    import mlflow
+
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)  # artifacts beside the store, not in the working directory
+        mlflow.create_experiment("apem", artifact_location=(tmp_path / "artifacts").as_uri())
+        summary = train_from_dirs(str(tmp_path / "split" / "train"), str(tmp_path / "split" / "val"),
+                                  str(tmp_path / "model"), "apem_wo_ld", model_overrides=SMALL,
+                                  config=TrainConfig(epochs=1, progress=False, mlflow_tracking_uri=uri))
+        assert summary["negative_rate"] == 0.25 and summary["model"] == "apem_wo_ld"
+        meta = json.loads((tmp_path / "model" / "config.json").read_text())
+        assert meta["meta"]["negative_rate"] == 0.25 and meta["loss"]["dependence_weights"] == 0.0
+        assert os.path.exists(tmp_path / "model.checkpoints" / "checkpoint.pt")
+
+        runs = mlflow.search_runs(experiment_names=["apem"], output_format="list")
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.data.params["model.name"] == "apem_wo_ld"
+        assert "val_auc_mean" in run.data.metrics and "samples_per_s" in run.data.metrics
+        artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model")]
+        assert "model/weights.pt" in artifacts and "model/config.json" in artifacts
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
