@@ -86,10 +86,10 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
+    from apem.data.split_record import check_negative_rate
     from apem.dataplane.split import SplitError, split_dataset
 
-    if not 0.0 < args.neg_rate <= 1.0:
-        raise CommandError(f"--neg-rate must be in (0, 1], got {args.neg_rate}")
+    check_negative_rate(args.neg_rate, CommandError)
     try:
         summary = split_dataset(args.data, args.out, negative_rate=args.neg_rate, ratios=args.ratios,
                                 runner=args.runner, pipeline_args=list(getattr(args, "unknown_args", [])))

@@ -256,6 +256,21 @@ def local_output(uri: str) -> Iterator[str]:
         yield tmp
 
 
+@contextlib.contextmanager
+def staged_output(uri: str) -> Iterator[str]:
+    """A place to write the directory ``uri`` in place of its old content, for writers (such as a
+    distributed Beam job) that must write to ``uri``'s own file system: locally a staging sibling
+    renamed into place on success; on gs:// the old objects are deleted first and the ``_SUCCESS``
+    marker is written last, so readers see a complete directory or none."""
+    if not is_gcs(uri):
+        with staged_dir(uri) as tmp:
+            yield tmp
+        return
+    delete_tree(uri)
+    yield uri
+    write_bytes(join(uri, SUCCESS_MARKER), b"")
+
+
 def read_dataset_at(uri: str, **kwargs):
     """:func:`apem.data.spec.read_dataset` for a local path or a complete gs:// directory."""
     from apem.data.spec import read_dataset

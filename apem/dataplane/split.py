@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from apem.data import storage
-from apem.data.atomic import replace_dir
 from apem.data.oracle import ORACLE_PATH
 from apem.data.spec import SPEC_FILE, DatasetSpec
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
@@ -222,29 +220,12 @@ def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratio
     with _open(files[0]) as fh:
         schema = pq.read_schema(fh)
 
-    # Stage the output; publish with one rename (local) or a _SUCCESS marker written last (gs://).
     # Remote runners (Dataflow, Flink or Spark clusters) need gs:// paths, as for any Beam job.
-    if storage.is_gcs(out_dir):
-        staging = out_dir
-        storage.delete_tree(out_dir)
-    else:
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp",
-                                   dir=parent)
-    try:
+    with storage.staged_output(out_dir) as staging:
         with beam.Pipeline(options=_pipeline_options(runner, pipeline_args)) as pipeline:
             pattern = storage.join(data_dir, "*.parquet")
             _build_pipeline(pipeline, pattern, schema, staging, plan, spec, negative_rate)
         summary = _finish(data_dir, staging, spec, schema, plan, counts, negative_rate, ratios, runner)
-        if storage.is_gcs(out_dir):
-            storage.write_bytes(storage.join(out_dir, storage.SUCCESS_MARKER), b"")
-        else:
-            replace_dir(staging, out_dir)
-    except BaseException:
-        if not storage.is_gcs(out_dir):
-            storage.delete_tree(staging)
-        raise
     return summary
 
 

@@ -41,7 +41,6 @@ def test_probabilities_have_funnel_shape_and_range(name: str, n_tasks: int) -> N
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_loss_decreases_over_a_few_steps(name: str) -> None:
-    pytest.importorskip("apem.nn.losses")
     torch.manual_seed(0)
     model = build_model(name, FIELDS, 3)
     x, labels = random_batch(256, 3)
@@ -119,7 +118,6 @@ def test_aitm_calibrator_is_zero_for_monotone_outputs_and_penalises_violations()
 
 
 def test_aitm_loss_adds_the_weighted_calibrator() -> None:
-    pytest.importorskip("apem.nn.losses")
     torch.manual_seed(0)
     model = AITM(FIELDS, 3, AITM.Config(calibrator_weight=2.0)).eval()
     x, labels = random_batch(64, 3)
