@@ -54,7 +54,7 @@ VARIANTS = {"apem": ("apem", {}), "apem_nothing": ("apem", {"deselected_point": 
 def as_reference(model):
     """APEM on the path before issue 9: the unfolded ASRG forward and no predict-time tables."""
     model.asrg.forward = model.asrg.forward_reference
-    model.inference_module = lambda: model
+    model.inference_module = lambda rows=None: model
     return model
 
 

@@ -187,11 +187,15 @@ class APEM(MultiTaskModel):
         mask = self.selector_mask(h)
         return self.head(self.asrg_layers(h, mask), mask)
 
-    def inference_module(self) -> nn.Module:
+    def inference_module(self, rows: int | None = None) -> nn.Module:
         """Eval-mode prediction through :class:`FoldedAPEM` where it applies (the ASRG selector with
-        the default ``layer_input="fields"``); else the model itself."""
+        the default ``layer_input="fields"``) and pays: its tables cost one product per embedding
+        row, the direct path one per (row, field) of the input, so for fewer than
+        (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster."""
         c = self.config
         if self.training or not c.dynamic_activation or c.layer_input != "fields":
+            return self
+        if rows is not None and rows * len(self.fields) < self.embedding.embedding.num_embeddings:
             return self
         return FoldedAPEM(self)
 

@@ -84,9 +84,10 @@ class MultiTaskModel(nn.Module):
         default: always settled."""
         return True
 
-    def inference_module(self) -> nn.Module:
-        """A module computing the same ``forward`` faster for eval-mode prediction with frozen weights
-        (built once per :func:`apem.inference.predict.predict` call); default: the model itself."""
+    def inference_module(self, rows: int | None = None) -> nn.Module:
+        """A module computing the same ``forward`` faster for eval-mode prediction of ``rows`` rows
+        (when known) with frozen weights, built once per :func:`apem.inference.predict.predict`
+        call; default: the model itself."""
         return self
 
     def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

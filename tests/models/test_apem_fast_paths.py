@@ -35,7 +35,7 @@ def _inputs(n: int = 64, seed: int = 1) -> torch.Tensor:
 def _use_reference(model: APEM) -> APEM:
     """The same model on the unfolded all-layers-in-one-GEMM ASRG path, without predict-time tables."""
     model.asrg.forward = model.asrg.forward_reference
-    model.inference_module = lambda: model
+    model.inference_module = lambda rows=None: model
     return model
 
 
@@ -87,5 +87,8 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(reading):
 def test_inference_module_only_in_eval_mode_with_fields_input():
     assert _model(0).train().inference_module().__class__ is APEM
     assert _model(0, layer_input="previous").eval().inference_module().__class__ is APEM
+    few_rows = -(-sum(f.cardinality for f in FIELDS) // len(FIELDS)) - 1  # tables would cost more than they save
+    assert _model(0).eval().inference_module(few_rows).__class__ is APEM
+    assert _model(0).eval().inference_module(few_rows + 1).__class__ is FoldedAPEM
     without_asrg = APEM(FIELDS, 3, APEM.Config(embed_dim=6, inducing_points=8, layers=3, dynamic_activation=False))
     assert without_asrg.eval().inference_module() is without_asrg
