@@ -13,7 +13,17 @@ Per sample, with field embeddings H (F x d_f), ``L`` stacked layers each run:
 Readings chosen where the paper is ambiguous (all stated again where the code lives):
 
 - eq. 11: z_K = MLP(flatten(H)), one selector MLP producing K values for each of the L layers.
-- eq. 13: gamma(step) = max(gamma_start - gamma_decay * step, gamma_min), see :func:`apem.nn.layers.gamma_at`.
+- eq. 13: gamma falls linearly from gamma_start to gamma_min, reached at ``gamma_floor_fraction``
+  (default 1/2, as the paper) of the planned steps (:func:`apem.nn.selection.gamma_planned`);
+  ``gamma_schedule="fixed_rate"`` keeps max(gamma_start - gamma_decay * step, gamma_min)
+  (:func:`apem.nn.selection.gamma_at`). :meth:`APEM.schedule_settled` tells the trainer when gamma
+  is at its floor, so early stopping only restores a model trained with a sharp (binary) f_D.
+- eq. 14 with z_k = 0, a de-selected inducing point (``deselected_point``):
+  ``"uniform_attention"`` (default, the literal eq. 14): Q_hat_k = 0 gives all-zero scores, so the
+  point attends uniformly and Y_k = LayerNorm(mean_s V_s W^O) still carries every field into eq. 18;
+  ``"contributes_nothing"`` (the paper's "0 means not interacting"): the point is also removed from
+  the Pattern Selector's attention (eq. 18 weights z_k e^{score} / sum_j z_j e^{score_j}), so no
+  output depends on its row. With soft z during annealing this weighs points smoothly.
 - eq. 17: "LayerNorm(O, H)" adds rows of different counts (K vs F); we follow Set Transformer's
   MAB, whose residual is the query: Y_ASRG = LayerNorm(Q_hat + O), K x d_f.
 - Layer k+1's input: ``layer_input="fields"`` (default) lets every ASRG layer attend over the field
@@ -22,8 +32,9 @@ Readings chosen where the paper is ambiguous (all stated again where the code li
   into ASRG). ``layer_input="previous"`` instead lets layer k+1 attend over Y_ASRG^k (K rows).
   "fields" runs all layers as one batched einsum and is the faster one.
 - Ablations (section 4.3): ``dynamic_activation=False`` ("w/o ASRG") replaces the selector and
-  inducing points with plain stacked multi-head self-attention over the fields
-  (Y^k = LayerNorm(X + MHA(X) W^O), X = H then Y^{k-1}); ``task_indicators=False`` ("w/o PS")
+  inducing points with plain multi-head self-attention over the fields, Y^k = LayerNorm(X + MHA(X) W^O)
+  with the same ``layer_input`` stacking as APEM (default "fields": X = H for every layer;
+  "previous": X = Y^{k-1}), so the ablation changes the ASRG part only; ``task_indicators=False`` ("w/o PS")
   replaces eq. 18's attention by a task-agnostic mean over Y^k's rows; "w/o L_D" is the loss
   config ``dependence_weights=0`` (registry names in :mod:`apem.models.ablations`).
 """
@@ -37,12 +48,13 @@ from torch import nn
 
 from apem.models.base import EmbeddingConfig, ModelOutput, MultiTaskModel
 from apem.models.registry import register_model
-from apem.nn.attention import InducingPointAttention, PatternSelector, multihead_attention
+from apem.nn.attention import InducingPointAttention, PatternSelector, multihead_attention, softmax_over_sources_
 from apem.nn.layers import MLP, StackedLayerNorm, TaskTowers
 from apem.nn.losses import LossConfig
-from apem.nn.selection import dynamic_activation, gamma_at
+from apem.nn.selection import GAMMA_SCHEDULES, dynamic_activation, gamma_at, gamma_planned
 
 LAYER_INPUTS = ("fields", "previous")
+DESELECTED_POINT_READINGS = ("uniform_attention", "contributes_nothing")
 
 
 @dataclass
@@ -58,6 +70,9 @@ class APEMConfig(EmbeddingConfig):
     gamma_start: float = 10.0
     gamma_decay: float = 1e-2
     gamma_min: float = 1e-3
+    gamma_schedule: str = "planned"  # or "fixed_rate" (gamma_decay per step)
+    gamma_floor_fraction: float = 0.5  # share of the planned steps at which gamma reaches gamma_min
+    deselected_point: str = "uniform_attention"  # or "contributes_nothing", see the module docstring
     layer_input: str = "fields"
     dynamic_activation: bool = True
     task_indicators: bool = True
@@ -81,6 +96,13 @@ class APEM(MultiTaskModel):
             raise ValueError(f"layer_input must be one of {LAYER_INPUTS}, got {c.layer_input!r}")
         if c.layers < 1 or c.inducing_points < 1:
             raise ValueError("layers and inducing_points must be >= 1")
+        if c.gamma_schedule not in GAMMA_SCHEDULES:
+            raise ValueError(f"gamma_schedule must be one of {GAMMA_SCHEDULES}, got {c.gamma_schedule!r}")
+        if c.deselected_point not in DESELECTED_POINT_READINGS:
+            raise ValueError(f"deselected_point must be one of {DESELECTED_POINT_READINGS}, got {c.deselected_point!r}")
+        if c.deselected_point == "contributes_nothing" and c.layer_input != "fields":
+            raise ValueError('deselected_point="contributes_nothing" needs layer_input="fields" '
+                             "(with \"previous\", layer k+1 would still attend over the de-selected rows)")
         d, n_layers, k = c.embed_dim, c.layers, c.inducing_points
         if c.dynamic_activation:
             # eq. 11: transformation MLP from flattened H to K selector logits per layer
@@ -95,9 +117,27 @@ class APEM(MultiTaskModel):
         self.register_buffer("gamma", torch.tensor(float(c.gamma_start)))
 
     def set_training_progress(self, step: int, total_steps: int | None = None) -> None:
-        """Anneal eq. 13's gamma; kept in a buffer so a saved model predicts with the gamma it was trained to."""
+        """Anneal eq. 13's gamma; kept in a buffer so a saved model predicts with the gamma it was trained to.
+
+        Without a planned length (``total_steps`` None) the "planned" schedule falls back to the fixed rate.
+        """
         c = self.config
-        self.gamma.fill_(gamma_at(step, c.gamma_start, c.gamma_decay, c.gamma_min))
+        if c.gamma_schedule == "planned" and total_steps:
+            gamma = gamma_planned(step, total_steps, c.gamma_start, c.gamma_min, c.gamma_floor_fraction)
+        else:
+            gamma = gamma_at(step, c.gamma_start, c.gamma_decay, c.gamma_min)
+        self.gamma.fill_(gamma)
+
+    def schedule_settled(self) -> bool:
+        """True once gamma sits at its floor (f_D is binary); without the selector there is no schedule."""
+        c = self.config
+        return not c.dynamic_activation or float(self.gamma) <= c.gamma_min * (1 + 1e-6)  # float32 buffer
+
+    def pattern_selector_weights(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Row weights for eq. 18 under the "contributes nothing" reading: z_K as (L, B, K); else None."""
+        if mask is None or self.config.deselected_point != "contributes_nothing":
+            return None
+        return mask.transpose(0, 1)
 
     def selector_mask(self, h: torch.Tensor) -> torch.Tensor:
         """Eq. 11-12: z_K = f_D(MLP(flatten(H))) for every layer, (B, L, K); exact zeros where the mask is off."""
@@ -109,14 +149,12 @@ class APEM(MultiTaskModel):
         """The stack of L shared outputs, (L, B, R, d): Y_ASRG^k (R = K), or self-attention outputs (R = F)."""
         c = self.config
         if not c.dynamic_activation:
-            outputs, source = [], h
-            for layer in range(c.layers):
-                q, k, v = self.attn_qkv[layer](source).split(c.embed_dim, dim=-1)
-                attended = self.attn_out[layer](multihead_attention(q, k, v, c.heads))
-                source = self.attn_norm(source + attended, layer)
-                outputs.append(source)
-            return torch.stack(outputs)
-        mask = self.selector_mask(h)
+            return self.self_attention_layers(h)
+        return self.asrg_layers(h, self.selector_mask(h))
+
+    def asrg_layers(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Y_ASRG^k for every layer (eq. 14-17), (L, B, K, d), given z_K (B, L, K)."""
+        c = self.config
         if c.layer_input == "fields":  # every layer attends over H: one batched pass for all layers
             return self.asrg(h, mask)
         outputs, source = [], h
@@ -125,10 +163,41 @@ class APEM(MultiTaskModel):
             outputs.append(source)
         return torch.stack(outputs)
 
+    def self_attention_layers(self, h: torch.Tensor) -> torch.Tensor:
+        """"w/o ASRG": Y^k = LayerNorm(X + MHA(X) W^O), X = H ("fields") or Y^{k-1} ("previous"), (L, B, F, d)."""
+        c = self.config
+        outputs, source = [], h
+        for layer in range(c.layers):
+            q, k, v = self.attn_qkv[layer](source).split(c.embed_dim, dim=-1)
+            attended = self.attn_out[layer](multihead_attention(q, k, v, c.heads))
+            out = self.attn_norm(source + attended, layer)
+            outputs.append(out)
+            source = h if c.layer_input == "fields" else out
+        return torch.stack(outputs)
+
+    def head(self, shared: torch.Tensor, mask: torch.Tensor | None) -> ModelOutput:
+        """Pattern Selector (eq. 18-19) and towers on the shared stack (L, B, R, d)."""
+        logits = self.towers(self.pattern_selector(shared, self.pattern_selector_weights(mask)))
+        return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         h = self.embedding(x)
-        logits = self.towers(self.pattern_selector(self.shared_representation(h)))
-        return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
+        if not self.config.dynamic_activation:
+            return self.head(self.self_attention_layers(h), None)
+        mask = self.selector_mask(h)
+        return self.head(self.asrg_layers(h, mask), mask)
+
+    def inference_module(self, rows: int | None = None) -> nn.Module:
+        """Eval-mode prediction through :class:`FoldedAPEM` where it applies (the ASRG selector with
+        the default ``layer_input="fields"``) and pays: its tables cost one product per embedding
+        row, the direct path one per (row, field) of the input, so for fewer than
+        (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster."""
+        c = self.config
+        if self.training or not c.dynamic_activation or c.layer_input != "fields":
+            return self
+        if rows is not None and rows * len(self.fields) < self.embedding.embedding.num_embeddings:
+            return self
+        return FoldedAPEM(self)
 
     @torch.no_grad()
     def selection_rates(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,3 +205,44 @@ class APEM(MultiTaskModel):
         if not self.config.dynamic_activation:
             raise ValueError("selection rates need the dynamic activation layer (dynamic_activation=True)")
         return (self.selector_mask(self.embedding(x)) > 0).float().mean(dim=(1, 2))
+
+
+class FoldedAPEM(nn.Module):
+    """Inference-only APEM (``layer_input="fields"``) with the per-field products folded into tables.
+
+    Every ASRG layer attends over the field embeddings H, whose rows are rows of the one embedding
+    table E (C x d, C = sum of field cardinalities). So eq. 15's factored scores S_b (W^K_m I_m^T)
+    and the folded values S_b (W^V_m W^O_m) (:func:`apem.nn.attention.inducing_point_pool`) are
+    lookups into per-layer tables E (W^K_m I_m^T) (C x M K) and E (W^V_m W^O_m) (C x M d), computed
+    once from the frozen weights: per batch the two GEMMs over B F rows become gathers. The
+    selector, eq. 17, the Pattern Selector and the towers are the model's own code. Agrees with
+    ``APEM.forward`` to float rounding; build a new one after the weights change.
+    """
+
+    def __init__(self, model: APEM) -> None:
+        super().__init__()
+        self.model = model
+        asrg = model.asrg
+        n, m, d = model.config.layers, asrg.heads, model.config.embed_dim
+        with torch.no_grad():
+            table = model.embedding.embedding.weight
+            factor, combined, bias = asrg.folded_weights()
+            self.register_buffer("score_tables", torch.matmul(table, factor).contiguous())  # (L, C, M K)
+            # each head's attention weights sum to 1 over the fields, so W^V W^O's folded bias enters
+            # as bias / M on every value row: the pooling bmm then needs no bias pass
+            values = torch.matmul(table, combined).view(n, -1, m, d) + bias.unsqueeze(1) / m
+            self.register_buffer("value_tables", values.reshape(n, -1, m * d).contiguous())  # (L, C, M d)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        model, asrg = self.model, self.model.asrg
+        idx = x + model.embedding.offsets
+        mask = model.selector_mask(model.embedding.embedding(idx))  # (B, L, K)
+        b, s = idx.shape
+        n, k, m, d = self.score_tables.shape[0], asrg.n_points, asrg.heads, model.config.embed_dim
+        out = mask.new_empty(n, b, k, d)
+        for layer in range(n):
+            scores = nn.functional.embedding(idx, self.score_tables[layer]).view(b, s, m, k)
+            scores = softmax_over_sources_(scores.mul_(mask[:, layer].reshape(b, 1, 1, k)).view(b, s, m * k))
+            values = nn.functional.embedding(idx, self.value_tables[layer]).view(b, s * m, d)
+            torch.bmm(scores.view(b, s * m, k).transpose(1, 2), values, out=out[layer])
+        return model.head(asrg.residual_norm(out, mask), mask)

@@ -8,6 +8,8 @@
   and override ``loss``; the trainer never branches on the model type.
 - ``set_training_progress(step, total_steps)`` is called by the trainer before every optimisation
   step; models with schedules (APEM's dynamic activation) use it, others ignore it.
+  ``schedule_settled()`` tells the trainer whether that schedule has reached its final regime, and
+  ``inference_module()`` may return a faster equivalent for prediction (both default to trivial).
 
 The skeleton: :class:`MultiTaskModel` owns the field embedding H (B, F, d) and the typed config;
 a subclass builds its layers in ``build()``. :class:`TowerModel` adds the part every baseline
@@ -75,6 +77,18 @@ class MultiTaskModel(nn.Module):
 
     def set_training_progress(self, step: int, total_steps: int | None = None) -> None:
         """Hook called by the trainer before each optimisation step; default: nothing."""
+
+    def schedule_settled(self) -> bool:
+        """Whether the model's training schedule has reached its final regime (APEM: gamma at its
+        floor, f_D binary). The trainer only lets epochs that end settled become the best epoch;
+        default: always settled."""
+        return True
+
+    def inference_module(self, rows: int | None = None) -> nn.Module:
+        """A module computing the same ``forward`` faster for eval-mode prediction of ``rows`` rows
+        (when known) with frozen weights, built once per :func:`apem.inference.predict.predict`
+        call; default: the model itself."""
+        return self
 
     def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         return sequential_dependence_loss(output.probs, labels, self.loss_config)

@@ -93,6 +93,109 @@ def masked_softmax_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.
     return torch.bmm(scores.transpose(1, 2), source)
 
 
+def _softmax_backward_(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Softmax backward over dim 1, in place on ``grad``: w (g - sum_s w g) = w g - w * sum_s(w g)."""
+    grad.mul_(weights)
+    return grad.addcmul_(weights, grad.sum(dim=1, keepdim=True), value=-1.0)
+
+
+class _InducingPointPool(torch.autograd.Function):
+    """Autograd for :func:`inducing_point_pool`, layer by layer with a hand-written backward.
+
+    Saves per layer the raw scores, the softmax weights and the folded values; backward reuses
+    them in place (one GEMM per factor), as :class:`_MaskedSoftmaxPool` does for the unfolded form.
+    """
+
+    @staticmethod
+    def forward(ctx, source, factor, mask, combined, bias, heads):
+        out, raws, weights, values = _inducing_point_pool_forward(source, factor, mask, combined, bias, heads,
+                                                                  keep=True)
+        ctx.heads = heads
+        ctx.save_for_backward(source, factor, mask, combined, *raws, *weights, *values)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        source, factor, mask, combined, *rest = ctx.saved_tensors
+        n = factor.shape[0]
+        raws, weights, values = rest[:n], rest[n:2 * n], rest[2 * n:]
+        b, s, d = source.shape
+        m, k = ctx.heads, mask.shape[2]
+        dv = combined.shape[2] // m
+        flat = source.reshape(b * s, d)
+        grad_out = grad_out.contiguous()
+        grad_flat = torch.zeros_like(flat)
+        grad_factor, grad_combined = torch.empty_like(factor), torch.empty_like(combined)
+        grad_mask = torch.empty_like(mask)
+        grad_bias = grad_out.sum(dim=(1, 2)).unsqueeze(1)  # (L', 1, dv)
+        for layer in range(n):
+            g = grad_out[layer]  # (B, K, dv)
+            grad_values = torch.bmm(weights[layer].view(b, s * m, k), g).view(b * s, m * dv)  # through the pooling
+            grad_w = _softmax_backward_(torch.bmm(values[layer], g.transpose(1, 2)).view(b, s, m * k), weights[layer])
+            grad_mask[:, layer] = raws[layer].mul_(grad_w).view(b, s * m, k).sum(dim=1)  # raw is not needed again
+            grad_raw = grad_w.view(b, s, m, k).mul_(mask[:, layer].reshape(b, 1, 1, k)).view(b * s, m * k)
+            grad_flat.addmm_(grad_raw, factor[layer].t()).addmm_(grad_values, combined[layer].t())
+            torch.mm(flat.t(), grad_raw, out=grad_factor[layer])
+            torch.mm(flat.t(), grad_values, out=grad_combined[layer])
+        return grad_flat.view(b, s, d), grad_factor, grad_mask, grad_combined, grad_bias, None
+
+
+def _inducing_point_pool_forward(source, factor, mask, combined, bias, heads, keep=False):
+    """The forward of :func:`inducing_point_pool`; with ``keep`` also the per-layer tensors backward needs."""
+    b, s, d = source.shape
+    n, m, k = factor.shape[0], heads, mask.shape[2]
+    dv = combined.shape[2] // m
+    flat = source.reshape(b * s, d)
+    tracing = torch.jit.is_tracing()  # a traced graph gets out-of-place ops and no preallocated output
+    out = None if tracing else source.new_empty(n, b, k, dv)
+    parts, raws, weights, values = [], [], [], []
+    for layer in range(n):
+        raw = (flat @ factor[layer]).view(b, s, m, k)
+        scores = (raw * mask[:, layer].reshape(b, 1, 1, k)).view(b, s, m * k)
+        scores = torch.softmax(scores, dim=1) if tracing else softmax_over_sources_(scores)
+        value = (flat @ combined[layer]).view(b, s * m, dv)  # S_b W^V_m W^O_m, rows (field, head)
+        pooled_t = scores.view(b, s * m, k).transpose(1, 2)  # (B, K, S M): the sum runs over fields and heads
+        if tracing:
+            parts.append(torch.baddbmm(bias[layer], pooled_t, value))
+        else:
+            torch.baddbmm(bias[layer].expand(b, k, dv), pooled_t, value, out=out[layer])
+        if keep:
+            raws.append(raw.view(b, s, m * k))
+            weights.append(scores)
+            values.append(value)
+    return (torch.stack(parts) if tracing else out), raws, weights, values
+
+
+def inducing_point_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, combined: torch.Tensor,
+                        bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """Eq. 15-16 for L' layers of learnt queries, with the value and output projections folded in.
+
+    Per layer l, sample b and query k: O[l, b, k] = bias_l + sum_{m, s} A[b, s, m, k] (S_b[s] C_{l, m}), with
+    A = softmax over the S source rows of mask[b, l, k] * (S_b factor_l)[:, m, k] and C_{l, m} = W^V_m W^O_m.
+    Pooling the d-wide value rows S_b C_{l,m} directly (instead of pooling S_b, then multiplying
+    the (L, B K, M d) pooled heads by the stacked W^V W^O blocks) drops that product and its
+    permute copies: per layer one score GEMM, one (S M)-deep bmm and one small value GEMM.
+
+    source (B, S, d), factor (L', d, M K) with columns (head, query), mask (B, L', K) contiguous,
+    combined (L', d, M d_v) with column blocks C_{l, m}, bias (L', 1, d_v) -> (L', B, K, d_v).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (source, factor, mask, combined, bias)):
+        return _InducingPointPool.apply(source, factor, mask, combined, bias, heads)
+    return _inducing_point_pool_forward(source, factor, mask, combined, bias, heads)[0]
+
+
+def weighted_softmax(scores: torch.Tensor, row_weights: torch.Tensor, dim: int) -> torch.Tensor:
+    """softmax over ``dim`` with a prior weight per entry: w_r = z_r e^{s_r} / sum_j z_j e^{s_j}.
+
+    z_r = 0 removes row r from the attention exactly (weight 0, no gradient through its score);
+    a soft z in (0, 1) lowers its share smoothly, so the selector still learns while gamma anneals.
+    When every z is 0 all weights are 0 (the pooled message is empty), not NaN.
+    """
+    e = torch.exp(scores - scores.amax(dim=dim, keepdim=True)) * row_weights
+    return e / e.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
 def _stacked_weight(n_layers: int, in_dim: int, out_dim: int) -> nn.Parameter:
     w = torch.empty(n_layers, in_dim, out_dim)
     nn.init.uniform_(w, -in_dim ** -0.5, in_dim ** -0.5)
@@ -154,8 +257,31 @@ class InducingPointAttention(nn.Module):
         self.inducing = nn.Parameter(torch.randn(n_layers, n_points, dim) * dim ** -0.5)
         self.n_points, self.heads = n_points, heads
 
+    def folded_weights(self, layers: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-layer factors of :func:`inducing_point_pool`: score factor W^K_m I_m^T (L', d, M K),
+        columns (head, point); value-output blocks W^V_m W^O_m (L', d, M d), columns (head, out); bias (L', 1, d)."""
+        n, k, m, d = self.inducing[layers].shape[0], self.n_points, self.heads, self.attention.dim
+        factor = self.attention.score_factor(self.inducing[layers], layers).permute(0, 1, 3, 2).reshape(n, d, m * k)
+        combined, bias = self.attention.value_out(layers)  # (L', M d, d): rows (head, in)
+        return factor, combined.view(n, m, d, d).permute(0, 2, 1, 3).reshape(n, d, m * d), bias
+
+    def residual_norm(self, out: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        """Eq. 17's Y = LayerNorm(Q_hat + O) with Q_hat = I (.) z_K (eq. 14) fused into one pass, (L', B, K, d)."""
+        return self.norm(torch.addcmul(out, self.inducing[layers].unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)),
+                         layers)
+
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        """source (B, S, d) attended by the layers in ``layers``; mask z_K (B, L', K) -> Y (L', B, K, d)."""
+        """source (B, S, d) attended by the layers in ``layers``; mask z_K (B, L', K) -> Y (L', B, K, d).
+
+        Layer by layer with W^V W^O folded into the pooled values (:func:`inducing_point_pool`);
+        :meth:`forward_reference` is the all-layers-in-one-GEMM formulation it must agree with.
+        """
+        factor, combined, bias = self.folded_weights(layers)
+        return self.residual_norm(inducing_point_pool(source, factor, mask.contiguous(), combined, bias, self.heads),
+                                  mask, layers)
+
+    def forward_reference(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        """The same as :meth:`forward`: all layers' scores in one GEMM, then W^V W^O on the pooled heads."""
         b, s, d = source.shape
         inducing = self.inducing[layers]
         n, k, m = inducing.shape[0], self.n_points, self.heads
@@ -165,9 +291,7 @@ class InducingPointAttention(nn.Module):
         pooled = masked_softmax_pool(source, factor, mask.view(b, 1, n, 1, k), (n, m, k))  # (B, L' M K, d)
         pooled = pooled.view(b, n, m, k, d).permute(1, 0, 3, 2, 4).reshape(n, b * k, m * d)
         combined, bias = self.attention.value_out(layers)
-        out = torch.baddbmm(bias, pooled, combined).view(n, b, k, d)
-        # eq. 17's residual Q_hat + O, with Q_hat = I (.) z_K (eq. 14) fused into one pass, (L', B, K, d)
-        return self.norm(torch.addcmul(out, inducing.unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)), layers)
+        return self.residual_norm(torch.baddbmm(bias, pooled, combined).view(n, b, k, d), mask, layers)
 
 
 class PatternSelector(nn.Module):
@@ -176,6 +300,10 @@ class PatternSelector(nn.Module):
     F_i^k = Attention(alpha_i^k, Y^k, Y^k) with eq. 15-16's multi-head attention (eq. 18), and
     T_i^k = LayerNorm(T_i^{k-1} + F_i^k) (eq. 19), with T_i^1 = LayerNorm(F_i^1) since T^0 is ignored.
     ``task_indicators=False`` (the "w/o PS" ablation) uses the task-agnostic mean of Y^k's rows as F^k.
+
+    ``row_weights`` (L, B, R), when given, weighs each row of Y^k in the attention (and in the mean):
+    APEM's "contributes nothing" reading of z_K passes z_K here, so a de-selected inducing point
+    (z_k = 0) is removed from eq. 18's attention (:func:`weighted_softmax`).
     """
 
     def __init__(self, n_layers: int, n_tasks: int, dim: int, heads: int, task_indicators: bool = True) -> None:
@@ -187,18 +315,23 @@ class PatternSelector(nn.Module):
             self.attention = FactoredAttention(n_layers, dim, heads)
             self.indicator = nn.Parameter(torch.randn(n_layers, n_tasks, dim) * dim ** -0.5)
 
-    def forward(self, shared: torch.Tensor) -> torch.Tensor:
-        """shared (L, B, R, d) -> T^L (B, N, d)."""
+    def forward(self, shared: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """shared (L, B, R, d), optional row_weights (L, B, R) -> T^L (B, N, d)."""
         n, b, r, d = shared.shape
         t_count, m = self.n_tasks, self.heads
         if self.task_indicators:
             factor = self.attention.score_factor(self.indicator, slice(None)).reshape(n, d, t_count * m)
-            weights = torch.softmax(torch.bmm(shared.reshape(n, b * r, d), factor).view(n * b, r, t_count * m), dim=1)
+            scores = torch.bmm(shared.reshape(n, b * r, d), factor).view(n * b, r, t_count * m)
+            weights = torch.softmax(scores, dim=1) if row_weights is None else \
+                weighted_softmax(scores, row_weights.reshape(n * b, r, 1), dim=1)
             pooled = torch.bmm(weights.transpose(1, 2), shared.reshape(n * b, r, d))  # (L B, N M, d)
             combined, bias = self.attention.value_out(slice(None))
             task_parts = torch.baddbmm(bias, pooled.view(n, b * t_count, m * d), combined).view(n, b, t_count, d)
-        else:
+        elif row_weights is None:
             task_parts = shared.mean(dim=2, keepdim=True).expand(n, b, t_count, d)
+        else:  # the weighted mean over the selected rows (all 0 gives an empty message)
+            total = row_weights.sum(dim=2, keepdim=True).clamp_min(torch.finfo(shared.dtype).tiny).unsqueeze(-1)
+            task_parts = ((shared * row_weights.unsqueeze(-1)).sum(dim=2, keepdim=True) / total).expand(n, b, t_count, d)
         t = self.norm(task_parts[0], 0)
         for layer in range(1, n):
             t = self.norm(t + task_parts[layer], layer)

@@ -169,10 +169,15 @@ class _Loop:
             valid = [a for a in record["val_auc"] if np.isfinite(a)]
             record["val_auc_mean"] = float(np.mean(valid)) if valid else float("nan")
         score = record.get("val_auc_mean", float(record["epoch"]))  # without validation the last epoch is best
-        if np.isfinite(score) and score > p.best_auc:
+        # Only an epoch that ends with the model's schedule settled (APEM: gamma at its floor, so f_D
+        # is binary) may become the best one, else early stopping restores a soft-selector model;
+        # the planned last epoch is always eligible, and unsettled epochs do not use up patience.
+        record["schedule_settled"] = self.model.schedule_settled()
+        eligible = record["schedule_settled"] or record["epoch"] == self.config.epochs - 1
+        if eligible and np.isfinite(score) and score > p.best_auc:
             p.best_auc, p.best_epoch, p.bad_epochs = score, record["epoch"], 0
             self.best_state = cpu_state(self.model)
-        else:
+        elif eligible:
             p.bad_epochs += 1
         p.history.append(record)
         p.next_epoch = record["epoch"] + 1

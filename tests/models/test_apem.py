@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,3 +84,115 @@ def test_bad_configs_raise():
         APEM(FIELDS, 1)
     with pytest.raises(ValueError, match="dynamic activation"):
         build_model("apem_wo_asrg", FIELDS, 2, SMALL).selection_rates(_x())
+
+
+# Issue 10 part 1: the selector's schedule, the reading of a de-selected point, the w/o ASRG ablation.
+
+def _annealed(reading: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("apem", FIELDS, 3, {**SMALL, "deselected_point": reading})
+    model.set_training_progress(60, 100)  # planned schedule, floor at 50 of 100 steps
+    return model.eval()
+
+
+def test_model_schedule_follows_the_planned_steps_and_reports_when_settled():
+    model = build_model("apem", FIELDS, 3, {**SMALL, "gamma_floor_fraction": 0.25})
+    model.set_training_progress(0, 400)
+    assert float(model.gamma) == 10.0 and not model.schedule_settled()
+    model.set_training_progress(99, 400)
+    assert float(model.gamma) > 1e-3 and not model.schedule_settled()
+    model.set_training_progress(100, 400)
+    assert float(model.gamma) == pytest.approx(1e-3) and model.schedule_settled()
+    fixed = build_model("apem", FIELDS, 3, {**SMALL, "gamma_schedule": "fixed_rate"})
+    fixed.set_training_progress(100, 400)  # the planned length is ignored: 10 - 0.01 * 100
+    assert float(fixed.gamma) == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("reading", ["uniform_attention", "contributes_nothing"])
+def test_z_is_exactly_binary_after_annealing(reading):
+    """At the floor gamma = 1e-3, f_D is exactly 0 or 1 for every selector logit outside (-5e-4, 5e-4)
+    (eq. 13 keeps its cubic there; with random weights about 1 logit in 1000 lands inside)."""
+    model = _annealed(reading)
+    x = _x(512)
+    with torch.no_grad():
+        h = model.embedding(x)
+        mask = model.selector_mask(h)
+        logits = model.selector(h.reshape(h.shape[0], -1)).view_as(mask)
+    outside = logits.abs() >= 5e-4
+    assert ((mask[outside] == 0) | (mask[outside] == 1)).all()
+    assert float((~outside).float().mean()) < 0.01
+    assert 0 < float(mask.mean()) < 1  # some points selected, some not
+
+
+def _output_with_asrg_rows_replaced(model, x, rows: torch.Tensor) -> torch.Tensor:
+    """Predict with the ASRG output rows where ``rows`` (B, L, K) is True replaced by noise."""
+    def replace(_module, _inputs, out):
+        noise = torch.randn_like(out) * 5
+        return torch.where(rows.transpose(0, 1).unsqueeze(-1), noise, out)
+
+    handle = model.asrg.register_forward_hook(replace)
+    try:
+        with torch.no_grad():
+            return model(x).probs
+    finally:
+        handle.remove()
+
+
+def _annealed_outputs(reading: str):
+    """An annealed model, its input, which (sample, layer, point) are de-selected, and its outputs."""
+    x = _x(64)
+    model = _annealed(reading)
+    with torch.no_grad():
+        return model, x, model.selector_mask(model.embedding(x)) == 0, model(x).probs
+
+
+def test_a_deselected_point_changes_no_output_under_contributes_nothing():
+    model, x, deselected, before = _annealed_outputs("contributes_nothing")
+    with torch.no_grad():
+        # a point de-selected for some samples and selected for others: change its own parameters I_k
+        layer, point = next((l, k) for l in range(SMALL["layers"]) for k in range(SMALL["inducing_points"])
+                            if 0 < int(deselected[:, l, k].sum()) < x.shape[0])
+        off = deselected[:, layer, point]
+        model.asrg.inducing[layer, point].add_(torch.randn(SMALL["embed_dim"]))
+        after_inducing = model(x).probs
+    torch.testing.assert_close(after_inducing[off], before[off], atol=1e-6, rtol=0)
+    assert not torch.allclose(after_inducing[~off], before[~off], atol=1e-5)
+    # whatever a de-selected point's row of Y_ASRG holds, no output moves ...
+    torch.testing.assert_close(_output_with_asrg_rows_replaced(model, x, deselected), after_inducing, atol=1e-6, rtol=0)
+    # ... while a selected point's row does matter
+    assert not torch.allclose(_output_with_asrg_rows_replaced(model, x, ~deselected), after_inducing, atol=1e-4)
+
+
+def test_under_uniform_attention_a_deselected_point_still_reaches_the_output():
+    model, x, deselected, before = _annealed_outputs("uniform_attention")
+    assert not torch.allclose(_output_with_asrg_rows_replaced(model, x, deselected), before, atol=1e-4)
+
+
+def test_contributes_nothing_needs_the_fields_stacking():
+    with pytest.raises(ValueError, match="contributes_nothing"):
+        build_model("apem", FIELDS, 3, {**SMALL, "deselected_point": "contributes_nothing", "layer_input": "previous"})
+    with pytest.raises(ValueError, match="deselected_point"):
+        build_model("apem", FIELDS, 3, {**SMALL, "deselected_point": "sometimes"})
+
+
+def test_wo_asrg_differs_from_apem_only_in_the_asrg_part():
+    apem, ablation = (dataclasses.asdict(resolve_configs(name)[0]) for name in ("apem", "apem_wo_asrg"))
+    assert {k for k in apem if apem[k] != ablation[k]} == {"dynamic_activation"}
+    assert resolve_configs("apem")[1] == resolve_configs("apem_wo_asrg")[1]  # same loss
+
+
+def test_wo_asrg_layers_all_attend_over_the_fields():
+    """With the default stacking, layer 2's output does not depend on layer 1's attention weights."""
+    torch.manual_seed(0)
+    model = build_model("apem_wo_asrg", FIELDS, 3, SMALL)
+    h = model.embedding(_x(64))
+    with torch.no_grad():
+        before = model.self_attention_layers(h)
+        model.attn_qkv[0].weight.add_(1.0)
+        after = model.self_attention_layers(h)
+    torch.testing.assert_close(after[1], before[1])
+    assert not torch.allclose(after[0], before[0])
+    stacked = build_model("apem_wo_asrg", FIELDS, 3, {**SMALL, "layer_input": "previous"})
+    stacked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(stacked.self_attention_layers(h)[1], after[1])

@@ -101,3 +101,29 @@ def test_train_from_dirs_reads_negative_rate_and_logs_to_mlflow(tmp_path):
         assert "model/weights.pt" in artifacts and "model/config.json" in artifacts
     finally:
         mlflow.set_tracking_uri(previous_uri)
+
+
+def test_best_epoch_is_chosen_only_after_the_selector_is_sharp(encoded):
+    """On 4096 rows APEM's validation AUC peaks at epoch 0 (seed 0), when gamma is still ~3 (a soft
+    f_D): without the schedule rule that epoch would be restored. With it (floor at half of the 3
+    planned epochs, reached in epoch 1) epoch 0 is not eligible, and the restored model is sharp."""
+    from apem.train.trainer import EncodedData
+
+    _, train, val = encoded
+    small_train = EncodedData(train.x[:4096], train.y[:4096])
+    small_val = EncodedData(val.x[:4096], val.y[:4096])
+    torch.manual_seed(0)
+    model = build_model("apem", [*encoded[0].fields], 3, SMALL)
+    result = fit(model, small_train, small_val,
+                 TrainConfig(epochs=3, batch_size=512, patience=3, seed=0, progress=False, device="cpu"))
+    settled = [record["schedule_settled"] for record in result.history]
+    assert settled[:2] == [False, True]
+    assert result.best_epoch >= 1
+    assert model.schedule_settled() and float(model.gamma) == pytest.approx(1e-3)  # the restored state is sharp
+    assert result.history[0]["val_auc_mean"] > result.history[result.best_epoch]["val_auc_mean"]  # the rule mattered
+
+
+def test_models_without_a_schedule_are_always_settled(encoded):
+    _, train, _ = encoded
+    model = build_model("shared_bottom", [*encoded[0].fields], 3)
+    assert model.schedule_settled()

@@ -1,0 +1,193 @@
+"""Issue 9's table in one run: APEM against Shared-Bottom and PLE, side by side, same data, same threads.
+
+    .venv/bin/python benchmarks/bench_speed_table.py [--rows 100000] [--threads 2] [--auc-seeds 0 1]
+
+Rows printed (goal in brackets):
+
+- train time APEM / Shared-Bottom (<= 4.0, stretch 2) and APEM / PLE (<= 1.0): seconds of
+  ``apem.train.trainer.fit`` over the same pre-encoded rows (batch ``--batch-size``, Table 2 sizes);
+- predict time APEM / Shared-Bottom end to end (<= 2.0, stretch 1.34) and APEM's end-to-end rows/s
+  (>= 100k): saved model directory + Parquet on disk -> recalibrated predictions (load, read,
+  encode, forward, recalibrate), the fastest of ``--rounds`` passes;
+- test AUC (mean over tasks) of APEM's reference path against the fast paths, trained on the same
+  day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
+- APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available.
+
+Variants: ``apem`` (the default: planned gamma, folded values in training, lookup tables at
+predict time), ``apem_nothing`` (the same with ``deselected_point="contributes_nothing"``) and
+``apem_reference`` (the path before issue 9: fixed-rate gamma, the unfolded ASRG forward, no
+predict-time tables). The machine may be shared, so training is interleaved: the rows are cut
+into ``--rounds`` chunks and each round trains every model on the next chunk, in alternating order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_model import day_split  # noqa: E402
+
+from apem.data.encoding import FeatureEncoder  # noqa: E402
+from apem.data.spec import read_dataset  # noqa: E402
+from apem.eval.metrics import auc  # noqa: E402
+from apem.inference.model_dir import load_model, save_model  # noqa: E402
+from apem.models.registry import build_model  # noqa: E402
+from apem.research.synth import SynthConfig, write_synthetic_dataset  # noqa: E402
+from apem.train.malloc_tuning import keep_freed_memory_for_reuse  # noqa: E402
+from apem.train.trainer import EncodedData, TrainConfig, encode_dataset, fit  # noqa: E402
+
+VARIANTS = {"apem": ("apem", {}), "apem_nothing": ("apem", {"deselected_point": "contributes_nothing"}),
+            "apem_reference": ("apem", {"gamma_schedule": "fixed_rate"}),
+            "shared_bottom": ("shared_bottom", {}), "ple": ("ple", {})}
+
+
+def as_reference(model):
+    """APEM on the path before issue 9: the unfolded ASRG forward and no predict-time tables."""
+    model.asrg.forward = model.asrg.forward_reference
+    model.inference_module = lambda rows=None: model
+    return model
+
+
+def build(variant: str, fields, n_tasks: int, seed: int = 0):
+    torch.manual_seed(seed)
+    name, overrides = VARIANTS[variant]
+    model = build_model(name, fields, n_tasks, overrides)
+    return as_reference(model) if variant == "apem_reference" else model
+
+
+def time_training(models: dict, data: EncodedData, args) -> dict[str, float]:
+    config = TrainConfig(epochs=1, batch_size=args.batch_size, seed=0, device="cpu", progress=False)
+    warmup = EncodedData(x=data.x[: 3 * args.batch_size], y=data.y[: 3 * args.batch_size])
+    for model in models.values():
+        fit(model, warmup, None, config)
+    seconds, chunk, names = dict.fromkeys(models, 0.0), -(-len(data) // args.rounds), list(models)
+    for r in range(args.rounds):
+        part = EncodedData(x=data.x[r * chunk:(r + 1) * chunk], y=data.y[r * chunk:(r + 1) * chunk])
+        for name in (names if r % 2 == 0 else names[::-1]):
+            started = time.perf_counter()
+            fit(models[name], part, None, config)
+            seconds[name] += time.perf_counter() - started
+    return seconds
+
+
+def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) -> dict[str, float]:
+    dirs = {name: save_model(os.path.join(root, f"model-{name}"), model.eval(), encoder, spec)
+            for name, model in models.items()}
+    seconds = {name: float("inf") for name in models}
+    for r in range(args.rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            started = time.perf_counter()
+            loaded = load_model(dirs[name])
+            if name == "apem_reference":
+                as_reference(loaded.model)
+            loaded.predict_table(read_dataset(data_dir).table, batch_size=args.predict_batch_size)
+            seconds[name] = min(seconds[name], time.perf_counter() - started)
+    return seconds
+
+
+def auc_check(root: str, args) -> dict[str, list[float]]:
+    """Test AUC (mean over tasks) per seed of each APEM variant, trained on the same day split."""
+    data = os.path.join(root, "auc")
+    write_synthetic_dataset(SynthConfig(rows=args.auc_rows, days=30, seed=0), data)
+    splits = day_split(data, os.path.join(root, "auc-split"), 30)
+    train_ds, val_ds, test_ds = (read_dataset(splits[k]) for k in ("train", "val", "test"))
+    encoder = FeatureEncoder(train_ds.spec).fit(train_ds)
+    train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
+    test = encode_dataset(test_ds, encoder)
+    out: dict[str, list[float]] = {}
+    for variant in ("apem_reference", "apem", "apem_nothing"):
+        for seed in args.auc_seeds:
+            model = build(variant, encoder.fields, test.y.shape[1], seed)
+            fit(model, train, val, TrainConfig(epochs=2, patience=1, seed=seed, device="cpu", progress=False))
+            probs = load_model(save_model(os.path.join(root, f"auc-{variant}-{seed}"), model.eval(), encoder,
+                                          train_ds.spec)).predict_table(test_ds.table, recalibrate=False)
+            labels = test.y.numpy()
+            out.setdefault(variant, []).append(float(np.mean([auc(labels[:, i], probs[:, i])
+                                                              for i in range(labels.shape[1])])))
+    return out
+
+
+def gpu_samples_per_s(data: EncodedData, fields, n_tasks: int) -> dict[str, float] | None:
+    """APEM and Shared-Bottom training samples/s on CUDA (batch 8192, fp32), or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    out = {}
+    for variant in ("apem", "shared_bottom"):
+        model = build(variant, fields, n_tasks)
+        config = TrainConfig(epochs=1, batch_size=8192, seed=0, device="cuda", progress=False)
+        fit(model, EncodedData(data.x[:65536], data.y[:65536]), None, config)  # warm-up
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fit(model, data, None, config)
+        torch.cuda.synchronize()
+        out[variant] = len(data) / (time.perf_counter() - started)
+    return out
+
+
+def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict | None) -> list[tuple[str, str, str]]:
+    """(figure, measured, goal) for every row of issue 9's table, reference-path figures beside."""
+    out = []
+    for variant in ("apem", "apem_nothing", "apem_reference"):
+        out += [(f"train {variant} / Shared-Bottom", f"{train_s[variant] / train_s['shared_bottom']:.2f}", "<= 4.0 (stretch 2)"),
+                (f"train {variant} / PLE", f"{train_s[variant] / train_s['ple']:.2f}", "<= 1.0"),
+                (f"predict e2e {variant} / Shared-Bottom", f"{predict_s[variant] / predict_s['shared_bottom']:.2f}",
+                 "<= 2.0 (stretch 1.34)"),
+                (f"predict e2e {variant} rows/s", f"{rows / predict_s[variant]:,.0f}", ">= 100,000 (stretch 190,000)")]
+    for variant, values in aucs.items():
+        out.append((f"test AUC {variant}, per seed", " / ".join(f"{v:.4f}" for v in values), "unchanged within seed noise"))
+    out.append(("GPU train APEM samples/s", f"{gpu['apem']:,.0f} (Shared-Bottom {gpu['shared_bottom']:,.0f})"
+                if gpu else "not measured: no CUDA device", ">= 600,000"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--predict-batch-size", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--auc-rows", type=int, default=60_000)
+    parser.add_argument("--auc-seeds", type=int, nargs="*", default=[0, 1], help="none: skip the AUC check")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keep_freed_memory_for_reuse()
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # first use imports torch._dynamo: not ours to time
+    with tempfile.TemporaryDirectory() as root:
+        data_dir = os.path.join(root, "data")
+        write_synthetic_dataset(SynthConfig(rows=args.rows, days=30, seed=0), data_dir)
+        dataset = read_dataset(data_dir)
+        encoder = FeatureEncoder(dataset.spec).fit(dataset)
+        data = encode_dataset(dataset, encoder)
+        n_tasks = data.y.shape[1]
+        models = {name: build(name, encoder.fields, n_tasks) for name in VARIANTS}
+        train_s = time_training(models, data, args)
+        predict_models = {k: models[k] for k in ("shared_bottom", "apem", "apem_nothing", "apem_reference")}
+        predict_s = time_predict(predict_models, encoder, dataset.spec, data_dir, root, args)
+        aucs = auc_check(root, args) if args.auc_seeds else {}
+        gpu = gpu_samples_per_s(data, encoder.fields, n_tasks)
+    rows = len(data)
+    report = {"rows": rows, "threads": args.threads, "train_batch_size": args.batch_size,
+              "predict_batch_size": args.predict_batch_size, "rounds": args.rounds, "auc_rows": args.auc_rows,
+              "auc_seeds": args.auc_seeds, "load_average": os.getloadavg(), "train_seconds": train_s,
+              "predict_end_to_end_seconds": predict_s, "test_auc_mean": aucs, "gpu_samples_per_s": gpu}
+    print(json.dumps(report, indent=2))
+    print(f"\n{rows:,} rows, {args.threads} threads, train batch {args.batch_size}, predict batch "
+          f"{args.predict_batch_size}, load average {os.getloadavg()[0]:.1f}\n\n| figure | measured | goal |\n|---|---|---|")
+    for figure, measured, goal in table_rows(rows, train_s, predict_s, aucs, gpu):
+        print(f"| {figure} | {measured} | {goal} |")
+    return report
+
+
+if __name__ == "__main__":
+    main()

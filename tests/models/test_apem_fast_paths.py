@@ -1,0 +1,94 @@
+"""Issue 9's fast paths predict what APEM's reference path predicts, to 1e-5: the folded-values
+training path (:func:`apem.nn.attention.inducing_point_pool`) and the predict-time lookup tables
+(:class:`apem.models.apem_model.FoldedAPEM`), on random weights and on a trained model."""
+
+import copy
+
+import pytest
+import torch
+
+from apem.data.encoding import FieldSpec
+from apem.inference.predict import predict
+from apem.models.apem_model import APEM, FoldedAPEM
+from apem.train.trainer import EncodedData, TrainConfig, fit
+
+torch.set_num_threads(1)
+FIELDS = [FieldSpec(f"f{i}", 5 + 3 * i) for i in range(6)]
+READINGS = ["uniform_attention", "contributes_nothing"]
+
+
+def _model(step: int, **overrides) -> APEM:
+    torch.manual_seed(0)
+    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, **overrides))
+    with torch.no_grad():  # non-zero value/output biases, so their folding is exercised
+        for p in (model.asrg.attention.b_value, model.asrg.attention.b_out):
+            p.normal_(0, 0.5)
+    model.set_training_progress(step, 1000)
+    return model
+
+
+def _inputs(n: int = 64, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, f.cardinality, (n,), generator=g) for f in FIELDS], dim=1)
+
+
+def _use_reference(model: APEM) -> APEM:
+    """The same model on the unfolded all-layers-in-one-GEMM ASRG path, without predict-time tables."""
+    model.asrg.forward = model.asrg.forward_reference
+    model.inference_module = lambda rows=None: model
+    return model
+
+
+@pytest.mark.parametrize("step", [0, 450, 600])  # gamma 10, ~1, and the floor (binary mask)
+@pytest.mark.parametrize("overrides", [{"layer_input": "fields"}, {"layer_input": "previous"},
+                                       {"deselected_point": "contributes_nothing"}])
+def test_folded_values_training_path_matches_reference(step, overrides):
+    model = _model(step, **overrides)
+    reference = _use_reference(copy.deepcopy(model))
+    x, labels = _inputs(), (torch.rand(64, 3) < 0.3).float()
+    for m in (model, reference):
+        loss, _ = m.loss(m(x), labels)
+        loss.backward()
+    torch.testing.assert_close(model(x).probs, reference(x).probs, atol=1e-5, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("step", [0, 450, 600])
+@pytest.mark.parametrize("reading", READINGS)
+@pytest.mark.parametrize("task_indicators", [True, False])
+def test_lookup_tables_match_the_reference_on_random_weights(step, reading, task_indicators):
+    model = _model(step, task_indicators=task_indicators, deselected_point=reading).eval()
+    fast = model.inference_module()
+    assert isinstance(fast, FoldedAPEM)
+    x = _inputs(256)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x).probs, _use_reference(model)(x).probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_every_fast_path_matches_the_reference_on_a_trained_model(reading):
+    """Train a tiny APEM a few steps to its binary floor, then predict through each path."""
+    torch.manual_seed(0)
+    x = _inputs(2048, seed=2)
+    y = (torch.rand(2048, 1) < 0.3 + 0.4 * (x[:, :1] % 2)).float().expand(-1, 3).cumprod(dim=1).contiguous()
+    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, deselected_point=reading))
+    fit(model, EncodedData(x, y), None, TrainConfig(epochs=2, batch_size=256, lr=1e-2, progress=False, device="cpu"))
+    assert model.schedule_settled()
+    test_x = _inputs(1000, seed=3)
+    fast = predict(model, test_x, batch_size=300)  # through inference_module(): the lookup tables
+    with torch.inference_mode():
+        folded_training_path = model.eval()(test_x).probs.numpy()
+    reference = predict(_use_reference(model), test_x, batch_size=300)
+    assert abs(fast - reference).max() < 1e-5 and abs(folded_training_path - reference).max() < 1e-5
+    assert fast.std(axis=0).min() > 1e-3  # the trained model is not constant
+
+
+def test_inference_module_only_in_eval_mode_with_fields_input():
+    assert _model(0).train().inference_module().__class__ is APEM
+    assert _model(0, layer_input="previous").eval().inference_module().__class__ is APEM
+    few_rows = -(-sum(f.cardinality for f in FIELDS) // len(FIELDS)) - 1  # tables would cost more than they save
+    assert _model(0).eval().inference_module(few_rows).__class__ is APEM
+    assert _model(0).eval().inference_module(few_rows + 1).__class__ is FoldedAPEM
+    without_asrg = APEM(FIELDS, 3, APEM.Config(embed_dim=6, inducing_points=8, layers=3, dynamic_activation=False))
+    assert without_asrg.eval().inference_module() is without_asrg
