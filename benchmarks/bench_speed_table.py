@@ -13,10 +13,9 @@ Rows printed (goal in brackets):
   day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
 - APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available.
 
-Variants: ``apem`` (the default: planned gamma, folded values in training, lookup tables at
+Variants: ``apem`` (the default: planned gamma, lookup tables at
 predict time), ``apem_nothing`` (the same with ``deselected_point="contributes_nothing"``) and
-``apem_reference`` (the path before issue 9: fixed-rate gamma, the unfolded ASRG forward, no
-predict-time tables). The machine may be shared, so training is interleaved: the rows are cut
+``apem_reference`` (the path before issue 9: fixed-rate gamma, no predict-time tables). The machine may be shared, so training is interleaved: the rows are cut
 into ``--rounds`` chunks and each round trains every model on the next chunk, in alternating order.
 """
 
@@ -52,8 +51,7 @@ VARIANTS = {"apem": ("apem", {}), "apem_nothing": ("apem", {"deselected_point": 
 
 
 def as_reference(model):
-    """APEM on the path before issue 9: the unfolded ASRG forward and no predict-time tables."""
-    model.asrg.forward = model.asrg.forward_reference
+    """APEM on the path before issue 9: no predict-time tables (and, in VARIANTS, the fixed-rate gamma)."""
     model.inference_module = lambda rows=None: model
     return model
 
@@ -114,6 +112,7 @@ def auc_check(root: str, args) -> dict[str, list[float]]:
             labels = test.y.numpy()
             out.setdefault(variant, []).append(float(np.mean([auc(labels[:, i], probs[:, i])
                                                               for i in range(labels.shape[1])])))
+            print(json.dumps({"test_auc_mean": out}), file=sys.stderr, flush=True)
     return out
 
 
@@ -172,8 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
         n_tasks = data.y.shape[1]
         models = {name: build(name, encoder.fields, n_tasks) for name in VARIANTS}
         train_s = time_training(models, data, args)
+        print(json.dumps({"train_seconds": train_s}), file=sys.stderr, flush=True)  # partial results survive a timeout
         predict_models = {k: models[k] for k in ("shared_bottom", "apem", "apem_nothing", "apem_reference")}
         predict_s = time_predict(predict_models, encoder, dataset.spec, data_dir, root, args)
+        print(json.dumps({"predict_end_to_end_seconds": predict_s}), file=sys.stderr, flush=True)
         aucs = auc_check(root, args) if args.auc_seeds else {}
         gpu = gpu_samples_per_s(data, encoder.fields, n_tasks)
     rows = len(data)
