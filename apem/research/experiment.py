@@ -153,6 +153,7 @@ def _train_one(name: str, seed: int, data: dict, config: ExperimentConfig) -> tu
         "metrics": metrics,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
+        "val_auc_by_epoch": [h.get("val_auc_mean") for h in result.history],
         "seconds_per_epoch": float(result.seconds_per_epoch),
         "inference_seconds": inference_seconds,
         "parameters": parameter_count(model),

@@ -106,7 +106,8 @@ def test_experiment_grid_writes_report_and_survives_a_failing_model(split_dirs, 
     assert all(np.asarray(g["points"]).shape == (pca["group_size"], 2) for g in pca["groups"].values())
     rates = [pca["groups"][g]["mean_rate"] for g in ("bottom", "middle", "top")]
     assert rates == sorted(rates) and len(pca["explained_variance_ratio"]) == 2
-    assert all(set(run["val_auc"]) == set(labels) for run in report["runs"] if not run.get("error"))
+    assert all(set(run["val_auc"]) == set(labels) and len(run["val_auc_by_epoch"]) == run["epochs_run"]
+               for run in report["runs"] if not run.get("error"))
     assert apem["val_auc_mean"]["convert"] == pytest.approx(np.mean([r["val_auc"]["convert"] for r in report["runs"]
                                                                       if r["model"] == "apem"]))
     for png in ("auc_comparison.png", "efficiency.png", "selection_rate.png", "selection_pca.png"):
