@@ -21,7 +21,9 @@ def train(
 ):
     """Train ``model_name`` (a name of ``apem.models.registry``) with ``model_params`` (a JSON
     object of config overrides, e.g. ``{"embed_dim": 18}``) on ``splits/train``, early stopping
-    on ``splits/val``. Uses CUDA when the pod has a GPU (the pipeline requests one) and the CPU
+    on ``splits/val``. Three keys of ``model_params`` configure features and training instead of
+    the model: ``numerical_encoding`` (log_round | dense_log | quantile:N, saved with the model),
+    ``embedding_l2`` and ``embedding_l2_fields`` (per-field embedding weight decay, default off). Uses CUDA when the pod has a GPU (the pipeline requests one) and the CPU
     otherwise. The training negative rate comes from ``splits/split.json`` and is saved with the
     model for recalibration. Logs to MLflow when ``mlflow_tracking_uri`` is set.
     """
@@ -30,7 +32,7 @@ def train(
     import tempfile
 
     from apem.data.split_record import negative_rate_of_split
-    from apem.train.from_dirs import train_from_dirs
+    from apem.train.from_dirs import split_training_params, train_from_dirs
     from apem.train.trainer import TrainConfig
 
     try:
@@ -39,6 +41,8 @@ def train(
         raise ValueError(f"model_params is not a JSON object: {err}: {model_params!r}") from None
     if not isinstance(overrides, dict):
         raise ValueError(f"model_params must be a JSON object, got {model_params!r}")
+    overrides, training = split_training_params(overrides)
+    numerical_encoding = training.pop("numerical_encoding", "log_round")
     negative_rate = negative_rate_of_split(splits.path)
     if mlflow_tracking_uri:
         from apem.release.mlflow_registry import ensure_experiment, tracking
@@ -49,11 +53,12 @@ def train(
     with tempfile.TemporaryDirectory(prefix="apem-checkpoints-") as checkpoints:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="auto",
                              progress=False, mlflow_tracking_uri=mlflow_tracking_uri or None,
-                             checkpoint_dir=checkpoints)
+                             checkpoint_dir=checkpoints, **training)
         summary = train_from_dirs(os.path.join(splits.path, "train"), os.path.join(splits.path, "val"),
                                   model.path, model_name=model_name, model_overrides=overrides, config=config,
-                                  negative_rate=negative_rate)
-    model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs})
+                                  negative_rate=negative_rate, numerical_encoding=numerical_encoding)
+    model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs,
+                           "numerical_encoding": numerical_encoding})
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from apem.cli.model import add_feature_options, feature_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,12 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle", default=None,
                    help="dataset directory holding oracle/truth.parquet for the test rows (default: --test)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tuned", default=None,
+                   help="JSON written by `apem tune`: each model trains with its chosen hyperparameters")
+    add_feature_options(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
     from apem.research.experiment import ExperimentConfig, resolve_model_names, run_experiment
+    from apem.research.tuning import read_tuned
 
     try:
         models = resolve_model_names(args.models)
@@ -41,9 +46,14 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag} must be at least 1, got {value}")
     if args.max_rows is not None and args.max_rows < 1:
         raise CommandError(f"--max-rows must be at least 1, got {args.max_rows}")
+    features = feature_settings(args)
+    try:
+        tuned = read_tuned(args.tuned, models) if args.tuned else {}
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     config = ExperimentConfig(models=models, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
                               lr=args.lr, patience=args.patience, max_rows=args.max_rows, device=args.device,
-                              num_threads=args.threads, progress=not args.no_progress)
+                              num_threads=args.threads, progress=not args.no_progress, tuned=tuned, **features)
     try:
         report = run_experiment(args.train, args.val, args.test, args.out, config, oracle_dir=args.oracle)
     except ValueError as err:

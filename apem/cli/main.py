@@ -12,10 +12,10 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from apem.cli import dataplane, experiment, model, synth
+from apem.cli import dataplane, experiment, model, synth, tune
 from apem.cli.errors import CommandError
 
-BUILT_IN_SUBJECTS = (synth, model, experiment, dataplane)
+BUILT_IN_SUBJECTS = (synth, model, experiment, tune, dataplane)
 PLUGIN_GROUP = "apem.commands"
 
 

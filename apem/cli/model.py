@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-rate", type=float, default=None,
                    help="training negative sampling rate (default: from ../split.json next to --train, else 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_feature_options(p)
     p.set_defaults(handler=run_train)
 
     scoring_commands = (
@@ -40,6 +41,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
         p.set_defaults(handler=handler)
+
+
+def add_feature_options(p: argparse.ArgumentParser) -> None:
+    """--numerical-encoding and the embedding regularisation options (train, experiment, tune)."""
+    p.add_argument("--numerical-encoding", default="log_round",
+                   help="log_round (the paper's, default) | dense_log | quantile:N; saved with the model")
+    p.add_argument("--embedding-l2", type=float, default=0.0,
+                   help="weight decay on the embedding rows each batch uses, every field (default 0: off)")
+    p.add_argument("--embedding-l2-field", action="append", default=[], metavar="FIELD=COEF",
+                   help="per-field embedding weight decay, overriding --embedding-l2 (repeatable)")
+
+
+def feature_settings(args: argparse.Namespace) -> dict:
+    """The parsed feature options as keyword arguments; one CommandError line on bad input."""
+    from apem.cli.errors import CommandError
+    from apem.data.encoding import parse_numerical_encoding
+
+    per_field = {}
+    for item in args.embedding_l2_field:
+        name, sep, value = item.partition("=")
+        try:
+            per_field[name] = float(value) if sep and name else float("nan")
+        except ValueError:
+            per_field[name] = float("nan")
+        if not per_field[name] >= 0:
+            raise CommandError(f"--embedding-l2-field {item!r}: expected FIELD=COEF with COEF >= 0")
+    if not args.embedding_l2 >= 0:
+        raise CommandError(f"--embedding-l2 must be >= 0, got {args.embedding_l2}")
+    try:
+        parse_numerical_encoding(args.numerical_encoding)
+    except ValueError as err:
+        raise CommandError(f"--numerical-encoding: {err}") from None
+    return {"numerical_encoding": args.numerical_encoding, "embedding_l2": args.embedding_l2,
+            "embedding_l2_fields": per_field}
 
 
 def _load(model_dir: str):
@@ -59,17 +94,21 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.patience < 1:
         raise CommandError("--epochs and --batch-size must be >= 1, --lr > 0 and --patience >= 1")
+    features = feature_settings(args)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device, patience=args.patience, num_threads=args.threads,
-                         mlflow_tracking_uri=args.mlflow_uri, resume=args.resume)
+                         mlflow_tracking_uri=args.mlflow_uri, resume=args.resume,
+                         embedding_l2=features["embedding_l2"], embedding_l2_fields=features["embedding_l2_fields"])
     try:
         summary = train_from_dirs(args.train, args.val, args.out, model_name=args.model, config=config,
-                                  negative_rate=args.negative_rate)
+                                  negative_rate=args.negative_rate,
+                                  numerical_encoding=features["numerical_encoding"])
     except ValueError as err:  # DatasetError is a ValueError too; unknown model, bad device, bad rate
         raise CommandError(str(err)) from None
     last = summary["history"][-1] if summary["history"] else {}
     print(json.dumps({"model_dir": summary["model_dir"], "best_epoch": summary["best_epoch"],
                       "best_val_auc_mean": summary["best_val_auc"], "epochs_run": len(summary["history"]),
+                      "numerical_encoding": summary["numerical_encoding"],
                       "last_epoch_samples_per_s": last.get("samples_per_s")}, indent=2))
     return 0
 

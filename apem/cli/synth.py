@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=300_000)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--funnel", choices=("financial3", "sparse2"), default="financial3",
+                   help="financial3: click -> authorize -> convert; sparse2: Ali-CCP-like click -> convert "
+                        "(CTR ~4%%, convert | click <1%%; dataset format only)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("dataset", "events"), default="dataset",
                    help="dataset: Parquet + spec.yaml; events: raw daily event-log partitions dt=YYYY-MM-DD/")
@@ -25,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rows <= 0 or args.days <= 0:
         raise CommandError("--rows and --days must be positive")
-    config = SynthConfig(rows=args.rows, days=args.days, seed=args.seed)
+    if args.funnel != "financial3" and args.format == "events":
+        raise CommandError("--format events writes the financial3 funnel only; use --format dataset with --funnel sparse2")
+    config = SynthConfig(rows=args.rows, days=args.days, seed=args.seed, funnel=args.funnel)
     if args.format == "events":
         from apem.research.synth_events import write_synthetic_events
 

@@ -12,7 +12,7 @@ from apem.models.base import MultiTaskModel
 
 
 class ProbabilitiesOnly(torch.nn.Module):
-    """A traceable wrapper: (B, F) indices -> the (B, N) probability tensor alone."""
+    """A traceable wrapper: (B, F + D) encoded inputs -> the (B, N) probability tensor alone."""
 
     def __init__(self, inner: MultiTaskModel) -> None:
         super().__init__()
@@ -23,13 +23,13 @@ class ProbabilitiesOnly(torch.nn.Module):
 
 
 def export_torchscript(model_dir: str, out_path: str) -> str:
-    """Trace the saved model to TorchScript for serving: (B, F) int64 indices -> (B, N) probabilities.
+    """Trace the saved model to TorchScript for serving: (B, F + D) int64 encoded inputs (features.json: indices, then dense_log values) -> (B, N) probabilities.
 
     The traced graph does not include feature encoding or recalibration; servers encode with
     ``features.json`` (or :class:`LoadedModel`) and apply ``meta.negative_rate`` themselves.
     """
     loaded = load_model(model_dir)
-    example = torch.zeros((4, len(loaded.encoder.fields)), dtype=torch.long)
+    example = torch.zeros((4, loaded.encoder.input_width), dtype=torch.long)
     with torch.no_grad():
         traced = torch.jit.trace(ProbabilitiesOnly(loaded.model).eval(), example, check_trace=False)
     out_path = os.path.abspath(out_path)

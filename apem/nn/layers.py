@@ -7,11 +7,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from apem.data.encoding import FieldSpec
+from apem.data.encoding import DENSE_SCALE, FieldSpec
 
 
 class FieldEmbedding(nn.Module):
-    """One embedding table for all fields, addressed by per-field offsets: (B, F) -> (B, F, dim)."""
+    """One embedding table for all fields, addressed by per-field offsets: (B, F + D) -> (B, F, dim).
+
+    The first F input columns are field indices. Fields marked ``dense`` (the ``dense_log``
+    numerical encoding, :mod:`apem.data.encoding`) have one more column each, after the F indices,
+    holding ``signed_log(x)`` in fixed point; such a field's embedding is its bucket's row plus
+    ``signed_log(x) * v_f`` with a learnt vector ``v_f`` per field. Without dense fields the module
+    has exactly the parameters it always had, so older model directories load unchanged.
+    """
 
     def __init__(self, fields: Sequence[FieldSpec], dim: int) -> None:
         super().__init__()
@@ -19,11 +26,48 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("offsets", torch.cumsum(cards, 0) - cards, persistent=False)
         self.embedding = nn.Embedding(int(cards.sum()), dim)
         nn.init.normal_(self.embedding.weight, std=0.05)
+        self.field_names = [f.name for f in fields]
         self.n_fields = len(fields)
         self.dim = dim
+        dense = [i for i, f in enumerate(fields) if getattr(f, "dense", False)]
+        self.register_buffer("dense_positions", torch.tensor(dense, dtype=torch.long), persistent=False)
+        # Small: |signed_log| reaches ~14 for balances, so std 0.01 starts the term at the rows' scale.
+        self.dense_vectors = nn.Parameter(torch.randn(len(dense), dim) * 0.01) if dense else None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The looked-up table rows (B, F, dim) alone, without the dense term."""
+        return self.embedding(x[:, :self.n_fields] + self.offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(x + self.offsets)
+        h = self.rows(x)
+        if self.dense_vectors is None:
+            return h
+        values = x[:, self.n_fields:].to(h.dtype) / DENSE_SCALE  # (B, D) signed_log(x)
+        return h.index_add(1, self.dense_positions, values.unsqueeze(-1) * self.dense_vectors)
+
+    def field_weights(self, default: float, per_field: dict[str, float] | None = None) -> torch.Tensor:
+        """(F,) regularisation coefficients: ``per_field[name]`` where given, else ``default``."""
+        per_field = per_field or {}
+        unknown = sorted(set(per_field) - set(self.field_names))
+        if unknown:
+            raise ValueError(f"embedding regularisation names unknown field(s) {unknown}; "
+                             f"fields are {self.field_names}")
+        return torch.tensor([float(per_field.get(n, default)) for n in self.field_names])
+
+    def row_penalty(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-field weight decay on the rows a batch uses: mean over rows of sum_f w_f ||e_f(x)||^2.
+
+        Decaying only the rows looked up (rather than the whole table each step) is the usual
+        reading for sparse embeddings: a user row seen once a week is not shrunk on every step.
+        """
+        squared = self.rows(x).square().sum(-1)  # (B, F)
+        return (squared * weights.to(squared.device)).sum(1).mean()
+
+    def field_row_norms(self) -> dict[str, float]:
+        """Mean L2 norm of each field's rows: what the regularisation does, reported per epoch."""
+        norms = self.embedding.weight.detach().norm(dim=1)
+        bounds = self.offsets.tolist() + [norms.shape[0]]
+        return {n: float(norms[a:b].mean()) for n, a, b in zip(self.field_names, bounds[:-1], bounds[1:])}
 
 
 class MLP(nn.Module):

@@ -78,6 +78,11 @@ class ExperimentConfig:
     num_threads: int | None = None
     progress: bool = True
     selection_rate_bins: int = 20
+    numerical_encoding: str = "log_round"
+    embedding_l2: float = 0.0
+    embedding_l2_fields: dict[str, float] = field(default_factory=dict)
+    # per-model hyperparameters chosen by `apem tune` (model config overrides plus "lr"), by model name
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def state_dict_bytes(model) -> int:
@@ -88,7 +93,7 @@ def parameter_count(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def _head(dataset, max_rows: int | None):
+def head_rows(dataset, max_rows: int | None):
     """The first ``max_rows`` rows (the datasets are in time order, so this keeps chronology)."""
 
     if max_rows is None or len(dataset) <= max_rows:
@@ -122,11 +127,16 @@ def oracle_aucs(test, oracle_table, labels: np.ndarray) -> dict[str, Any] | None
 def _train_one(name: str, seed: int, data: dict, config: ExperimentConfig) -> tuple[dict, Any]:
 
     set_seed(seed)
-    model = build_model(name, data["fields"], len(data["labels"]))
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed,
+    chosen = dict(config.tuned.get(name, {}))
+    lr = chosen.pop("lr", config.lr)
+    l2 = chosen.pop("embedding_l2", config.embedding_l2)
+    chosen.pop("numerical_encoding", None)  # already applied: ``data`` is encoded with the model's choice
+    model = build_model(name, data["fields"], len(data["labels"]), chosen or None)
+    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=lr, seed=seed,
                                device=config.device, patience=config.patience, num_threads=config.num_threads,
-                               progress=False)
+                               progress=False, embedding_l2=l2, embedding_l2_fields=config.embedding_l2_fields)
     result = fit(model, data["train"], data["val"], train_config)
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
     model = model.to("cpu").eval()
     start = time.perf_counter()
     probs = predict(model, data["test"].x)
@@ -137,9 +147,13 @@ def _train_one(name: str, seed: int, data: dict, config: ExperimentConfig) -> tu
         "model": name,
         "seed": seed,
         "auc": {label: auc(y_test[:, i], probs[:, i]) for i, label in enumerate(data["labels"])},
+        "val_auc": dict(zip(data["labels"], best.get("val_auc", []))),
+        "numerical_encoding": data["encoding"],
+        "hyperparameters": {"lr": lr, "embedding_l2": l2, **chosen},
         "metrics": metrics,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
+        "val_auc_by_epoch": [h.get("val_auc_mean") for h in result.history],
         "seconds_per_epoch": float(result.seconds_per_epoch),
         "inference_seconds": inference_seconds,
         "parameters": parameter_count(model),
@@ -149,18 +163,65 @@ def _train_one(name: str, seed: int, data: dict, config: ExperimentConfig) -> tu
     return record, model
 
 
-def selection_rate_summary(model, x, bins: int, batch_size: int = 65536) -> dict[str, Any]:
-    """Fig 7a: the share of non-zero z_K per test sample from ``APEM.selection_rates``."""
+def _selection_rates(model, x, batch_size: int = 65536) -> np.ndarray:
     import torch
 
     model.eval()
     with torch.no_grad():
-        rates = torch.cat([model.selection_rates(x[i:i + batch_size]).float().cpu()
-                           for i in range(0, len(x), batch_size)]).numpy()
+        return torch.cat([model.selection_rates(x[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(x), batch_size)]).numpy()
+
+
+def selection_rate_summary(model, x, bins: int, batch_size: int = 65536) -> dict[str, Any]:
+    """Fig 7a: the share of non-zero z_K per test sample from ``APEM.selection_rates``."""
+    rates = _selection_rates(model, x, batch_size)
     counts, edges = np.histogram(rates, bins=bins, range=(0.0, 1.0))
-    return {"mean": float(rates.mean()), "std": float(rates.std()), "quantiles": {
-        str(q): float(np.quantile(rates, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
-        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
+    return {"mean": float(rates.mean()), "std": float(rates.std()), "median": float(np.median(rates)),
+            "samples": int(len(rates)), "distinct_rates": int(len(np.unique(rates))), "quantiles": {
+                str(q): float(np.quantile(rates, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
+            "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
+
+
+def tower_inputs(model, x, batch_size: int = 65536) -> np.ndarray:
+    """Each sample's representation: what the model hands its task towers, (B, N * in), flattened.
+
+    Read with a forward pre-hook on ``model.towers`` (every model has one), so no model needs a
+    method of its own for Fig 7b."""
+    import torch
+
+    captured: list = []
+    handle = model.towers.register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1).cpu()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(captured).numpy()
+
+
+def selection_pca(model, x, seed: int, share: float = 0.01, max_points: int = 300) -> dict[str, Any]:
+    """Fig 7b: a 2-D PCA of sample representations for the top ``share``, the middle ``share`` (around
+    the median) and the bottom ``share`` of selection rates. Ties (for example every rate 1.0) are
+    broken at random with ``seed``, so tied groups are random samples and say so by their equal rates."""
+    rates = _selection_rates(model, x)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(rates))
+    order = shuffled[np.argsort(rates[shuffled], kind="stable")]
+    size = max(1, int(len(rates) * share))
+    middle = len(rates) // 2 - size // 2
+    groups = {"bottom": order[:size], "middle": order[middle:middle + size], "top": order[-size:]}
+    picked = {k: rng.choice(v, min(len(v), max_points), replace=False) for k, v in groups.items()}
+    reps = tower_inputs(model, x[np.concatenate(list(picked.values()))])
+    centered = reps - reps.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centered, full_matrices=False)
+    coords = centered @ vt[:2].T
+    explained = (singular ** 2 / max(float((singular ** 2).sum()), 1e-12))[:2]
+    bounds = np.cumsum([0] + [len(v) for v in picked.values()])
+    return {"share": share, "group_size": size, "explained_variance_ratio": explained.tolist(),
+            "groups": {k: {"mean_rate": float(rates[groups[k]].mean()),
+                           "points": coords[a:b].round(5).tolist()}
+                       for k, a, b in zip(picked, bounds[:-1], bounds[1:])}}
 
 
 def _nan_to_none(value):
@@ -192,6 +253,9 @@ def summarize(runs: list[dict], labels: list[str], models: list[str], oracle: di
         entry["aucs"] = aucs
         entry["auc_mean"] = {k: float(np.mean(v)) if v else float("nan") for k, v in aucs.items()}
         entry["auc_std"] = {k: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for k, v in aucs.items()}
+        val = {label: [ok[s].get("val_auc", {}).get(label, float("nan")) for s in sorted(ok)] for label in labels}
+        entry["val_auc_mean"] = {k: float(np.mean(v)) if v else float("nan") for k, v in val.items()}
+        entry["val_auc_std"] = {k: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for k, v in val.items()}
         subspace = {label: [ok[s]["metrics"]["tasks"][label]["auc_subspace"] for s in sorted(ok)] for label in labels}
         entry["auc_subspace_mean"] = {k: float(np.mean([a for a in v if a is not None])) if any(a is not None for a in v)
                                       else float("nan") for k, v in subspace.items()}
@@ -259,13 +323,62 @@ def render_markdown(report: dict[str, Any]) -> str:
     failed = [(n, e) for n, entry in models.items() for e in entry["errors"]]
     if failed:
         lines += ["", "## Errors", ""] + [f"- {n} seed {e['seed']}: {e['error']}" for n, e in failed]
-    sel = report.get("selection_rate")
-    if sel:
-        lines += ["", f"APEM dynamic-selector selection rate on test (seed {sel['seed']}): mean "
-                  f"{sel['mean']:.3f}, std {sel['std']:.3f}, median {sel['quantiles']['0.5']:.3f}."]
+    lines += _selection_lines(report.get("selection_rate"))
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"])]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(sel: dict | None) -> list[str]:
+    if not sel:
+        return []
+    lines = ["", "## Dynamic selector (Fig 7)", "",
+             f"Fig 7a: APEM selection rate on test (seed {sel['seed']}, {sel.get('samples', '?')} samples): mean "
+             f"{sel['mean']:.3f}, std {sel['std']:.3f}, median {sel['quantiles']['0.5']:.3f}, "
+             f"1%/99% quantiles {sel['quantiles']['0.01']:.3f}/{sel['quantiles']['0.99']:.3f}."]
+    pca = sel.get("pca")
+    if pca:
+        means = ", ".join(f"{k} {v['mean_rate']:.3f}" for k, v in pca["groups"].items())
+        ratio = ", ".join(f"{r:.2f}" for r in pca["explained_variance_ratio"])
+        lines.append(f"Fig 7b: 2-D PCA of the task-tower inputs of the bottom, middle and top "
+                     f"{100 * pca['share']:.0f}% of selection rates ({pca['group_size']} samples each; mean rates "
+                     f"{means}; explained variance {ratio}).")
+    return lines
+
+
+def _plot_selection(selection: dict, out_dir: str, plt) -> list[str]:
+    """Fig 7a (histogram of selection rates) and Fig 7b (PCA of the rate groups), as PNGs."""
+    written = []
+    histogram = selection["histogram"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.stairs(histogram["counts"], histogram["edges"], fill=True, color="tab:green")
+    ax.axvline(selection["mean"], color="k", label=f"mean {selection['mean']:.3f} (std {selection['std']:.3f})")
+    ax.axvline(selection["quantiles"]["0.5"], color="k", linestyle="--",
+               label=f"median {selection['quantiles']['0.5']:.3f}")
+    ax.set_xlabel("selection rate (share of non-zero z_K)")
+    ax.set_ylabel("test samples")
+    ax.set_title(f"APEM dynamic selector, seed {selection['seed']} (Fig 7a)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "selection_rate.png"), dpi=110)
+    plt.close(fig)
+    written.append("selection_rate.png")
+    pca = selection.get("pca")
+    if pca:
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for (group, entry), color in zip(pca["groups"].items(), ("tab:blue", "tab:gray", "tab:red")):
+            points = np.asarray(entry["points"]).reshape(-1, 2)
+            ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.6, color=color,
+                       label=f"{group} {100 * pca['share']:.0f}% (mean rate {entry['mean_rate']:.3f})")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_title("APEM sample representations by selection rate (Fig 7b)")
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "selection_pca.png"), dpi=110)
+        plt.close(fig)
+        written.append("selection_pca.png")
+    return written
 
 
 def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
@@ -311,18 +424,8 @@ def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
         fig.savefig(os.path.join(out_dir, "efficiency.png"), dpi=110)
         plt.close(fig)
         written.append("efficiency.png")
-    selection = report.get("selection_rate")
-    if selection:
-        histogram = selection["histogram"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.stairs(histogram["counts"], histogram["edges"], fill=True, color="tab:green")
-        ax.set_xlabel("selection rate (share of non-zero z_K)")
-        ax.set_ylabel("test samples")
-        ax.set_title(f"APEM dynamic selector, seed {selection['seed']} (Fig 7a)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "selection_rate.png"), dpi=110)
-        plt.close(fig)
-        written.append("selection_rate.png")
+    if report.get("selection_rate"):
+        written += _plot_selection(report["selection_rate"], out_dir, plt)
     return written
 
 
@@ -338,17 +441,24 @@ def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, co
         raise ValueError("--seeds and --epochs must be at least 1")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    train, val, test = (_head(read_dataset(p), config.max_rows) for p in (train_dir, val_dir, test_dir))
+    train, val, test = (head_rows(read_dataset(p), config.max_rows) for p in (train_dir, val_dir, test_dir))
     for split, dataset in (("train", train), ("val", val), ("test", test)):
         if len(dataset) == 0:
             raise ValueError(f"{split} dataset {dataset.path} has no rows")
     check_same_spec(train.spec, val.spec, f"{val_dir} (validation) vs {train_dir} (training)")
     check_same_spec(train.spec, test.spec, f"{test_dir} (test) vs {train_dir} (training)")
-    encoder = FeatureEncoder(train.spec).fit(train)
     labels = list(train.spec.labels)
-    data = {"fields": encoder.fields, "labels": labels,
-            "train": encode_dataset(train, encoder), "val": encode_dataset(val, encoder),
-            "test": encode_dataset(test, encoder)}
+    encoded: dict[str, dict] = {}
+
+    def data_for(name: str) -> dict:
+        """The splits encoded with this model's numerical encoding (tuned, else the experiment's)."""
+        encoding = config.tuned.get(name, {}).get("numerical_encoding", config.numerical_encoding)
+        if encoding not in encoded:
+            encoder = FeatureEncoder(train.spec, numerical_encoding=encoding).fit(train)
+            encoded[encoding] = {"fields": encoder.fields, "labels": labels, "encoding": encoding,
+                                 **{k: encode_dataset(d, encoder) for k, d in (("train", train), ("val", val),
+                                                                               ("test", test))}}
+        return encoded[encoding]
     oracle = oracle_aucs(test, read_oracle(oracle_dir or test_dir), test.labels())
 
     os.makedirs(out_dir, exist_ok=True)
@@ -364,9 +474,11 @@ def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, co
     for name, seed in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
         try:
+            data = data_for(name)
             record, model = _train_one(name, seed, data, config)
             if name == REFERENCE_MODEL and selection is None and hasattr(model, "selection_rates"):
-                selection = {"seed": seed, **selection_rate_summary(model, data["test"].x, config.selection_rate_bins)}
+                selection = {"seed": seed, **selection_rate_summary(model, data["test"].x, config.selection_rate_bins),
+                             "pca": selection_pca(model, data["test"].x, seed)}
             write(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["auc"].items())
                   + f" ({record['seconds_per_epoch']:.1f} s/epoch)")
         except Exception as err:  # one model's failure is reported; the grid goes on

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from apem.data.encoding import FeatureEncoder
+from apem.data.encoding import DEFAULT_NUMERICAL_ENCODING, FeatureEncoder, parse_numerical_encoding
 from apem.data.spec import check_same_spec, read_dataset
 from apem.data.split_record import check_negative_rate, negative_rate_beside
 from apem.inference.model_dir import save_model
@@ -14,10 +14,33 @@ from apem.train import tracking
 from apem.train.trainer import TrainConfig, encode_dataset, fit, set_seed
 
 
+# Keys of a ``model_params`` JSON object (the KFP train component's) that configure features and
+# training rather than the model: popped before the rest goes to the model config.
+TRAINING_PARAM_KEYS = ("numerical_encoding", "embedding_l2", "embedding_l2_fields")
+
+
+def split_training_params(params: dict) -> tuple[dict, dict]:
+    """``model_params`` -> (model config overrides, {numerical_encoding, embedding_l2, embedding_l2_fields}).
+
+    One JSON object configures a whole run from a pipeline parameter, e.g.
+    ``{"embed_dim": 18, "numerical_encoding": "dense_log", "embedding_l2_fields": {"user_id": 1e-3}}``.
+    """
+    model_overrides = {k: v for k, v in params.items() if k not in TRAINING_PARAM_KEYS}
+    training = {k: params[k] for k in TRAINING_PARAM_KEYS if k in params}
+    parse_numerical_encoding(training.get("numerical_encoding", DEFAULT_NUMERICAL_ENCODING))
+    if not isinstance(training.get("embedding_l2_fields", {}), dict):
+        raise ValueError(f"embedding_l2_fields must map field names to numbers, got {training['embedding_l2_fields']!r}")
+    return model_overrides, training
+
+
 def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str = "apem",
                     model_overrides: dict | None = None, loss_overrides: dict | None = None,
-                    config: TrainConfig | None = None, negative_rate: float | None = None) -> dict:
+                    config: TrainConfig | None = None, negative_rate: float | None = None,
+                    numerical_encoding: str = DEFAULT_NUMERICAL_ENCODING) -> dict:
     """Read datasets, fit features on train, train a registry model, save it to ``out_dir``.
+
+    ``numerical_encoding`` (log_round | dense_log | quantile:N, :mod:`apem.data.encoding`) is fitted
+    on train and saved in the model's ``features.json``, so predict and serving reuse it.
 
     ``negative_rate`` (None: read from ``<train_dir>/../split.json``, else 1.0) is stored with the
     model so predictions are recalibrated to the entire space (:func:`apem.inference.calibration.recalibrate`).
@@ -25,6 +48,7 @@ def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str 
     Returns a JSON-able summary.
     """
     config = config or TrainConfig()
+    parse_numerical_encoding(numerical_encoding)  # a bad option fails before any data is read
     if config.checkpoint_dir is None:
         config = replace(config, checkpoint_dir=os.path.abspath(out_dir) + ".checkpoints")
     train_ds = read_dataset(train_dir)
@@ -32,16 +56,18 @@ def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str 
     check_same_spec(train_ds.spec, val_ds.spec, f"{val_dir} (validation) vs {train_dir} (training)")
     negative_rate = check_negative_rate(negative_rate_beside(train_dir) if negative_rate is None else negative_rate)
     set_seed(config.seed)
-    encoder = FeatureEncoder(train_ds.spec).fit(train_ds)
+    encoder = FeatureEncoder(train_ds.spec, numerical_encoding=numerical_encoding).fit(train_ds)
     train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
     model = build_model(model_name, encoder.fields, len(train_ds.spec.labels), model_overrides, loss_overrides)
     result = fit(model, train, val, config)
     meta = {"negative_rate": negative_rate, "train_rows": len(train), "val_rows": len(val),
             "train_dir": os.path.abspath(train_dir), "val_dir": os.path.abspath(val_dir),
             "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
+            "numerical_encoding": numerical_encoding,
             "train_config": config.loggable()}
     model_dir = save_model(out_dir, model.cpu(), encoder, train_ds.spec, extra_meta=meta)
     if config.mlflow_tracking_uri:
         tracking.log_model_dir_and_end(model_dir)
     return {"model_dir": model_dir, "model": model_name, "negative_rate": negative_rate,
+            "numerical_encoding": numerical_encoding,
             "train_rows": len(train), "val_rows": len(val), **result.to_dict()}

@@ -32,7 +32,11 @@ class TrainConfig:
     """Adam with Table 2's batch 1024 and lr 1e-3. ``device``: auto (CUDA when present), cpu or cuda.
     ``checkpoint_dir``: where ``checkpoint.pt`` is written after every epoch; ``resume`` continues
     from it. ``mlflow_tracking_uri``: log params, per-epoch metrics (and, via
-    :func:`apem.train.from_dirs.train_from_dirs`, the model directory) to that MLflow server or store."""
+    :func:`apem.train.from_dirs.train_from_dirs`, the model directory) to that MLflow server or store.
+    ``embedding_l2``: per-field weight decay on the embedding rows each batch uses (0: off, the
+    paper's setting); ``embedding_l2_fields`` overrides it per field name, e.g. ``{"user_id": 1e-3}``.
+    Each epoch's record then carries ``train_embedding_penalty``; every record carries
+    ``embedding_row_norms`` (mean row norm per field), so the effect is visible with and without it."""
 
     epochs: int = 10
     batch_size: int = 1024
@@ -46,6 +50,18 @@ class TrainConfig:
     mlflow_experiment: str = "apem"
     checkpoint_dir: str | None = None
     resume: bool = False
+    embedding_l2: float = 0.0
+    embedding_l2_fields: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {n: v for n, v in {"(all fields)": self.embedding_l2, **self.embedding_l2_fields}.items()
+               if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"embedding regularisation must be a finite number >= 0, got {bad}")
+
+    @property
+    def regularises_embeddings(self) -> bool:
+        return self.embedding_l2 > 0 or any(v > 0 for v in self.embedding_l2_fields.values())
 
     def loggable(self) -> dict:
         """The settings that describe the run (not where it logs to)."""
@@ -54,7 +70,7 @@ class TrainConfig:
 
 @dataclass
 class EncodedData:
-    x: torch.Tensor  # (n, F) int64 field indices
+    x: torch.Tensor  # (n, F + D) int64: field indices, then dense_log values (apem.data.encoding)
     y: torch.Tensor  # (n, N) float32 labels in funnel order
 
     def __len__(self) -> int:
@@ -129,6 +145,8 @@ class _Loop:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.progress = Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.embedding_l2 = (model.embedding.field_weights(config.embedding_l2, config.embedding_l2_fields)
+                             .to(self.device) if config.regularises_embeddings else None)
 
     def run_epoch(self, epoch: int) -> dict:
         """One pass over the training data in this epoch's order; returns the epoch's record."""
@@ -155,6 +173,10 @@ class _Loop:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, float]]:
         self.model.set_training_progress(self.progress.step, self.total_steps)
         loss, parts = self.model.loss(self.model(x), y)
+        if self.embedding_l2 is not None:
+            penalty = self.model.embedding.row_penalty(x, self.embedding_l2)
+            loss = loss + penalty
+            parts = {**parts, "embedding_penalty": float(penalty.detach())}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -164,6 +186,7 @@ class _Loop:
     def end_epoch(self, record: dict, val: EncodedData | None) -> None:
         """Validate, keep the best state, and count epochs without improvement."""
         p = self.progress
+        record["embedding_row_norms"] = self.model.embedding.field_row_norms()
         if val is not None and len(val):
             record["val_auc"] = validation_aucs(self.model, val, self.device)
             valid = [a for a in record["val_auc"] if np.isfinite(a)]

@@ -19,7 +19,9 @@ from apem_kfp.components.train import train
 from apem_kfp.components.validate import validate
 
 BEAM_ARGS = "--direct_running_mode=in_memory --direct_num_workers=1"
-TINY_ESMM = json.dumps({"embed_dim": 4, "tower_hidden": [8]})
+# the feature keys travel through model_params to the saved model (checked in test_split_and_train)
+TINY_ESMM = json.dumps({"embed_dim": 4, "tower_hidden": [8], "numerical_encoding": "dense_log",
+                        "embedding_l2_fields": {"user_id": 1e-3}})
 
 
 def artifact(kind, root, name):
@@ -97,10 +99,13 @@ def test_split_and_train(chain):
         assert os.path.exists(os.path.join(a["splits"].path, name, "spec.yaml"))
     with open(os.path.join(a["splits"].path, "split.json")) as fh:
         assert json.load(fh)["negative_rate"] == 0.5
-    assert a["model"].metadata == {"model_name": "esmm", "negative_rate": 0.5, "epochs": 1}
+    assert a["model"].metadata == {"model_name": "esmm", "negative_rate": 0.5, "epochs": 1,
+                                   "numerical_encoding": "dense_log"}
     from apem.inference.model_dir import load_model
 
-    assert load_model(a["model"].path).negative_rate == 0.5
+    loaded = load_model(a["model"].path)
+    assert loaded.negative_rate == 0.5 and loaded.encoder.numerical_encoding == "dense_log"
+    assert loaded.meta["train_config"]["embedding_l2_fields"] == {"user_id": 1e-3}
 
 
 def test_evaluate_outputs(chain):

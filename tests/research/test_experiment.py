@@ -100,10 +100,61 @@ def test_experiment_grid_writes_report_and_survives_a_failing_model(split_dirs, 
     assert all(0.5 < oracle["tasks"][label] <= 1.0 for label in labels)
     selection = report["selection_rate"]
     assert 0.0 <= selection["mean"] <= 1.0 and sum(selection["histogram"]["counts"]) == oracle["test_rows"]
-    for png in ("auc_comparison.png", "efficiency.png", "selection_rate.png"):
+    assert selection["median"] == selection["quantiles"]["0.5"] and selection["samples"] == oracle["test_rows"]
+    pca = selection["pca"]  # Fig 7b: bottom / middle / top 1% of rates, 2-D coordinates each
+    assert list(pca["groups"]) == ["bottom", "middle", "top"] and pca["group_size"] == oracle["test_rows"] // 100
+    assert all(np.asarray(g["points"]).shape == (pca["group_size"], 2) for g in pca["groups"].values())
+    rates = [pca["groups"][g]["mean_rate"] for g in ("bottom", "middle", "top")]
+    assert rates == sorted(rates) and len(pca["explained_variance_ratio"]) == 2
+    assert all(set(run["val_auc"]) == set(labels) and len(run["val_auc_by_epoch"]) == run["epochs_run"]
+               for run in report["runs"] if not run.get("error"))
+    assert apem["val_auc_mean"]["convert"] == pytest.approx(np.mean([r["val_auc"]["convert"] for r in report["runs"]
+                                                                      if r["model"] == "apem"]))
+    for png in ("auc_comparison.png", "efficiency.png", "selection_rate.png", "selection_pca.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "| esmm |" in markdown and "oracle" in markdown and "mmoe seed 0:" in markdown
+    assert "Fig 7a" in markdown and "median" in markdown and "Fig 7b" in markdown
+
+
+def test_tune_gives_every_model_the_same_budget_and_experiment_reads_it(split_dirs, tmp_path, capsys) -> None:
+    from apem.research.tuning import search_space
+
+    assert {"inducing_points", "layers"} <= set(search_space("apem", ("log_round",)))
+    assert "n_experts" in search_space("mmoe", ("log_round",)) and "n_shared_experts" in search_space("ple", ("x",))
+    assert set(search_space("esmm", ("log_round",))) == {"lr", "embedding_l2", "numerical_encoding"}
+    out, uri = tmp_path / "tuned.json", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["tune", "--train", split_dirs["train"], "--val", split_dirs["val"], "--models", "apem,mmoe",
+                 "--trials", "2", "--epochs", "1", "--batch-size", "256", "--threads", "1",
+                 "--encodings", "log_round,dense_log", "--mlflow-uri", uri, "--out", str(out)]) == 0
+    tuned = json.loads(out.read_text())
+    assert tuned["format"] == "apem-tune/1" and tuned["budget"]["trials_per_model"] == 2
+    for name in ("apem", "mmoe"):
+        entry = tuned["models"][name]
+        assert len(entry["trials"]) == 2
+        assert entry["best_val_auc_mean"] == max(t["val_auc_mean"] for t in entry["trials"])
+        assert entry["best"]["numerical_encoding"] in ("log_round", "dense_log")
+    assert set(tuned["models"]["apem"]["best"]) == {"lr", "embedding_l2", "numerical_encoding", "inducing_points", "layers"}
+    import mlflow
+
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("apem-tune").experiment_id])
+    assert len(runs) == 2 + 4  # one per model, one nested run per trial
+    report_dir = tmp_path / "tuned_report"
+    assert main(["experiment", "--train", split_dirs["train"], "--val", split_dirs["val"], "--test", split_dirs["test"],
+                 "--models", "apem,mmoe", "--seeds", "1", "--epochs", "1", "--batch-size", "256", "--threads", "1",
+                 "--tuned", str(out), "--out", str(report_dir), "--no-progress"]) == 0
+    runs = {r["model"]: r for r in json.loads((report_dir / "report.json").read_text())["runs"]}
+    for name in ("apem", "mmoe"):
+        best = tuned["models"][name]["best"]
+        assert runs[name]["numerical_encoding"] == best["numerical_encoding"]
+        assert runs[name]["hyperparameters"]["lr"] == best["lr"]
+    assert runs["apem"]["hyperparameters"]["inducing_points"] == tuned["models"]["apem"]["best"]["inducing_points"]
+    capsys.readouterr()
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": 1}')
+    assert main(["tune", "--train", split_dirs["train"], "--val", split_dirs["val"], "--models", "esmm",
+                 "--trials", "1", "--out", str(foreign)]) == 2
+    assert "not an `apem tune` result" in capsys.readouterr().err and foreign.read_text() == '{"mine": 1}'
 
 
 def test_experiment_cli_rejects_bad_arguments(split_dirs, tmp_path, capsys) -> None:
