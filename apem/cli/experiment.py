@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from apem.cli.options import add_overwrite_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle", default=None,
                    help="dataset directory holding oracle/truth.parquet for the test rows (default: --test)")
     p.add_argument("--no-progress", action="store_true")
+    add_overwrite_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
                               lr=args.lr, patience=args.patience, max_rows=args.max_rows, device=args.device,
                               num_threads=args.threads, progress=not args.no_progress)
     try:
-        report = run_experiment(args.train, args.val, args.test, args.out, config, oracle_dir=args.oracle)
+        report = run_experiment(args.train, args.val, args.test, args.out, config, oracle_dir=args.oracle,
+                                overwrite=args.overwrite)
     except ValueError as err:
         raise CommandError(str(err)) from None
     failed = sum(len(entry["errors"]) for entry in report["models"].values())

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 
+from apem.cli.options import add_overwrite_flag
 from apem.data.atomic import atomic_file, write_text_atomic
+from apem.data.ownership import METRICS_FILE, PREDICTIONS_FILE, PREDICTIONS_TAG, claim_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-rate", type=float, default=None,
                    help="training negative sampling rate (default: from ../split.json next to --train, else 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_overwrite_flag(p)
     p.set_defaults(handler=run_train)
 
     scoring_commands = (
@@ -39,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", required=True, help="dataset directory")
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
+        add_overwrite_flag(p)
         p.set_defaults(handler=handler)
 
 
@@ -64,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
                          mlflow_tracking_uri=args.mlflow_uri, resume=args.resume)
     try:
         summary = train_from_dirs(args.train, args.val, args.out, model_name=args.model, config=config,
-                                  negative_rate=args.negative_rate)
+                                  negative_rate=args.negative_rate, overwrite=args.overwrite)
     except ValueError as err:  # DatasetError is a ValueError too; unknown model, bad device, bad rate
         raise CommandError(str(err)) from None
     last = summary["history"][-1] if summary["history"] else {}
@@ -77,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from apem.eval.metrics import evaluate_predictions
 
+    claim_output(args.out, METRICS_FILE, inputs=(args.model, args.data), overwrite=args.overwrite)
     loaded = _load(args.model)
     probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
     metrics = evaluate_predictions(dataset.labels(), probs, dataset.spec.labels)
@@ -92,6 +97,7 @@ def run_predict(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    claim_output(args.out, PREDICTIONS_FILE, inputs=(args.model, args.data), overwrite=args.overwrite)
     loaded = _load(args.model)
     probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
     columns = {}
@@ -100,6 +106,6 @@ def run_predict(args: argparse.Namespace) -> int:
     for i, name in enumerate(dataset.spec.labels):
         columns[f"p_{name}"] = pa.array(probs[:, i])
     with atomic_file(os.path.abspath(args.out)) as tmp:
-        pq.write_table(pa.table(columns), tmp)
+        pq.write_table(pa.table(columns).replace_schema_metadata(dict([PREDICTIONS_TAG])), tmp)
     print(f"wrote {len(probs)} predictions to {args.out}")
     return 0

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from apem.data.atomic import staged_dir
+from apem.data.atomic import SUCCESS_MARKER, staged_dir
 
 SPEC_FILE = "spec.yaml"
 FUNNEL_POLICIES = ("reject", "drop")
@@ -272,7 +272,8 @@ def read_dataset(path: str, funnel_policy: str | None = None, columns_only: bool
 
 
 def write_dataset(table: pa.Table, spec: DatasetSpec, path: str, rows_per_file: int = 1_000_000) -> str:
-    """Write ``table`` as a dataset atomically: into a temporary sibling, then one rename."""
+    """Write ``table`` as a dataset atomically: into a temporary sibling, then one rename. Callers
+    decide first whether ``path`` may be replaced (:func:`apem.data.ownership.claim_output`)."""
     validate_schema(spec, table.schema, "table to write")
     with staged_dir(path) as tmp:
         n_parts = max(1, -(-table.num_rows // rows_per_file))
@@ -280,6 +281,7 @@ def write_dataset(table: pa.Table, spec: DatasetSpec, path: str, rows_per_file: 
             chunk = table.slice(part * rows_per_file, rows_per_file)
             pq.write_table(chunk, os.path.join(tmp, f"part-{part:05d}.parquet"))
         spec.write(tmp)
+        open(os.path.join(tmp, SUCCESS_MARKER), "wb").close()  # marks it as a dataset apem wrote (replaceable)
     return path
 
 

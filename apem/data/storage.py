@@ -19,10 +19,9 @@ import shutil
 import tempfile
 from typing import Iterator
 
-from apem.data.atomic import staged_dir, write_bytes_atomic
+from apem.data.atomic import SUCCESS_MARKER, staged_dir, write_bytes_atomic
 
 GCS_SCHEME = "gs://"
-SUCCESS_MARKER = "_SUCCESS"
 
 
 class StorageError(FileNotFoundError):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from apem.data import storage
-from apem.data.atomic import replace_dir
+from apem.data.atomic import make_staging_dir, replace_dir
 from apem.data.oracle import ORACLE_PATH
+from apem.data.ownership import SPLIT_DIR, claim_output
 from apem.data.spec import SPEC_FILE, DatasetSpec
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
 from apem.dataplane.beam_gcs_emulator import anonymous_gcs_for_emulator
@@ -208,12 +208,15 @@ def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: st
 
 
 def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratios: tuple = (8, 1, 1),
-                  runner: str = "DirectRunner", pipeline_args: list[str] | None = None) -> dict:
+                  runner: str = "DirectRunner", pipeline_args: list[str] | None = None,
+                  overwrite: bool = False) -> dict:
     """Split the dataset at ``data_dir`` into ``out_dir/{train,val,test}`` (datasets of the contract)
-    and ``out_dir/split.json``; local paths or gs:// URIs. Returns the split.json content."""
+    and ``out_dir/split.json``; local paths or gs:// URIs. Only an earlier split (or anything, with
+    ``overwrite``) is replaced, never the input. Returns the split.json content."""
     import apache_beam as beam
 
     negative_rate = check_negative_rate(negative_rate, SplitError)
+    claim_output(out_dir, SPLIT_DIR, inputs=(data_dir,), overwrite=overwrite)
     anonymous_gcs_for_emulator()
     spec = _read_spec(data_dir)
     files = _dataset_files(data_dir)
@@ -228,10 +231,7 @@ def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratio
         staging = out_dir
         storage.delete_tree(out_dir)
     else:
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp",
-                                   dir=parent)
+        staging = make_staging_dir(out_dir)
     try:
         with beam.Pipeline(options=_pipeline_options(runner, pipeline_args)) as pipeline:
             pattern = storage.join(data_dir, "*.parquet")
@@ -279,8 +279,7 @@ def _finish(data_dir: str, staging: str, spec: DatasetSpec, schema: pa.Schema, p
             sink = io.BytesIO()
             pq.write_table(subset, sink)
             storage.write_bytes(storage.join(split_dir, *ORACLE_PATH), sink.getvalue())
-        if storage.is_gcs(split_dir):  # each split is a complete gs:// directory on its own
-            storage.write_bytes(storage.join(split_dir, storage.SUCCESS_MARKER), b"")
+        storage.write_bytes(storage.join(split_dir, storage.SUCCESS_MARKER), b"")  # each split is a dataset
     summary = {
         "negative_rate": negative_rate,
         "ratios": list(ratios),

@@ -17,6 +17,7 @@ import json
 from importlib import resources
 
 from apem.data import features, storage
+from apem.data.ownership import VALIDATION_DIR, claim_output
 
 DEFAULT_SCHEMA = str(resources.files("apem") / "resources" / "schema.pbtxt")
 STATS_FILE = "stats.pb"
@@ -198,15 +199,16 @@ def _report(data_dir: str, schema_path: str, baseline: str | None, found: list[d
 
 
 def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: str = DEFAULT_REPORT_DIR,
-                     baseline_stats: str | None = None, warn_only: bool = False) -> dict:
+                     baseline_stats: str | None = None, warn_only: bool = False, overwrite: bool = False) -> dict:
     """Validate the dataset at ``data_dir`` and write ``out_dir/{stats.pb, anomalies.md, anomalies.json}``.
 
     ``baseline_stats`` is a previous run's ``stats.pb``; with it, drift is checked. Raises
     :class:`ValidationFailed` (one-line summary) when there are anomalies, unless ``warn_only``.
-    All paths may be local or gs://.
+    All paths may be local or gs://. Only an earlier report (or anything, with ``overwrite``) is replaced.
     """
     import tensorflow_data_validation as tfdv
 
+    claim_output(out_dir, VALIDATION_DIR, inputs=(data_dir,), overwrite=overwrite)
     if not storage.exists(schema_path):
         raise FileNotFoundError(f"{schema_path}: schema file not found")
     schema = load_schema(schema_path)

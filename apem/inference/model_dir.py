@@ -22,6 +22,7 @@ import torch
 
 from apem.data.atomic import staged_dir
 from apem.data.encoding import FeatureEncoder, FieldSpec
+from apem.data.ownership import MODEL_DIR, claim_output
 from apem.data.spec import Dataset, DatasetError, DatasetSpec, check_same_spec, read_dataset
 from apem.inference.calibration import recalibrate as recalibrate_probs
 from apem.inference.predict import predict
@@ -50,9 +51,11 @@ def _package_version() -> str:
 
 
 def save_model(out_dir: str, model: MultiTaskModel, encoder: FeatureEncoder, spec: DatasetSpec,
-               extra_meta: dict | None = None) -> str:
-    """Write ``model`` (state_dict + JSON config) and the feature state to ``out_dir`` atomically."""
+               extra_meta: dict | None = None, overwrite: bool = False) -> str:
+    """Write ``model`` (state_dict + JSON config) and the feature state to ``out_dir`` atomically;
+    only an earlier model directory (or anything, with ``overwrite``) is replaced."""
     out_dir = os.path.abspath(out_dir)
+    claim_output(out_dir, MODEL_DIR, overwrite=overwrite)
     config = {
         "format_version": FORMAT_VERSION,
         "package_version": _package_version(),

@@ -21,6 +21,7 @@ import numpy as np
 
 from apem.data.encoding import FeatureEncoder
 from apem.data.oracle import read_oracle
+from apem.data.ownership import EXPERIMENT_DIR, claim_output
 from apem.data.spec import Dataset, check_same_spec, read_dataset
 from apem.eval.metrics import auc, evaluate_predictions
 from apem.inference.predict import predict
@@ -327,12 +328,14 @@ def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
 
 
 def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, config: ExperimentConfig,
-                   oracle_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train and evaluate ``config.models`` x ``config.seeds`` on one split; write report.json, report.md, plots."""
+                   oracle_dir: str | None = None, log: Callable[[str], None] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate ``config.models`` x ``config.seeds`` on one split; write report.json, report.md, plots
+    into ``out_dir`` (only an earlier report, or anything with ``overwrite``, is replaced)."""
     import torch
     from tqdm.auto import tqdm
 
-
+    claim_output(out_dir, EXPERIMENT_DIR, inputs=(train_dir, val_dir, test_dir), overwrite=overwrite)
     models = resolve_model_names(config.models)
     if config.seeds < 1 or config.epochs < 1:
         raise ValueError("--seeds and --epochs must be at least 1")

@@ -1,5 +1,8 @@
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -42,13 +45,35 @@ def test_train_evaluate_predict(trained, capsys):
     assert preds.column("impression_id").to_pylist() == pq.read_table(root / "test" / "part-00000.parquet").column("impression_id").to_pylist()
 
 
-def test_resume_flag_continues_from_checkpoint(trained, capsys):
+def _killed_after_first_checkpoint(argv, checkpoint):
+    """Run `apem train` in a real process and SIGKILL it once it has written a checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", "apem.cli.main", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert checkpoint.exists()
+
+
+def test_resume_continues_only_its_own_run_and_a_finished_run_removes_its_checkpoint(trained, capsys, tmp_path):
     root = trained
+    out, checkpoint = tmp_path / "model", tmp_path / "model.checkpoints" / "checkpoint.pt"
+    argv = ["train", "--train", str(root / "train"), "--val", str(root / "val"), "--model", "apem_wo_asrg",
+            "--out", str(out), "--batch-size", "512", "--threads", "1", "--device", "cpu", "--patience", "50"]
+    _killed_after_first_checkpoint([*argv, "--epochs", "40"], checkpoint)
+    before = checkpoint.read_bytes()
+    # another model, seed, optimiser setting or training data: refused, naming the first differing field
+    for change, field in ((["--model", "apem_wo_ld"], "model differs"), (["--seed", "99"], "seed differs"),
+                          (["--lr", "0.5"], "optimizer differs"), (["--train", str(root / "test")], "training_data")):
+        _expect_error([*argv, *change, "--epochs", "3", "--resume"], capsys, str(checkpoint), field, "--resume")
+    assert checkpoint.read_bytes() == before
     capsys.readouterr()
-    assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--model", "apem_wo_asrg",
-                 "--out", str(root / "model"), "--epochs", "3", "--batch-size", "512", "--resume", "--threads", "1"]) == 0
+    assert main([*argv, "--epochs", "3", "--resume"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["epochs_run"] == 3  # two from the first run, one new
+    assert summary["epochs_run"] == 3  # the epochs of the killed run count, the rest are new
+    assert not checkpoint.parent.exists()
 
 
 def _expect_error(argv, capsys, *fragments):
@@ -91,3 +116,22 @@ def test_bad_input_gives_one_line_errors(trained, capsys, tmp_path):
     if not torch.cuda.is_available():
         _expect_error(["train", "--train", str(root / "val"), "--val", test, "--device", "cuda", "--out", str(tmp_path / "m5")],
                       capsys, "CUDA is not available")
+
+
+def test_evaluate_and_predict_replace_only_their_own_output_files(trained, capsys, tmp_path):
+    root = trained
+    model, test = str(root / "model"), str(root / "test")
+    for command, name in (("evaluate", "m.json"), ("predict", "p.parquet")):
+        out = tmp_path / name
+        assert main([command, "--model", model, "--data", test, "--out", str(out)]) == 0
+        assert main([command, "--model", model, "--data", test, "--out", str(out)]) == 0  # its own file
+        foreign = tmp_path / f"notes-{name}"
+        foreign.write_text("user text")
+        _expect_error([command, "--model", model, "--data", test, "--out", str(foreign)], capsys,
+                      str(foreign), "--overwrite")
+        assert foreign.read_text() == "user text"
+        _expect_error([command, "--model", model, "--data", test, "--out", str(tmp_path)], capsys,
+                      "is a directory")
+        _expect_error([command, "--model", model, "--data", test, "--out", str(root / "model" / name)], capsys,
+                      "overlaps the input")
+    assert pq.read_schema(tmp_path / "p.parquet").metadata[b"apem.output"] == b"predictions"
