@@ -14,10 +14,11 @@ real ``gcp-storage-emulator``). Writes are atomic:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 from apem.data.atomic import SUCCESS_MARKER, staged_dir, write_bytes_atomic
 
@@ -56,6 +57,38 @@ def split_gcs(uri: str) -> tuple[str, str]:
 _CLIENTS: dict[tuple[int, str | None], object] = {}
 
 
+def _gcs_failure(err: Exception) -> str:
+    from google.api_core.exceptions import NotFound
+
+    if type(err).__name__ == "DefaultCredentialsError":
+        return "no Google Cloud credentials (run `gcloud auth application-default login` or set " \
+               "GOOGLE_APPLICATION_CREDENTIALS)"
+    if isinstance(err, NotFound):
+        return f"not found ({_one_line(err)}); does the bucket exist?"
+    return _one_line(err)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def names_gcs_uri(function: Callable) -> Callable:
+    """Turn a Google Cloud failure (credentials, missing bucket, HTTP or retry error) inside
+    ``function`` into a StorageError naming the gs:// URI it was given: one line, no traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:
+            if type(err).__module__.split(".")[0] != "google" or isinstance(err, StorageError):
+                raise
+            uris = [a for a in args if isinstance(a, str) and is_gcs(a)]
+            raise StorageError(f"{', '.join(uris) or 'gs://'}: {_gcs_failure(err)}") from None
+
+    return wrapper
+
+
 def client():
     """A google-cloud-storage client per process (clients are not fork-safe) and emulator host."""
     from google.cloud import storage as gcs
@@ -82,6 +115,7 @@ def _list_blobs(uri: str):
     return client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else None)
 
 
+@names_gcs_uri
 def exists(uri: str) -> bool:
     """True for an existing file, or a directory (local) / prefix with objects (gs://)."""
     if not is_gcs(uri):
@@ -92,6 +126,7 @@ def exists(uri: str) -> bool:
     return any(True for _ in client().list_blobs(bucket, prefix=f"{name}/" if name else None, max_results=1))
 
 
+@names_gcs_uri
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Every file below ``uri`` (recursively) whose name ends with ``suffix``, sorted, as full URIs."""
     if not is_gcs(uri):
@@ -107,6 +142,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     )
 
 
+@names_gcs_uri
 def read_bytes(uri: str) -> bytes:
     if not is_gcs(uri):
         if not os.path.isfile(uri):
@@ -122,6 +158,7 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: no such object") from None
 
 
+@names_gcs_uri
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: readers see the old content or the new one, never a partial file."""
     if is_gcs(uri):
@@ -131,6 +168,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     write_bytes_atomic(uri, data)
 
 
+@names_gcs_uri
 def delete_tree(uri: str) -> None:
     """Remove a directory (local) or every object under a prefix (gs://); the marker goes first."""
     if not is_gcs(uri):
@@ -147,6 +185,7 @@ def delete_tree(uri: str) -> None:
         blob.delete()
 
 
+@names_gcs_uri
 def is_complete(uri: str) -> bool:
     """A local directory is complete once it exists (it was renamed into place); a gs:// one needs its marker."""
     if not is_gcs(uri):
@@ -161,6 +200,7 @@ def _require_complete(uri: str) -> None:
         raise StorageError(f"{uri}: no such directory")
 
 
+@names_gcs_uri
 def download_dir(uri: str, local_dir: str) -> str:
     """Copy a complete directory to ``local_dir`` and return ``local_dir``.
 
@@ -183,6 +223,7 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
+@names_gcs_uri
 def upload_dir(local_dir: str, uri: str) -> str:
     """Publish ``local_dir`` at ``uri`` atomically, replacing what was there; return ``uri``.
 
@@ -210,6 +251,7 @@ def upload_dir(local_dir: str, uri: str) -> str:
     return uri
 
 
+@names_gcs_uri
 def copy_tree(src_uri: str, dst_uri: str) -> str:
     """Copy a complete directory between any two of local / gs://, atomically; return ``dst_uri``."""
     _require_complete(src_uri)

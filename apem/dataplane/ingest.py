@@ -87,6 +87,17 @@ def _file_format(uri: str, wanted: str | None) -> str | None:
     return None
 
 
+_BOOKKEEPING_COLUMNS = ("source", "line", "partition", "t", "raw")
+
+
+def _event_text(frame: pd.DataFrame) -> list[str]:
+    """The event as read (its fields as text, JSON), for quarantined rows that parsed as records:
+    the quarantine keeps what arrived for every reason, not only for unparsable lines."""
+    fields = [c for c in frame.columns if c not in _BOOKKEEPING_COLUMNS]
+    return [json.dumps({k: v for k, v in zip(fields, row) if isinstance(v, str)}, sort_keys=True)[:500]
+            for row in frame[fields].itertuples(index=False, name=None)]
+
+
 class _Quarantine:
     def __init__(self) -> None:
         self.parts: list[pd.DataFrame] = []
@@ -95,8 +106,9 @@ class _Quarantine:
         if len(frame) == 0:
             return
         part = pd.DataFrame({"reason": reason}, index=frame.index)
-        for column in ("impression_id", "event_id", "event_type", "event_time", "source", "line", "raw"):
+        for column in ("impression_id", "event_id", "event_type", "event_time", "source", "line"):
             part[column] = frame[column] if column in frame else None
+        part["raw"] = frame["raw"] if "raw" in frame else _event_text(frame)
         part["detail"] = detail
         self.parts.append(part)
 

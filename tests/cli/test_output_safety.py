@@ -26,15 +26,6 @@ def data(tmp_path_factory):
     return root
 
 
-def _refused(argv, capsys, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def _snapshot(root):
     return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
             for d, _, files in os.walk(root) for f in files}
@@ -45,44 +36,44 @@ def _train(data, out, *extra):
             "--out", str(out), "--epochs", "1", "--batch-size", "512", "--threads", "1", "--device", "cpu", *extra]
 
 
-def test_train_refuses_a_directory_holding_user_files(data, tmp_path, capsys):
+def test_train_refuses_a_directory_holding_user_files(data, tmp_path, one_line_error):
     keep = tmp_path / "d" / "sub" / "keep"
     keep.parent.mkdir(parents=True)
     keep.write_text("mine")
-    _refused(_train(data, tmp_path / "d"), capsys, str(tmp_path / "d"), "--overwrite")
+    one_line_error(_train(data, tmp_path / "d"), str(tmp_path / "d"), "--overwrite")
     assert keep.read_text() == "mine"
     assert not os.path.exists(str(tmp_path / "d") + ".checkpoints")  # refused before any training
 
 
-def test_train_replaces_its_own_model_and_refuses_a_file_or_an_input(data, tmp_path, capsys):
+def test_train_replaces_its_own_model_and_refuses_a_file_or_an_input(data, tmp_path, one_line_error):
     assert main(_train(data, tmp_path / "m")) == 0
     assert main(_train(data, tmp_path / "m")) == 0  # its own earlier output
     (tmp_path / "file").write_text("x")
-    _refused(_train(data, tmp_path / "file"), capsys, str(tmp_path / "file"), "is a file")
-    _refused(_train(data, data / "train"), capsys, "overlaps the input")
-    _refused(_train(data, data / "train" / "model"), capsys, "overlaps the input")
-    _refused(_train(data, data), capsys, "overlaps the input")  # the output would contain the inputs
+    one_line_error(_train(data, tmp_path / "file"), str(tmp_path / "file"), "is a file")
+    one_line_error(_train(data, data / "train"), "overlaps the input")
+    one_line_error(_train(data, data / "train" / "model"), "overlaps the input")
+    one_line_error(_train(data, data), "overlaps the input")  # the output would contain the inputs
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_an_unwritable_output_is_refused_before_work(data, capsys):
+def test_an_unwritable_output_is_refused_before_work(data, one_line_error):
     # /proc refuses new files even for root: a real place where nothing can be written
-    _refused(_train(data, "/proc/apem-model"), capsys, "/proc/apem-model: cannot write here")
+    one_line_error(_train(data, "/proc/apem-model"), "/proc/apem-model: cannot write here")
 
 
-def test_split_refuses_its_own_input(data, capsys):
+def test_split_refuses_its_own_input(data, one_line_error):
     before = _snapshot(data / "train")
-    _refused(["split", "--data", str(data / "train"), "--out", str(data / "train")], capsys, "overlaps the input")
+    one_line_error(["split", "--data", str(data / "train"), "--out", str(data / "train")], "overlaps the input")
     assert _snapshot(data / "train") == before
 
 
-def test_ingest_refuses_to_write_over_the_raw_partitions(tmp_path, capsys):
+def test_ingest_refuses_to_write_over_the_raw_partitions(tmp_path, one_line_error):
     raw = tmp_path / "raw"
     write_synthetic_events(SynthConfig(rows=300, days=4, seed=1, start=dt.date(2024, 1, 1)), str(raw))
     before = _snapshot(raw)
     for out in (raw, raw / "dataset"):
-        _refused(["ingest", "--raw", str(raw), "--start", "2024-01-01", "--end", "2024-01-02", "--out", str(out)],
-                 capsys, "overlaps the input", str(raw))
+        one_line_error(["ingest", "--raw", str(raw), "--start", "2024-01-01", "--end", "2024-01-02", "--out", str(out)],
+                 "overlaps the input", str(raw))
     assert _snapshot(raw) == before
     assert main(["ingest", "--raw", str(raw), "--start", "2024-01-01", "--end", "2024-01-02",
                  "--out", str(tmp_path / "ds")]) == 0
@@ -90,18 +81,18 @@ def test_ingest_refuses_to_write_over_the_raw_partitions(tmp_path, capsys):
                  "--out", str(tmp_path / "ds")]) == 0  # a dataset (spec.yaml + _SUCCESS) it wrote itself
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    _refused(["ingest", "--raw", str(raw), "--start", "2024-01-01", "--end", "2024-01-02",
-              "--out", str(tmp_path / "mine")], capsys, str(tmp_path / "mine"), "--overwrite")
+    one_line_error(["ingest", "--raw", str(raw), "--start", "2024-01-01", "--end", "2024-01-02",
+              "--out", str(tmp_path / "mine")], str(tmp_path / "mine"), "--overwrite")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def test_synth_replaces_its_own_dataset_only(tmp_path, capsys):
+def test_synth_replaces_its_own_dataset_only(tmp_path, one_line_error):
     out = str(tmp_path / "ds")
     assert main(["synth", "--rows", "200", "--days", "2", "--out", out]) == 0
     assert main(["synth", "--rows", "200", "--days", "2", "--out", out]) == 0
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "a.csv").write_text("1")
-    _refused(["synth", "--rows", "200", "--days", "2", "--out", str(tmp_path / "user")], capsys, "--overwrite")
+    one_line_error(["synth", "--rows", "200", "--days", "2", "--out", str(tmp_path / "user")], "--overwrite")
     assert main(["synth", "--rows", "200", "--days", "2", "--out", str(tmp_path / "user"), "--overwrite"]) == 0
     assert not (tmp_path / "user" / "a.csv").exists()
 
