@@ -55,6 +55,16 @@ def split_gcs(uri: str) -> tuple[str, str]:
 
 
 _CLIENTS: dict[tuple[int, str | None], object] = {}
+# Every GCS call gets this policy (one place): connect within 5 s, a response within 120 s, retries
+# of transient failures for at most 20 s overall, so an unreachable endpoint fails in well under 30 s.
+GCS_TIMEOUT_S = (5.0, 120.0)
+GCS_RETRY_DEADLINE_S = 20.0
+
+
+def _policy() -> dict:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return {"timeout": GCS_TIMEOUT_S, "retry": DEFAULT_RETRY.with_timeout(GCS_RETRY_DEADLINE_S)}
 
 
 def _gcs_failure(err: Exception) -> str:
@@ -112,7 +122,7 @@ def _bucket(uri: str):
 
 def _list_blobs(uri: str):
     bucket, prefix = _bucket(uri)
-    return client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else None)
+    return client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else None, **_policy())
 
 
 @names_gcs_uri
@@ -121,9 +131,10 @@ def exists(uri: str) -> bool:
     if not is_gcs(uri):
         return os.path.exists(uri)
     bucket, name = _bucket(uri)
-    if name and bucket.blob(name).exists():
+    if name and bucket.blob(name).exists(**_policy()):
         return True
-    return any(True for _ in client().list_blobs(bucket, prefix=f"{name}/" if name else None, max_results=1))
+    return any(True for _ in client().list_blobs(bucket, prefix=f"{name}/" if name else None, max_results=1,
+                                                     **_policy()))
 
 
 @names_gcs_uri
@@ -153,7 +164,7 @@ def read_bytes(uri: str) -> bytes:
 
     bucket, name = _bucket(uri)
     try:
-        return bucket.blob(name).download_as_bytes()
+        return bucket.blob(name).download_as_bytes(**_policy())
     except NotFound:
         raise StorageError(f"{uri}: no such object") from None
 
@@ -163,7 +174,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: readers see the old content or the new one, never a partial file."""
     if is_gcs(uri):
         bucket, name = _bucket(uri)
-        bucket.blob(name).upload_from_string(data)  # GCS objects appear only when complete
+        bucket.blob(name).upload_from_string(data, **_policy())  # GCS objects appear only when complete
         return
     write_bytes_atomic(uri, data)
 
@@ -179,10 +190,10 @@ def delete_tree(uri: str) -> None:
         return
     bucket, name = _bucket(uri)
     marker = bucket.blob(f"{name}/{SUCCESS_MARKER}" if name else SUCCESS_MARKER)
-    if marker.exists():
-        marker.delete()
+    if marker.exists(**_policy()):
+        marker.delete(**_policy())
     for blob in list(_list_blobs(uri)):
-        blob.delete()
+        blob.delete(**_policy())
 
 
 @names_gcs_uri
@@ -219,7 +230,7 @@ def download_dir(uri: str, local_dir: str) -> str:
             continue
         target = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        blob.download_to_filename(target)
+        blob.download_to_filename(target, **_policy())
     return local_dir
 
 
@@ -246,8 +257,8 @@ def upload_dir(local_dir: str, uri: str) -> str:
                 continue
             path = os.path.join(root, file)
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            bucket.blob(f"{prefix}/{rel}" if prefix else rel).upload_from_filename(path)
-    bucket.blob(f"{prefix}/{SUCCESS_MARKER}" if prefix else SUCCESS_MARKER).upload_from_string(b"")
+            bucket.blob(f"{prefix}/{rel}" if prefix else rel).upload_from_filename(path, **_policy())
+    bucket.blob(f"{prefix}/{SUCCESS_MARKER}" if prefix else SUCCESS_MARKER).upload_from_string(b"", **_policy())
     return uri
 
 
@@ -263,8 +274,10 @@ def copy_tree(src_uri: str, dst_uri: str) -> str:
             rel = blob.name[len(src_prefix) + 1:] if src_prefix else blob.name
             if rel == SUCCESS_MARKER or not rel:
                 continue
-            src_bucket.copy_blob(blob, dst_bucket, f"{dst_prefix}/{rel}" if dst_prefix else rel)
-        dst_bucket.blob(f"{dst_prefix}/{SUCCESS_MARKER}" if dst_prefix else SUCCESS_MARKER).upload_from_string(b"")
+            src_bucket.copy_blob(blob, dst_bucket, f"{dst_prefix}/{rel}" if dst_prefix else rel,
+                                 **_policy())
+        marker = f"{dst_prefix}/{SUCCESS_MARKER}" if dst_prefix else SUCCESS_MARKER
+        dst_bucket.blob(marker).upload_from_string(b"", **_policy())
         return dst_uri
     with local_input(src_uri) as local:
         return upload_dir(local, dst_uri)

@@ -182,3 +182,17 @@ def test_predict_scores_unlabelled_data_and_flags_funnel_breaks(world, tmp_path,
         assert main(["evaluate", "--model", str(root / "model"), "--data", str(tmp_path / "broken"),
                      "--out", str(tmp_path / "m.json")]) == 0
     assert "dropped 3 of 500 row(s)" in caplog.text and "'authorize>convert': 3" in caplog.text
+
+
+def test_an_unreachable_gcs_endpoint_fails_within_30_seconds(tmp_path, monkeypatch, one_line_error):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    one_line_error(["ingest", "--raw", "gs://apem-test/raw", "--start", "2024-01-01", "--end", "2024-01-02",
+                    "--out", str(tmp_path / "d")], "gs://apem-test/raw")
+    assert time.monotonic() - started < 30
