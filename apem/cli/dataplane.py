@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import sys
 
+from apem.cli.options import add_overwrite_flag
+
 
 def _date(text: str) -> dt.date:
     try:
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-missing-days", action="store_true", help="skip missing or empty partitions")
     p.add_argument("--file-format", choices=("jsonl", "csv", "parquet"), default=None,
                    help="read only files of this format (default: by file extension)")
+    add_overwrite_flag(p)
     p.set_defaults(handler=run_ingest)
 
     p = sub.add_parser("validate", help="TFDV statistics, schema anomalies and drift; non-zero exit on anomalies")
@@ -43,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory: stats.pb, anomalies.md, anomalies.json")
     p.add_argument("--baseline-stats", default=None, help="previous window's stats.pb, for the drift check")
     p.add_argument("--warn-only", action="store_true", help="report anomalies but exit 0")
+    add_overwrite_flag(p)
     p.set_defaults(handler=run_validate)
 
     p = sub.add_parser("split", help="Beam: chronological train/val/test split with negative downsampling in train",
@@ -53,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neg-rate", type=float, default=1.0, help="keep rate R of train rows whose first step is 0")
     p.add_argument("--ratios", type=_ratios, default=(8, 1, 1), help="train,val,test day shares (default 8,1,1)")
     p.add_argument("--runner", default="DirectRunner", help="Beam runner (DirectRunner, DataflowRunner, ...)")
+    add_overwrite_flag(p)
     p.set_defaults(handler=run_split, accepts_unknown_args=True)
 
 
@@ -62,7 +67,8 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     try:
         summary = ingest(args.raw, args.start, args.end, args.out, attribution_window_days=args.attribution_days,
-                         allow_missing_days=args.allow_missing_days, file_format=args.file_format)
+                         allow_missing_days=args.allow_missing_days, file_format=args.file_format,
+                         overwrite=args.overwrite)
     except IngestError as err:
         raise CommandError(str(err)) from None
     print(json.dumps(summary, indent=2))
@@ -76,7 +82,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
     try:
         result = validate_dataset(args.data, schema_path=args.schema or DEFAULT_SCHEMA, out_dir=args.out,
-                                  baseline_stats=args.baseline_stats, warn_only=args.warn_only)
+                                  baseline_stats=args.baseline_stats, warn_only=args.warn_only,
+                                  overwrite=args.overwrite)
     except ValidationFailed as err:
         print(f"apem validate: {err}", file=sys.stderr)
         return 1
@@ -92,7 +99,7 @@ def run_split(args: argparse.Namespace) -> int:
     check_negative_rate(args.neg_rate, CommandError)
     try:
         summary = split_dataset(args.data, args.out, negative_rate=args.neg_rate, ratios=args.ratios,
-                                runner=args.runner, pipeline_args=list(getattr(args, "unknown_args", [])))
+                                runner=args.runner, pipeline_args=list(getattr(args, "unknown_args", [])), overwrite=args.overwrite)
     except SplitError as err:
         raise CommandError(str(err)) from None
     print(json.dumps(summary, indent=2))

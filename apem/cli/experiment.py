@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from apem.cli.model import add_feature_options, feature_settings
+from apem.cli.options import add_overwrite_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tuned", default=None,
                    help="JSON written by `apem tune`: each model trains with its chosen hyperparameters")
     add_feature_options(p)
+    add_overwrite_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                               lr=args.lr, patience=args.patience, max_rows=args.max_rows, device=args.device,
                               num_threads=args.threads, progress=not args.no_progress, tuned=tuned, **features)
     try:
-        report = run_experiment(args.train, args.val, args.test, args.out, config, oracle_dir=args.oracle)
+        report = run_experiment(args.train, args.val, args.test, args.out, config, oracle_dir=args.oracle,
+                                overwrite=args.overwrite)
     except ValueError as err:
         raise CommandError(str(err)) from None
     failed = sum(len(entry["errors"]) for entry in report["models"].values())

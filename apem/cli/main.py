@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apem.data.ownership import OutputRefused
     from apem.data.spec import DatasetError
 
     parser = build_parser()
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         args.unknown_args = unknown
     try:
         result = args.handler(args)
-    except (CommandError, DatasetError, FileNotFoundError) as err:
+    except (CommandError, DatasetError, OutputRefused, FileNotFoundError) as err:
         print(f"apem {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)

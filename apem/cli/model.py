@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
+from apem.cli.options import add_overwrite_flag
 from apem.data.atomic import atomic_file, write_text_atomic
+from apem.data.ownership import METRICS_FILE, PREDICTIONS_FILE, PREDICTIONS_TAG, claim_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training negative sampling rate (default: from ../split.json next to --train, else 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_feature_options(p)
+    add_overwrite_flag(p)
     p.set_defaults(handler=run_train)
 
     scoring_commands = (
         ("evaluate", "per-task metrics of a model on a labelled dataset", "metrics JSON file to write", run_evaluate),
         ("predict", "entire-space funnel probabilities for every row of a dataset",
-         "Parquet file to write (id column + p_<label> per step)", run_predict),
+         "Parquet file to write (id column + p_<label> per step; with labels also funnel_violation: rows "
+         "that break the funnel order are scored and marked, never dropped). Labels are optional.", run_predict),
     )
     for name, help_text, out_help, handler in scoring_commands:
         p = sub.add_parser(name, help=help_text)
@@ -40,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", required=True, help="dataset directory")
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--no-recalibrate", action="store_true", help="skip the negative-rate recalibration")
+        add_overwrite_flag(p)
         p.set_defaults(handler=handler)
 
 
@@ -79,10 +85,14 @@ def feature_settings(args: argparse.Namespace) -> dict:
 
 def _load(model_dir: str):
     from apem.cli.errors import CommandError
+    from apem.data.storage import is_gcs, local_input
     from apem.inference.model_dir import ModelDirError, load_model
 
     try:
-        return load_model(model_dir)
+        if not is_gcs(model_dir):
+            return load_model(model_dir)
+        with local_input(model_dir) as local:  # a gs:// model directory is downloaded (it needs its _SUCCESS)
+            return load_model(local)
     except ModelDirError as err:
         raise CommandError(str(err)) from None
 
@@ -101,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
                          embedding_l2=features["embedding_l2"], embedding_l2_fields=features["embedding_l2_fields"])
     try:
         summary = train_from_dirs(args.train, args.val, args.out, model_name=args.model, config=config,
-                                  negative_rate=args.negative_rate,
+                                  negative_rate=args.negative_rate, overwrite=args.overwrite,
                                   numerical_encoding=features["numerical_encoding"])
     except ValueError as err:  # DatasetError is a ValueError too; unknown model, bad device, bad rate
         raise CommandError(str(err)) from None
@@ -116,6 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from apem.eval.metrics import evaluate_predictions
 
+    claim_output(args.out, METRICS_FILE, inputs=(args.model, args.data), overwrite=args.overwrite)
     loaded = _load(args.model)
     probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
     metrics = evaluate_predictions(dataset.labels(), probs, dataset.spec.labels)
@@ -131,14 +142,21 @@ def run_predict(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    claim_output(args.out, PREDICTIONS_FILE, inputs=(args.model, args.data), overwrite=args.overwrite)
     loaded = _load(args.model)
-    probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
+    probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate, scoring=True)
     columns = {}
     if dataset.spec.id_column:
         columns[dataset.spec.id_column] = dataset.table.column(dataset.spec.id_column)
     for i, name in enumerate(dataset.spec.labels):
         columns[f"p_{name}"] = pa.array(probs[:, i])
+    flagged = dataset.funnel_violation
+    if flagged is not None:  # labelled data: rows that break the funnel are scored too, and marked
+        columns["funnel_violation"] = pa.array(flagged)
+        if flagged.any():
+            print(f"{int(flagged.sum())} row(s) violate the funnel order {dict(dataset.funnel.by_step)}; scored "
+                  "and marked in column funnel_violation", file=sys.stderr)
     with atomic_file(os.path.abspath(args.out)) as tmp:
-        pq.write_table(pa.table(columns), tmp)
+        pq.write_table(pa.table(columns).replace_schema_metadata(dict([PREDICTIONS_TAG])), tmp)
     print(f"wrote {len(probs)} predictions to {args.out}")
     return 0

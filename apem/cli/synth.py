@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from apem.cli.options import add_overwrite_flag
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate a synthetic dataset (or raw event logs) with known truth")
@@ -19,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dataset: Parquet + spec.yaml; events: raw daily event-log partitions dt=YYYY-MM-DD/")
     p.add_argument("--events-file-format", choices=("jsonl", "csv", "parquet"), default="jsonl",
                    help="file format of raw event partitions (with --format events)")
+    add_overwrite_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -34,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "events":
         from apem.research.synth_events import write_synthetic_events
 
-        summary = write_synthetic_events(config, args.out, file_format=args.events_file_format)
+        summary = write_synthetic_events(config, args.out, file_format=args.events_file_format,
+                                         overwrite=args.overwrite)
     else:
-        summary = write_synthetic_dataset(config, args.out)
+        summary = write_synthetic_dataset(config, args.out, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.rows} rows ({args.format}) to {args.out}")
     return 0

@@ -1,18 +1,24 @@
 """Atomic local writes: the one helper behind every file and directory this project writes locally.
 
 Readers see the old content or the new, never a partial one. Work happens in a hidden staging sibling
-(``.<name>.<random>.tmp``) that is renamed into place on success and removed on failure.
+(``.<name>.<pid>-<random>.tmp``) that is renamed into place on success and removed on failure. The
+writer's pid in the name lets the next run of the same output remove staging left by a killed
+writer (:func:`remove_stale_staging`) without touching a live one's. Finished outputs get the
+permissions of an ordinary write under the process umask, not mkstemp's private 0600/0700.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterator
 
 STAGING_SUFFIX = ".tmp"
+SUCCESS_MARKER = "_SUCCESS"  # written last into a finished dataset directory (local and gs://)
 
 
 def _parent_of(path: str) -> str:
@@ -22,7 +28,54 @@ def _parent_of(path: str) -> str:
 
 
 def _staging_prefix(path: str) -> str:
-    return f".{os.path.basename(os.path.abspath(path))}."
+    return f".{os.path.basename(os.path.abspath(path))}.{os.getpid()}-"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(path: str) -> list[str]:
+    """Remove staging siblings of ``path`` whose writer process is gone; return what was removed."""
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{name}.") + r"(\d+)-[^/]*" + re.escape(STAGING_SUFFIX) + r"(\.old)?$")
+    removed = []
+    for candidate in glob.glob(os.path.join(glob.escape(parent), glob.escape(f".{name}.") + "*")):
+        match = pattern.match(os.path.basename(candidate))
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            if os.path.isdir(candidate) and not os.path.islink(candidate):
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def make_staging_dir(path: str) -> str:
+    """A fresh staging directory beside ``path``, with the permissions of an ordinary ``mkdir``."""
+    tmp = tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=_parent_of(path))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
 
 
 @contextlib.contextmanager
@@ -32,6 +85,7 @@ def atomic_file(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -62,7 +116,7 @@ def replace_dir(tmp: str, path: str) -> None:
 @contextlib.contextmanager
 def staged_dir(path: str) -> Iterator[str]:
     """Yield a fresh staging directory; on a clean exit it replaces the directory ``path``."""
-    tmp = tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=_parent_of(path))
+    tmp = make_staging_dir(path)
     try:
         yield tmp
         replace_dir(tmp, os.path.abspath(path))

@@ -16,6 +16,7 @@ and the column. A key the contract does not know is an error, so typos never pas
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -26,10 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from apem.data.atomic import staged_dir
+from apem.data.atomic import SUCCESS_MARKER, staged_dir
 
 SPEC_FILE = "spec.yaml"
 FUNNEL_POLICIES = ("reject", "drop")
+_LOG = logging.getLogger(__name__)
 REQUIRED_KEYS = ("time_column", "labels", "categorical", "numerical")
 OPTIONAL_KEYS = ("id_column", "funnel_policy")
 
@@ -105,6 +107,9 @@ class DatasetSpec:
         for key in ("labels", "categorical", "numerical"):
             if not isinstance(raw[key], (list, tuple)) or not all(isinstance(c, str) for c in raw[key]):
                 raise DatasetError(f"{source}: '{key}' must be a list of column names")
+        for key in ("time_column", "id_column", "funnel_policy"):
+            if key in raw and not isinstance(raw[key], str) and not (key == "id_column" and raw[key] is None):
+                raise DatasetError(f"{source}: '{key}' must be one column name (a string), got {raw[key]!r}")
         try:
             return cls(**raw)
         except DatasetError as err:
@@ -115,12 +120,17 @@ class DatasetSpec:
         spec_path = path if path.endswith(".yaml") else os.path.join(path, SPEC_FILE)
         if not os.path.exists(spec_path):
             raise DatasetError(f"{spec_path}: spec file not found (a dataset is Parquet files plus {SPEC_FILE})")
-        with open(spec_path) as fh:
-            try:
-                raw = yaml.safe_load(fh)
-            except yaml.YAMLError as err:
-                raise DatasetError(f"{spec_path}: not valid YAML: {err}") from None
-        return cls.from_dict(raw, source=spec_path)
+        with open(spec_path, "rb") as fh:
+            return cls.parse(fh.read(), source=spec_path)
+
+    @classmethod
+    def parse(cls, text: bytes | str, source: str) -> "DatasetSpec":
+        """The spec in YAML ``text`` (safe loader: tags such as ``!!python/object`` are refused)."""
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise DatasetError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+        return cls.from_dict(raw, source=source)
 
     def write(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
@@ -149,6 +159,8 @@ class Dataset:
     table: pa.Table
     path: str = ""
     funnel: FunnelReport | None = None
+    labelled: bool = True  # False: loaded without require_labels and the label columns are absent
+    funnel_violation: np.ndarray | None = None  # per-row mask, loaded with funnel_policy="flag"
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -190,9 +202,11 @@ def parquet_files(path: str) -> list[str]:
     return files
 
 
-def validate_schema(spec: DatasetSpec, schema: pa.Schema, source: str) -> None:
+def validate_schema(spec: DatasetSpec, schema: pa.Schema, source: str, skip_roles: tuple[str, ...] = ()) -> None:
     """Raise a DatasetError naming ``source`` and the column for missing columns and wrong dtypes."""
     for role, names in spec._roles():
+        if role in skip_roles:
+            continue
         for name in names:
             idx = schema.get_field_index(name)
             if idx < 0:
@@ -229,50 +243,74 @@ def funnel_violations(spec: DatasetSpec, labels: np.ndarray) -> tuple[np.ndarray
     return bad_pairs.any(axis=1), by_step
 
 
-def read_dataset(path: str, funnel_policy: str | None = None, columns_only: bool = True) -> Dataset:
+def read_checked_file(file, spec: DatasetSpec, columns_only: bool = True, require_labels: bool = True,
+                      name: str | None = None) -> pa.Table:
+    """One validated Parquet file (a path or an open binary file, ``name`` naming it); corrupt footers
+    and data pages alike become a DatasetError naming it."""
+    name = name or str(file)
+    try:
+        schema = pq.read_schema(file)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DatasetError(f"{name}: not a readable Parquet file ({_first_line(err)})") from None
+    unlabelled = not require_labels and any(schema.get_field_index(c) < 0 for c in spec.labels)
+    validate_schema(spec, schema, name, skip_roles=("labels",) if unlabelled else ())
+    columns = [c for c in spec.columns if not (unlabelled and c in spec.labels)]
+    try:
+        table = pq.read_table(
+            file, columns=columns if columns_only else None,
+            read_dictionary=[c for c in spec.categorical if pa.types.is_string(schema.field(c).type)],
+        )
+    except Exception as err:  # a good footer over corrupt pages fails only here (OSError, ArrowInvalid)
+        raise DatasetError(f"{name}: corrupt Parquet data ({_first_line(err)})") from None
+    if not unlabelled:
+        validate_labels(spec, table, name)
+    return table
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_dataset(path: str, funnel_policy: str | None = None, columns_only: bool = True,
+                 require_labels: bool = True) -> Dataset:
     """Load and validate a dataset directory.
 
     ``funnel_policy`` overrides the spec's: ``reject`` raises on any funnel violation, ``drop``
-    removes those rows and reports how many (never silently).
+    removes those rows and logs how many per step pair (a warning on stderr, never silent), ``flag``
+    keeps every row and marks the violating ones in ``Dataset.funnel_violation`` (what scoring uses).
+    Without ``require_labels`` a dataset lacking label columns loads (``Dataset.labelled`` is False).
     """
     spec = DatasetSpec.read(path)
     policy = funnel_policy or spec.funnel_policy
-    if policy not in FUNNEL_POLICIES:
-        raise DatasetError(f"funnel policy must be one of {FUNNEL_POLICIES}, got {policy!r}")
-    tables = []
-    for file in parquet_files(path):
-        try:
-            schema = pq.read_schema(file)
-        except Exception as err:  # pyarrow raises several types for corrupt files
-            raise DatasetError(f"{file}: not a readable Parquet file ({err})") from None
-        validate_schema(spec, schema, file)
-        table = pq.read_table(
-            file,
-            columns=list(spec.columns) if columns_only else None,
-            read_dictionary=[c for c in spec.categorical if pa.types.is_string(schema.field(c).type)],
-        )
-        validate_labels(spec, table, file)
-        tables.append(table)
+    if policy not in FUNNEL_POLICIES + ("flag",):
+        raise DatasetError(f"funnel policy must be one of {FUNNEL_POLICIES + ('flag',)}, got {policy!r}")
+    tables = [read_checked_file(file, spec, columns_only, require_labels) for file in parquet_files(path)]
     table = pa.concat_tables(tables, promote=True) if len(tables) > 1 else tables[0]
     if table.num_rows == 0:
         raise DatasetError(f"{path}: dataset has no rows")
     ds = Dataset(spec=spec, table=table, path=path)
+    if not all(c in table.column_names for c in spec.labels):
+        ds.labelled = False
+        return ds
     mask, by_step = funnel_violations(spec, ds.labels())
     report = FunnelReport(rows=table.num_rows, violations=int(mask.sum()), by_step=by_step)
-    if report.violations:
-        if policy == "reject":
-            raise DatasetError(
-                f"{path}: {report.violations} row(s) violate the funnel order {list(spec.labels)} "
-                f"({by_step}); fix the data or load with funnel_policy='drop'"
-            )
+    if report.violations and policy == "reject":
+        raise DatasetError(
+            f"{path}: {report.violations} row(s) violate the funnel order {list(spec.labels)} "
+            f"({by_step}); fix the data or load with funnel_policy='drop'"
+        )
+    if report.violations and policy == "drop":
         ds.table = table.filter(pa.array(~mask))
         report.dropped = report.violations
-    ds.funnel = report
+        _LOG.warning("%s: dropped %d of %d row(s) violating the funnel order (per step pair: %s)",
+                     path, report.dropped, report.rows, {k: v for k, v in by_step.items() if v})
+    ds.funnel, ds.funnel_violation = report, (mask if policy == "flag" else None)
     return ds
 
 
 def write_dataset(table: pa.Table, spec: DatasetSpec, path: str, rows_per_file: int = 1_000_000) -> str:
-    """Write ``table`` as a dataset atomically: into a temporary sibling, then one rename."""
+    """Write ``table`` as a dataset atomically: into a temporary sibling, then one rename. Callers
+    decide first whether ``path`` may be replaced (:func:`apem.data.ownership.claim_output`)."""
     validate_schema(spec, table.schema, "table to write")
     with staged_dir(path) as tmp:
         n_parts = max(1, -(-table.num_rows // rows_per_file))
@@ -280,6 +318,7 @@ def write_dataset(table: pa.Table, spec: DatasetSpec, path: str, rows_per_file: 
             chunk = table.slice(part * rows_per_file, rows_per_file)
             pq.write_table(chunk, os.path.join(tmp, f"part-{part:05d}.parquet"))
         spec.write(tmp)
+        open(os.path.join(tmp, SUCCESS_MARKER), "wb").close()  # marks it as a dataset apem wrote (replaceable)
     return path
 
 

@@ -14,15 +14,15 @@ real ``gcp-storage-emulator``). Writes are atomic:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
-from apem.data.atomic import staged_dir, write_bytes_atomic
+from apem.data.atomic import SUCCESS_MARKER, staged_dir, write_bytes_atomic
 
 GCS_SCHEME = "gs://"
-SUCCESS_MARKER = "_SUCCESS"
 
 
 class StorageError(FileNotFoundError):
@@ -55,6 +55,48 @@ def split_gcs(uri: str) -> tuple[str, str]:
 
 
 _CLIENTS: dict[tuple[int, str | None], object] = {}
+# Every GCS call gets this policy (one place): connect within 5 s, a response within 120 s, retries
+# of transient failures for at most 20 s overall, so an unreachable endpoint fails in well under 30 s.
+GCS_TIMEOUT_S = (5.0, 120.0)
+GCS_RETRY_DEADLINE_S = 20.0
+
+
+def _policy() -> dict:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return {"timeout": GCS_TIMEOUT_S, "retry": DEFAULT_RETRY.with_timeout(GCS_RETRY_DEADLINE_S)}
+
+
+def _gcs_failure(err: Exception) -> str:
+    from google.api_core.exceptions import NotFound
+
+    if type(err).__name__ == "DefaultCredentialsError":
+        return "no Google Cloud credentials (run `gcloud auth application-default login` or set " \
+               "GOOGLE_APPLICATION_CREDENTIALS)"
+    if isinstance(err, NotFound):
+        return f"not found ({_one_line(err)}); does the bucket exist?"
+    return _one_line(err)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def names_gcs_uri(function: Callable) -> Callable:
+    """Turn a Google Cloud failure (credentials, missing bucket, HTTP or retry error) inside
+    ``function`` into a StorageError naming the gs:// URI it was given: one line, no traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:
+            if type(err).__module__.split(".")[0] != "google" or isinstance(err, StorageError):
+                raise
+            uris = [a for a in args if isinstance(a, str) and is_gcs(a)]
+            raise StorageError(f"{', '.join(uris) or 'gs://'}: {_gcs_failure(err)}") from None
+
+    return wrapper
 
 
 def client():
@@ -80,19 +122,22 @@ def _bucket(uri: str):
 
 def _list_blobs(uri: str):
     bucket, prefix = _bucket(uri)
-    return client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else None)
+    return client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else None, **_policy())
 
 
+@names_gcs_uri
 def exists(uri: str) -> bool:
     """True for an existing file, or a directory (local) / prefix with objects (gs://)."""
     if not is_gcs(uri):
         return os.path.exists(uri)
     bucket, name = _bucket(uri)
-    if name and bucket.blob(name).exists():
+    if name and bucket.blob(name).exists(**_policy()):
         return True
-    return any(True for _ in client().list_blobs(bucket, prefix=f"{name}/" if name else None, max_results=1))
+    return any(True for _ in client().list_blobs(bucket, prefix=f"{name}/" if name else None, max_results=1,
+                                                     **_policy()))
 
 
+@names_gcs_uri
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Every file below ``uri`` (recursively) whose name ends with ``suffix``, sorted, as full URIs."""
     if not is_gcs(uri):
@@ -108,6 +153,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     )
 
 
+@names_gcs_uri
 def read_bytes(uri: str) -> bytes:
     if not is_gcs(uri):
         if not os.path.isfile(uri):
@@ -118,20 +164,22 @@ def read_bytes(uri: str) -> bytes:
 
     bucket, name = _bucket(uri)
     try:
-        return bucket.blob(name).download_as_bytes()
+        return bucket.blob(name).download_as_bytes(**_policy())
     except NotFound:
         raise StorageError(f"{uri}: no such object") from None
 
 
+@names_gcs_uri
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: readers see the old content or the new one, never a partial file."""
     if is_gcs(uri):
         bucket, name = _bucket(uri)
-        bucket.blob(name).upload_from_string(data)  # GCS objects appear only when complete
+        bucket.blob(name).upload_from_string(data, **_policy())  # GCS objects appear only when complete
         return
     write_bytes_atomic(uri, data)
 
 
+@names_gcs_uri
 def delete_tree(uri: str) -> None:
     """Remove a directory (local) or every object under a prefix (gs://); the marker goes first."""
     if not is_gcs(uri):
@@ -142,12 +190,13 @@ def delete_tree(uri: str) -> None:
         return
     bucket, name = _bucket(uri)
     marker = bucket.blob(f"{name}/{SUCCESS_MARKER}" if name else SUCCESS_MARKER)
-    if marker.exists():
-        marker.delete()
+    if marker.exists(**_policy()):
+        marker.delete(**_policy())
     for blob in list(_list_blobs(uri)):
-        blob.delete()
+        blob.delete(**_policy())
 
 
+@names_gcs_uri
 def is_complete(uri: str) -> bool:
     """A local directory is complete once it exists (it was renamed into place); a gs:// one needs its marker."""
     if not is_gcs(uri):
@@ -162,6 +211,7 @@ def _require_complete(uri: str) -> None:
         raise StorageError(f"{uri}: no such directory")
 
 
+@names_gcs_uri
 def download_dir(uri: str, local_dir: str) -> str:
     """Copy a complete directory to ``local_dir`` and return ``local_dir``.
 
@@ -180,10 +230,11 @@ def download_dir(uri: str, local_dir: str) -> str:
             continue
         target = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        blob.download_to_filename(target)
+        blob.download_to_filename(target, **_policy())
     return local_dir
 
 
+@names_gcs_uri
 def upload_dir(local_dir: str, uri: str) -> str:
     """Publish ``local_dir`` at ``uri`` atomically, replacing what was there; return ``uri``.
 
@@ -206,11 +257,12 @@ def upload_dir(local_dir: str, uri: str) -> str:
                 continue
             path = os.path.join(root, file)
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            bucket.blob(f"{prefix}/{rel}" if prefix else rel).upload_from_filename(path)
-    bucket.blob(f"{prefix}/{SUCCESS_MARKER}" if prefix else SUCCESS_MARKER).upload_from_string(b"")
+            bucket.blob(f"{prefix}/{rel}" if prefix else rel).upload_from_filename(path, **_policy())
+    bucket.blob(f"{prefix}/{SUCCESS_MARKER}" if prefix else SUCCESS_MARKER).upload_from_string(b"", **_policy())
     return uri
 
 
+@names_gcs_uri
 def copy_tree(src_uri: str, dst_uri: str) -> str:
     """Copy a complete directory between any two of local / gs://, atomically; return ``dst_uri``."""
     _require_complete(src_uri)
@@ -222,8 +274,10 @@ def copy_tree(src_uri: str, dst_uri: str) -> str:
             rel = blob.name[len(src_prefix) + 1:] if src_prefix else blob.name
             if rel == SUCCESS_MARKER or not rel:
                 continue
-            src_bucket.copy_blob(blob, dst_bucket, f"{dst_prefix}/{rel}" if dst_prefix else rel)
-        dst_bucket.blob(f"{dst_prefix}/{SUCCESS_MARKER}" if dst_prefix else SUCCESS_MARKER).upload_from_string(b"")
+            src_bucket.copy_blob(blob, dst_bucket, f"{dst_prefix}/{rel}" if dst_prefix else rel,
+                                 **_policy())
+        marker = f"{dst_prefix}/{SUCCESS_MARKER}" if dst_prefix else SUCCESS_MARKER
+        dst_bucket.blob(marker).upload_from_string(b"", **_policy())
         return dst_uri
     with local_input(src_uri) as local:
         return upload_dir(local, dst_uri)
@@ -254,21 +308,6 @@ def local_output(uri: str) -> Iterator[str]:
         return
     with staged_dir(uri) as tmp:
         yield tmp
-
-
-@contextlib.contextmanager
-def staged_output(uri: str) -> Iterator[str]:
-    """A place to write the directory ``uri`` in place of its old content, for writers (such as a
-    distributed Beam job) that must write to ``uri``'s own file system: locally a staging sibling
-    renamed into place on success; on gs:// the old objects are deleted first and the ``_SUCCESS``
-    marker is written last, so readers see a complete directory or none."""
-    if not is_gcs(uri):
-        with staged_dir(uri) as tmp:
-            yield tmp
-        return
-    delete_tree(uri)
-    yield uri
-    write_bytes(join(uri, SUCCESS_MARKER), b"")
 
 
 def read_dataset_at(uri: str, **kwargs):

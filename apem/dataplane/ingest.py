@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from apem.data import storage
 from apem.data.features import default_spec
 from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.ownership import DATASET_DIR, QUARANTINE_DIR, claim_output
 from apem.data.spec import DatasetSpec
 
 QUARANTINE_REASONS = (
@@ -86,6 +87,17 @@ def _file_format(uri: str, wanted: str | None) -> str | None:
     return None
 
 
+_BOOKKEEPING_COLUMNS = ("source", "line", "partition", "t", "raw")
+
+
+def _event_text(frame: pd.DataFrame) -> list[str]:
+    """The event as read (its fields as text, JSON), for quarantined rows that parsed as records:
+    the quarantine keeps what arrived for every reason, not only for unparsable lines."""
+    fields = [c for c in frame.columns if c not in _BOOKKEEPING_COLUMNS]
+    return [json.dumps({k: v for k, v in zip(fields, row) if isinstance(v, str)}, sort_keys=True)[:500]
+            for row in frame[fields].itertuples(index=False, name=None)]
+
+
 class _Quarantine:
     def __init__(self) -> None:
         self.parts: list[pd.DataFrame] = []
@@ -94,8 +106,9 @@ class _Quarantine:
         if len(frame) == 0:
             return
         part = pd.DataFrame({"reason": reason}, index=frame.index)
-        for column in ("impression_id", "event_id", "event_type", "event_time", "source", "line", "raw"):
+        for column in ("impression_id", "event_id", "event_type", "event_time", "source", "line"):
             part[column] = frame[column] if column in frame else None
+        part["raw"] = frame["raw"] if "raw" in frame else _event_text(frame)
         part["detail"] = detail
         self.parts.append(part)
 
@@ -440,10 +453,13 @@ def _funnel_table(imps: pd.DataFrame, columns: dict[str, pa.Array], present: np.
 
 def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSpec | None = None,
            attribution_window_days: int = 3, allow_missing_days: bool = False,
-           file_format: str | None = None) -> dict:
+           file_format: str | None = None, overwrite: bool = False) -> dict:
     """Ingest the partitions ``[start, end]`` of ``raw_uri`` into a dataset at ``out`` (local or gs://);
     the quarantine goes to :func:`quarantine_path` (``out + "_quarantine"``). Returns the summary.
-    The stages follow the rules of the module docstring, in order."""
+    The stages follow the rules of the module docstring; only an earlier dataset and quarantine
+    (or anything, with ``overwrite``) are replaced, never the raw input."""
+    for path, kind in ((out, DATASET_DIR), (quarantine_path(out), QUARANTINE_DIR)):
+        claim_output(path, kind, inputs=(raw_uri,), overwrite=overwrite)
     spec = spec or default_spec()
     key = spec.id_column or DEFAULT_KEY
     steps = list(spec.labels)
@@ -455,8 +471,7 @@ def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSp
     events, missing_days, empty_days = _read_window(raw_uri, window, lookahead, file_format,
                                                     allow_missing_days, quarantine, ignored)
     events_read = len(events)
-    events = _with_event_columns(events, key, spec)
-    events = _drop_duplicates(_drop_malformed(events, steps, quarantine), quarantine)
+    events = _drop_duplicates(_drop_malformed(_with_event_columns(events, key, spec), steps, quarantine), quarantine)
 
     # Impressions come from the window only; those of the look-ahead belong to the next window.
     is_imp = (events["event_type"] == IMPRESSION).to_numpy()

@@ -6,7 +6,8 @@ default), every split getting at least one day.
 
 Negative downsampling, train only: a row whose FIRST funnel label is 0 is kept when
 ``u(id) < R``, where ``u`` is a uniform number derived from a fixed 64-bit hash (FNV-1a +
-splitmix64 finaliser) of the row's id column. The same input therefore gives the same output on any
+splitmix64 finaliser) of the row's id column or, when the spec has none, of the row's own contents
+(:func:`row_keys`: every spec column as text, in spec order). The same input therefore gives the same output on any
 runner, any number of workers and any batching. Predictions are mapped back to the entire space by
 :func:`apem.inference.calibration.recalibrate` with the ``negative_rate`` recorded in ``OUT/split.json``.
 
@@ -30,8 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from apem.data import storage
+from apem.data.atomic import make_staging_dir, replace_dir
 from apem.data.oracle import ORACLE_PATH
-from apem.data.spec import SPEC_FILE, DatasetSpec
+from apem.data.ownership import SPLIT_DIR, claim_output
+from apem.data.spec import SPEC_FILE, DatasetSpec, funnel_violations, read_checked_file
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
 from apem.dataplane.beam_gcs_emulator import anonymous_gcs_for_emulator
 
@@ -68,6 +71,19 @@ def stable_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         h = h ^ (h >> np.uint64(31))
     return h
+
+
+def row_keys(table: pa.Table, columns: tuple[str, ...]) -> pa.Array:
+    """A stable text key per row from its own contents: the given columns as Arrow's text, joined by
+    the unit separator (nulls as empty). It depends on the row alone, so it hashes the same on any
+    runner and batching."""
+    parts = []
+    for name in columns:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        parts.append(pc.cast(column, pa.string()))
+    return pc.binary_join_element_wise(*parts, "\x1f", null_handling="replace", null_replacement="")
 
 
 def keep_negatives(ids: pa.Array | pa.ChunkedArray, rate: float) -> np.ndarray:
@@ -111,20 +127,20 @@ def plan_boundaries(day_counts: dict[int, int], ratios=(8, 1, 1)) -> dict[str, t
     }
 
 
-def assign_batch(table: pa.Table, plan: dict[str, tuple[int, int]], time_column: str, first_label: str,
-                 id_column: str | None, negative_rate: float) -> dict[str, pa.Table]:
+def assign_batch(table: pa.Table, plan: dict[str, tuple[int, int]], spec: DatasetSpec,
+                 negative_rate: float) -> dict[str, pa.Table]:
     """Route one Arrow batch to its splits (the one home of the split rule, used by Beam and the
-    single-process reference alike); negatives in train are kept with ``negative_rate``."""
-    day = day_index(table.column(time_column))
+    single-process reference alike); negatives in train are kept with ``negative_rate``, hashing the
+    id column or, without one, the row's contents."""
+    day = day_index(table.column(spec.time_column))
     out = {}
     for split in SPLITS:
         first, last = plan[split]
         mask = (day >= first) & (day <= last)
         if split == "train" and negative_rate < 1.0:
-            if id_column is None:
-                raise SplitError("negative downsampling needs the spec's id_column to hash")
-            negative = np.asarray(pc.equal(table.column(first_label), 0))
-            mask &= ~negative | keep_negatives(table.column(id_column), negative_rate)
+            keys = table.column(spec.id_column) if spec.id_column else row_keys(table, spec.columns)
+            negative = np.asarray(pc.equal(table.column(spec.labels[0]), 0))
+            mask &= ~negative | keep_negatives(keys, negative_rate)
         if mask.any():
             out[split] = table.filter(pa.array(mask))
     return out
@@ -145,21 +161,26 @@ def _dataset_files(data_dir: str) -> list[str]:
 
 
 def _read_spec(data_dir: str) -> DatasetSpec:
-    import yaml
-
     spec_uri = storage.join(data_dir, SPEC_FILE)
     if not storage.exists(spec_uri):
         raise SplitError(f"{spec_uri}: spec file not found (a dataset is Parquet files plus {SPEC_FILE})")
-    return DatasetSpec.from_dict(yaml.safe_load(storage.read_bytes(spec_uri)), source=spec_uri)
+    return DatasetSpec.parse(storage.read_bytes(spec_uri), source=spec_uri)
 
 
-def day_counts(files: list[str], time_column: str) -> dict[int, int]:
-    """Rows per day, reading only the time column of each file."""
+def checked_day_counts(files: list[str], spec: DatasetSpec) -> dict[int, int]:
+    """Rows per day, after checking each file against the data contract like every other reader
+    (schema, dtypes, 0/1 labels, readable pages, the funnel order under ``reject``), one file at a
+    time and before Beam starts, so bad data gives one line naming the file, not a worker traceback."""
     counts: dict[int, int] = {}
     for uri in files:
         with _open(uri) as fh:
-            column = pq.read_table(fh, columns=[time_column]).column(time_column)
-        days, n = np.unique(day_index(column), return_counts=True)
+            table = read_checked_file(fh, spec, name=uri)
+        if spec.funnel_policy == "reject":
+            bad, by_step = funnel_violations(spec, np.stack([table.column(c).to_numpy() for c in spec.labels], 1))
+            if bad.any():
+                raise SplitError(f"{uri}: {int(bad.sum())} row(s) violate the funnel order {list(spec.labels)} "
+                                 f"({by_step})")
+        days, n = np.unique(day_index(table.column(spec.time_column)), return_counts=True)
         for d, c in zip(days.tolist(), n.tolist()):
             counts[d] = counts.get(d, 0) + c
     return counts
@@ -191,8 +212,7 @@ def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: st
 
     class AssignSplit(beam.DoFn):  # defined here so importing apem.dataplane.split never imports Beam
         def process(self, table):
-            for split, part in assign_batch(table, plan, spec.time_column, spec.labels[0], spec.id_column,
-                                            negative_rate).items():
+            for split, part in assign_batch(table, plan, spec, negative_rate).items():
                 yield beam.pvalue.TaggedOutput(split, part)
 
     routed = (
@@ -206,26 +226,42 @@ def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: st
 
 
 def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratios: tuple = (8, 1, 1),
-                  runner: str = "DirectRunner", pipeline_args: list[str] | None = None) -> dict:
+                  runner: str = "DirectRunner", pipeline_args: list[str] | None = None,
+                  overwrite: bool = False) -> dict:
     """Split the dataset at ``data_dir`` into ``out_dir/{train,val,test}`` (datasets of the contract)
-    and ``out_dir/split.json``; local paths or gs:// URIs. Returns the split.json content."""
+    and ``out_dir/split.json``; local paths or gs:// URIs. Only an earlier split (or anything, with
+    ``overwrite``) is replaced, never the input. Returns the split.json content."""
     import apache_beam as beam
 
     negative_rate = check_negative_rate(negative_rate, SplitError)
+    claim_output(out_dir, SPLIT_DIR, inputs=(data_dir,), overwrite=overwrite)
     anonymous_gcs_for_emulator()
     spec = _read_spec(data_dir)
     files = _dataset_files(data_dir)
-    counts = day_counts(files, spec.time_column)
+    counts = checked_day_counts(files, spec)
     plan = plan_boundaries(counts, ratios)
     with _open(files[0]) as fh:
         schema = pq.read_schema(fh)
 
     # Remote runners (Dataflow, Flink or Spark clusters) need gs:// paths, as for any Beam job.
-    with storage.staged_output(out_dir) as staging:
+    if storage.is_gcs(out_dir):
+        staging = out_dir
+        storage.delete_tree(out_dir)
+    else:
+        staging = make_staging_dir(out_dir)
+    try:
         with beam.Pipeline(options=_pipeline_options(runner, pipeline_args)) as pipeline:
             pattern = storage.join(data_dir, "*.parquet")
             _build_pipeline(pipeline, pattern, schema, staging, plan, spec, negative_rate)
         summary = _finish(data_dir, staging, spec, schema, plan, counts, negative_rate, ratios, runner)
+        if storage.is_gcs(out_dir):
+            storage.write_bytes(storage.join(out_dir, storage.SUCCESS_MARKER), b"")
+        else:
+            replace_dir(staging, out_dir)
+    except BaseException:
+        if not storage.is_gcs(out_dir):
+            storage.delete_tree(staging)
+        raise
     return summary
 
 
@@ -260,15 +296,14 @@ def _finish(data_dir: str, staging: str, spec: DatasetSpec, schema: pa.Schema, p
             sink = io.BytesIO()
             pq.write_table(subset, sink)
             storage.write_bytes(storage.join(split_dir, *ORACLE_PATH), sink.getvalue())
-        if storage.is_gcs(split_dir):  # each split is a complete gs:// directory on its own
-            storage.write_bytes(storage.join(split_dir, storage.SUCCESS_MARKER), b"")
+        storage.write_bytes(storage.join(split_dir, storage.SUCCESS_MARKER), b"")  # each split is a dataset
     summary = {
         "negative_rate": negative_rate,
         "ratios": list(ratios),
         "boundaries": {s: [iso(plan[s][0]), iso(plan[s][1])] for s in SPLITS},
         "rows": rows,
         "sampled_split": "train",
-        "sampling_key": spec.id_column,
+        "sampling_key": spec.id_column or "row contents",
         "data": data_dir,
         "runner": runner,
     }

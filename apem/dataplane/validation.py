@@ -17,6 +17,7 @@ import json
 from importlib import resources
 
 from apem.data import features, storage
+from apem.data.ownership import VALIDATION_DIR, claim_output
 
 DEFAULT_SCHEMA = str(resources.files("apem") / "resources" / "schema.pbtxt")
 STATS_FILE = "stats.pb"
@@ -27,6 +28,12 @@ DEFAULT_REPORT_DIR = "validation"
 # Review rules applied on top of TFDV's inference (the reasons are in apem/resources/README.md).
 DRIFT_THRESHOLD_JS = 0.1
 DRIFT_THRESHOLD_LINF = 0.1
+# Scale drift: a numerical whose mean moved by more than half its baseline value AND by more than
+# half a baseline standard deviation (a unit change such as cents for euros, x10 or x100). The
+# Jensen-Shannon check bins values and can miss a rescaling at a few thousand rows; this one does not
+# depend on the row count. The second condition keeps a feature centred near 0 from flagging noise.
+SCALE_DRIFT_RELATIVE = 0.5
+SCALE_DRIFT_STDS = 0.5
 
 
 class ValidationFailed(Exception):
@@ -163,6 +170,24 @@ def _anomaly_list(anomalies) -> list[dict]:
     return out
 
 
+def scale_drift(stats, previous) -> list[dict]:
+    """Anomalies for numerical features whose mean moved beyond the bounds above (see there)."""
+    def numeric(statistics) -> dict:
+        return {".".join(f.path.step) or f.name: f.num_stats for f in statistics.datasets[0].features
+                if f.HasField("num_stats")}
+
+    before, now = numeric(previous), numeric(stats)
+    found = []
+    for name in sorted(set(features.default_spec().numerical) & set(before) & set(now)):
+        base, mean = before[name].mean, now[name].mean
+        shift = abs(mean - base)
+        if shift > SCALE_DRIFT_RELATIVE * abs(base) and shift > SCALE_DRIFT_STDS * before[name].std_dev:
+            found.append({"feature": name, "severity": "ERROR", "types": ["SCALE_DRIFT"],
+                          "short": f"mean moved from {base:.4g} to {mean:.4g} (a change of scale or unit?)",
+                          "description": f"mean {mean:.6g} vs baseline {base:.6g} (std {before[name].std_dev:.6g})"})
+    return found
+
+
 def _summary_line(found: list[dict]) -> str:
     return f"{len(found)} anomal{'y' if len(found) == 1 else 'ies'}: " + "; ".join(
         f"{a['feature']}: {a['short']}" for a in found)
@@ -198,22 +223,23 @@ def _report(data_dir: str, schema_path: str, baseline: str | None, found: list[d
 
 
 def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: str = DEFAULT_REPORT_DIR,
-                     baseline_stats: str | None = None, warn_only: bool = False) -> dict:
+                     baseline_stats: str | None = None, warn_only: bool = False, overwrite: bool = False) -> dict:
     """Validate the dataset at ``data_dir`` and write ``out_dir/{stats.pb, anomalies.md, anomalies.json}``.
 
     ``baseline_stats`` is a previous run's ``stats.pb``; with it, drift is checked. Raises
     :class:`ValidationFailed` (one-line summary) when there are anomalies, unless ``warn_only``.
-    All paths may be local or gs://.
+    All paths may be local or gs://. Only an earlier report (or anything, with ``overwrite``) is replaced.
     """
     import tensorflow_data_validation as tfdv
 
+    claim_output(out_dir, VALIDATION_DIR, inputs=(data_dir,), overwrite=overwrite)
     if not storage.exists(schema_path):
         raise FileNotFoundError(f"{schema_path}: schema file not found")
     schema = load_schema(schema_path)
     stats = compute_statistics(data_dir)
     previous = load_statistics(baseline_stats) if baseline_stats else None
     anomalies = tfdv.validate_statistics(stats, schema, previous_statistics=previous)
-    found = _anomaly_list(anomalies)
+    found = _anomaly_list(anomalies) + (scale_drift(stats, previous) if previous is not None else [])
     drift = _drift(anomalies)
     result = {
         "data": data_dir,

@@ -22,6 +22,8 @@ import torch
 
 from apem.data.atomic import staged_dir
 from apem.data.encoding import FeatureEncoder, FieldSpec
+from apem.data.ownership import MODEL_DIR, claim_output
+from apem.data.split_record import check_negative_rate
 from apem.data.spec import Dataset, DatasetError, DatasetSpec, check_same_spec, read_dataset
 from apem.inference.calibration import recalibrate as recalibrate_probs
 from apem.inference.predict import predict
@@ -50,9 +52,11 @@ def _package_version() -> str:
 
 
 def save_model(out_dir: str, model: MultiTaskModel, encoder: FeatureEncoder, spec: DatasetSpec,
-               extra_meta: dict | None = None) -> str:
-    """Write ``model`` (state_dict + JSON config) and the feature state to ``out_dir`` atomically."""
+               extra_meta: dict | None = None, overwrite: bool = False) -> str:
+    """Write ``model`` (state_dict + JSON config) and the feature state to ``out_dir`` atomically;
+    only an earlier model directory (or anything, with ``overwrite``) is replaced."""
     out_dir = os.path.abspath(out_dir)
+    claim_output(out_dir, MODEL_DIR, overwrite=overwrite)
     config = {
         "format_version": FORMAT_VERSION,
         "package_version": _package_version(),
@@ -102,9 +106,12 @@ class LoadedModel:
     def check_spec(self, spec: DatasetSpec, source: str) -> None:
         check_same_spec(self.spec, spec, f"{source} vs model {self.model_dir}")
 
-    def predict_dataset(self, data_dir: str, recalibrate: bool = True) -> tuple[np.ndarray, Dataset]:
-        """Read a dataset directory (checked against the model's spec) and predict every row."""
-        dataset = read_dataset(data_dir)
+    def predict_dataset(self, data_dir: str, recalibrate: bool = True, scoring: bool = False
+                        ) -> tuple[np.ndarray, Dataset]:
+        """Read a dataset directory (checked against the model's spec) and predict every row.
+        ``scoring``: labels are optional and every row is scored, rows that break the funnel order
+        flagged in ``Dataset.funnel_violation`` instead of dropped (what ``apem predict`` writes)."""
+        dataset = read_dataset(data_dir, funnel_policy="flag" if scoring else None, require_labels=not scoring)
         self.check_spec(dataset.spec, data_dir)
         return self.predict_table(dataset.table, recalibrate=recalibrate), dataset
 
@@ -118,6 +125,16 @@ def _read_json(model_dir: str, name: str) -> dict:
             return json.load(fh)
     except (OSError, ValueError) as err:
         raise ModelDirError(f"{path}: unreadable ({err})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch could not load the weights, without torch's advice to unpickle untrusted code."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        unsupported = [line.strip() for line in text.splitlines() if "Unsupported" in line]
+        return "refused: the file holds pickled objects, not only tensors" + (
+            f"; {unsupported[0]}" if unsupported else "")
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_model(model_dir: str) -> LoadedModel:
@@ -147,8 +164,8 @@ def load_model(model_dir: str) -> LoadedModel:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as err:  # torch raises several types for corrupt or mismatched weights
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelDirError(f"{weights}: cannot load weights ({first_line})") from None
+        raise ModelDirError(f"{weights}: cannot load weights ({_load_failure(err)})") from None
     model.eval()
-    return LoadedModel(model=model, encoder=encoder, spec=spec, meta=config.get("meta", {}), model_dir=model_dir,
-                       name=config["model"])
+    meta = config.get("meta") if isinstance(config.get("meta"), dict) else {}
+    check_negative_rate(meta.get("negative_rate", 1.0), lambda msg: ModelDirError(f"{model_dir}/{CONFIG_FILE}: meta.{msg}"))
+    return LoadedModel(model=model, encoder=encoder, spec=spec, meta=meta, model_dir=model_dir, name=config["model"])

@@ -21,6 +21,7 @@ import numpy as np
 
 from apem.data.encoding import FeatureEncoder
 from apem.data.oracle import read_oracle
+from apem.data.ownership import EXPERIMENT_DIR, claim_output
 from apem.data.spec import Dataset, check_same_spec, read_dataset
 from apem.eval.metrics import auc, evaluate_predictions
 from apem.inference.predict import predict
@@ -429,24 +430,32 @@ def write_plots(report: dict[str, Any], out_dir: str) -> list[str]:
     return written
 
 
-def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, config: ExperimentConfig,
-                   oracle_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train and evaluate ``config.models`` x ``config.seeds`` on one split; write report.json, report.md, plots."""
-    import torch
-    from tqdm.auto import tqdm
-
-
-    models = resolve_model_names(config.models)
-    if config.seeds < 1 or config.epochs < 1:
-        raise ValueError("--seeds and --epochs must be at least 1")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    train, val, test = (head_rows(read_dataset(p), config.max_rows) for p in (train_dir, val_dir, test_dir))
+def _read_splits(train_dir: str, val_dir: str, test_dir: str, max_rows: int | None):
+    """The three splits (the first ``max_rows`` rows of each), non-empty and of one spec."""
+    train, val, test = (head_rows(read_dataset(p), max_rows) for p in (train_dir, val_dir, test_dir))
     for split, dataset in (("train", train), ("val", val), ("test", test)):
         if len(dataset) == 0:
             raise ValueError(f"{split} dataset {dataset.path} has no rows")
     check_same_spec(train.spec, val.spec, f"{val_dir} (validation) vs {train_dir} (training)")
     check_same_spec(train.spec, test.spec, f"{test_dir} (test) vs {train_dir} (training)")
+    return train, val, test
+
+
+def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, config: ExperimentConfig,
+                   oracle_dir: str | None = None, log: Callable[[str], None] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate ``config.models`` x ``config.seeds`` on one split; write report.json, report.md, plots
+    into ``out_dir`` (only an earlier report, or anything with ``overwrite``, is replaced)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    claim_output(out_dir, EXPERIMENT_DIR, inputs=(train_dir, val_dir, test_dir), overwrite=overwrite)
+    models = resolve_model_names(config.models)
+    if config.seeds < 1 or config.epochs < 1:
+        raise ValueError("--seeds and --epochs must be at least 1")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    train, val, test = _read_splits(train_dir, val_dir, test_dir, config.max_rows)
     labels = list(train.spec.labels)
     encoded: dict[str, dict] = {}
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from apem.data.features import CATEGORICAL, LABELS, NUMERICAL, default_spec
 from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.ownership import DATASET_DIR, claim_output
 from apem.data.spec import write_dataset
 
 PRODUCT_TYPES = np.array(["loan", "deposit", "fund", "card"])
@@ -291,8 +292,10 @@ def _sparse_two_step(config: SynthConfig, rng: np.random.Generator, imp: _Impres
     return table, oracle
 
 
-def write_synthetic_dataset(config: SynthConfig, out: str) -> dict:
-    """Write the dataset and its oracle; return a summary with rates and oracle AUCs."""
+def write_synthetic_dataset(config: SynthConfig, out: str, overwrite: bool = False) -> dict:
+    """Write the dataset and its oracle; return a summary with rates and oracle AUCs. Only an earlier
+    dataset (or anything, with ``overwrite``) is replaced."""
+    claim_output(out, DATASET_DIR, overwrite=overwrite)
     table, oracle = generate(config)
     spec = dataclasses.replace(default_spec(), labels=config.labels)
     write_dataset(table, spec, out)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from apem.data import storage
 from apem.data.features import CATEGORICAL, LABELS, NUMERICAL
 from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.ownership import EVENTS_DIR, claim_output
 from apem.research.synth import SynthConfig, generate
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
@@ -186,8 +187,10 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_synthetic_events(config: SynthConfig, out: str, file_format: str = "jsonl",
-                           mess: EventMess = EventMess()) -> dict:
-    """Write daily partitions of raw events (local path or gs:// URI) plus the oracle; return a summary."""
+                           mess: EventMess = EventMess(), overwrite: bool = False) -> dict:
+    """Write daily partitions of raw events (local path or gs:// URI) plus the oracle; return a summary.
+    Only earlier synthetic events (or anything, with ``overwrite``) are replaced."""
+    claim_output(out, EVENTS_DIR, overwrite=overwrite)
     if file_format not in FILE_FORMATS:
         raise ValueError(f"file_format must be one of {FILE_FORMATS}, got {file_format!r}")
     events, oracle, counts = build_events(config, mess)

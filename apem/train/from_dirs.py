@@ -6,11 +6,13 @@ import os
 from dataclasses import replace
 
 from apem.data.encoding import DEFAULT_NUMERICAL_ENCODING, FeatureEncoder, parse_numerical_encoding
+from apem.data.ownership import MODEL_DIR, claim_output
 from apem.data.spec import check_same_spec, read_dataset
 from apem.data.split_record import check_negative_rate, negative_rate_beside
 from apem.inference.model_dir import save_model
 from apem.models import build_model
 from apem.train import tracking
+from apem.train.checkpoint import json_hash, remove_checkpoint
 from apem.train.trainer import TrainConfig, encode_dataset, fit, set_seed
 
 
@@ -36,7 +38,7 @@ def split_training_params(params: dict) -> tuple[dict, dict]:
 def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str = "apem",
                     model_overrides: dict | None = None, loss_overrides: dict | None = None,
                     config: TrainConfig | None = None, negative_rate: float | None = None,
-                    numerical_encoding: str = DEFAULT_NUMERICAL_ENCODING) -> dict:
+                    numerical_encoding: str = DEFAULT_NUMERICAL_ENCODING, overwrite: bool = False) -> dict:
     """Read datasets, fit features on train, train a registry model, save it to ``out_dir``.
 
     ``numerical_encoding`` (log_round | dense_log | quantile:N, :mod:`apem.data.encoding`) is fitted
@@ -44,9 +46,12 @@ def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str 
 
     ``negative_rate`` (None: read from ``<train_dir>/../split.json``, else 1.0) is stored with the
     model so predictions are recalibrated to the entire space (:func:`apem.inference.calibration.recalibrate`).
-    Checkpoints go to ``<out_dir>.checkpoints`` unless ``config.checkpoint_dir`` is set.
-    Returns a JSON-able summary.
+    Checkpoints go to ``<out_dir>.checkpoints`` unless ``config.checkpoint_dir`` is set; they are removed
+    once the model is saved.
+    ``out_dir`` is claimed before any work (:func:`apem.data.ownership.claim_output`): only an earlier
+    model directory is replaced, unless ``overwrite``. Returns a JSON-able summary.
     """
+    claim_output(out_dir, MODEL_DIR, inputs=(train_dir, val_dir), overwrite=overwrite)
     config = config or TrainConfig()
     parse_numerical_encoding(numerical_encoding)  # a bad option fails before any data is read
     if config.checkpoint_dir is None:
@@ -59,13 +64,15 @@ def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str 
     encoder = FeatureEncoder(train_ds.spec, numerical_encoding=numerical_encoding).fit(train_ds)
     train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
     model = build_model(model_name, encoder.fields, len(train_ds.spec.labels), model_overrides, loss_overrides)
-    result = fit(model, train, val, config)
+    result = fit(model, train, val, config, encoder_hash=json_hash(encoder.to_dict()))
     meta = {"negative_rate": negative_rate, "train_rows": len(train), "val_rows": len(val),
             "train_dir": os.path.abspath(train_dir), "val_dir": os.path.abspath(val_dir),
             "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
             "numerical_encoding": numerical_encoding,
             "train_config": config.loggable()}
-    model_dir = save_model(out_dir, model.cpu(), encoder, train_ds.spec, extra_meta=meta)
+    model_dir = save_model(out_dir, model.cpu(), encoder, train_ds.spec, extra_meta=meta,
+                           overwrite=overwrite)
+    remove_checkpoint(config.checkpoint_dir)  # saved: nothing left to resume, nothing to mistake for another run's
     if config.mlflow_tracking_uri:
         tracking.log_model_dir_and_end(model_dir)
     return {"model_dir": model_dir, "model": model_name, "negative_rate": negative_rate,

@@ -23,7 +23,8 @@ from apem.eval.metrics import auc
 from apem.inference.predict import predict
 from apem.models.base import MultiTaskModel
 from apem.train import tracking
-from apem.train.checkpoint import CHECKPOINT_FILE, Progress, cpu_state, load_checkpoint, save_checkpoint
+from apem.train.checkpoint import (CHECKPOINT_FILE, Progress, cpu_state, fingerprint, load_checkpoint, run_identity,
+                                  save_checkpoint)
 from apem.train.malloc_tuning import keep_freed_memory_for_reuse
 
 
@@ -214,11 +215,13 @@ class _Loop:
                            steps=self.progress.step)
 
 
-def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, config: TrainConfig) -> TrainResult:
+def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, config: TrainConfig,
+        encoder_hash: str = "") -> TrainResult:
     """Train ``model`` with Adam; return the history and leave the best-validation state loaded.
 
     The per-step contract is model-agnostic: ``set_training_progress(step, total_steps)``,
     ``model(x)``, ``model.loss(output, y)``. Without ``val`` the last epoch is the best one.
+    ``encoder_hash`` joins the checkpoint's run identity (:func:`apem.train.checkpoint.run_identity`).
     """
     if len(train) == 0:
         raise ValueError("training data has no rows")
@@ -229,8 +232,10 @@ def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, conf
     loop = _Loop(model, train, config)
     patience = max(config.patience, 1)
     ckpt_path = os.path.join(config.checkpoint_dir, CHECKPOINT_FILE) if config.checkpoint_dir else None
+    identity = run_identity(model, config.seed, {"name": "Adam", "lr": config.lr, "batch_size": config.batch_size},
+                            fingerprint(train.x, train.y) if ckpt_path else "", encoder_hash)
     if config.resume and ckpt_path and os.path.exists(ckpt_path):
-        loop.progress, loop.best_state = load_checkpoint(ckpt_path, model, loop.optimizer)
+        loop.progress, loop.best_state = load_checkpoint(ckpt_path, model, loop.optimizer, identity)
     run = tracking.start_run(config.mlflow_tracking_uri, config.mlflow_experiment, config.loggable(), model) \
         if config.mlflow_tracking_uri else None
     stopped = loop.progress.bad_epochs >= patience  # a resumed run may already have stopped early
@@ -240,7 +245,7 @@ def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, conf
         if run is not None:
             tracking.log_epoch(record, epoch)
         if ckpt_path:
-            save_checkpoint(ckpt_path, model, loop.optimizer, loop.progress, loop.best_state)
+            save_checkpoint(ckpt_path, model, loop.optimizer, loop.progress, loop.best_state, identity)
         if val is not None and loop.progress.bad_epochs >= patience:
             break
     if loop.best_state is not None:

@@ -86,6 +86,9 @@ def test_each_bad_input_gets_its_reason_and_count(handmade, tmp_path):
     assert bad_line["line"] == 13 and bad_line["source"].endswith("dt=2026-01-01/events.jsonl")
     assert bad_line["raw"] == '{"event_id": "broken'
     assert "missing event_id" in q.loc[q.impression_id == "noid", "detail"].iat[0]
+    # every reason keeps what arrived, not only unparsable lines
+    assert q["raw"].notna().all() and (q["raw"] != "").all()
+    assert json.loads(q.loc[q.impression_id == "badtime", "raw"].iat[0])["event_time"] == "yesterday"
 
 
 def test_missing_and_empty_partitions_are_errors_unless_allowed(handmade, tmp_path):

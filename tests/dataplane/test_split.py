@@ -140,8 +140,9 @@ def test_plan_and_errors(tmp_path):
     with pytest.raises(SplitError, match="at least 3 days"):
         split_dataset(str(tmp_path / "two_days"), str(tmp_path / "out"), pipeline_args=FAST)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "no_spec").mkdir()
     with pytest.raises(SplitError, match="spec file not found"):
-        split_dataset(str(tmp_path), str(tmp_path / "out"), pipeline_args=FAST)
+        split_dataset(str(tmp_path / "no_spec"), str(tmp_path / "out"), pipeline_args=FAST)
     assert apem_main(["split", "--data", str(tmp_path / "two_days"), "--out", str(tmp_path / "o"),
                       "--neg-rate", "0"]) == 2
 

@@ -101,3 +101,16 @@ def test_drift_against_previous_window(clean, tmp_path, gcs_prefix):
                               warn_only=True)
     assert result["drift"]["channel"]["drifted"] and result["drift"]["channel"]["value"] > 0.1
     assert result["drift"]["balance"]["drifted"]
+
+
+def test_a_change_of_unit_is_caught_at_a_few_thousand_rows(clean, tmp_path):
+    _, baseline = clean
+    tenfold = _dataset(tmp_path / "tenfold", seed=1,
+                       edit=lambda t: _replace(t, "balance", t.column("balance").to_numpy() * 10))
+    result = validate_dataset(tenfold, out_dir=str(tmp_path / "r"), baseline_stats=baseline["stats_path"],
+                              warn_only=True)
+    scale = [a for a in result["anomalies"] if "SCALE_DRIFT" in a["types"]]
+    assert [a["feature"] for a in scale] == ["balance"], result["anomalies"]
+    same = validate_dataset(_dataset(tmp_path / "same", seed=1), out_dir=str(tmp_path / "r2"),
+                            baseline_stats=baseline["stats_path"])
+    assert same["anomalies"] == []  # another window of the same process: no false alarm

@@ -100,8 +100,22 @@ def test_clear_errors_for_bad_model_dirs(saved, tmp_path):
 def test_save_replaces_existing_directory_atomically(saved, tmp_path):
     _, out, model, encoder, _ = saved
     target = tmp_path / "m"
-    os.makedirs(target)
-    (target / "stale.txt").write_text("old")
+    save_model(str(target), model, encoder, default_spec())
+    (target / "stale.txt").write_text("old")  # an earlier model directory is ours to replace
     save_model(str(target), model, encoder, default_spec())
     assert sorted(os.listdir(target)) == ["config.json", "features.json", "weights.pt"]
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".m.tmp")]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".m.")] == []
+
+
+def test_save_refuses_a_directory_it_did_not_write(saved, tmp_path):
+    from apem.data.ownership import OutputRefused
+
+    _, _, model, encoder, _ = saved
+    target = tmp_path / "m"
+    os.makedirs(target / "sub")
+    (target / "sub" / "keep").write_text("user data")
+    with pytest.raises(OutputRefused, match=f"{target}: exists and is not a model directory.*--overwrite"):
+        save_model(str(target), model, encoder, default_spec())
+    assert (target / "sub" / "keep").read_text() == "user data"
+    save_model(str(target), model, encoder, default_spec(), overwrite=True)  # a deliberate replacement
+    assert sorted(os.listdir(target)) == ["config.json", "features.json", "weights.pt"]
