@@ -53,7 +53,8 @@ def train(
         summary = train_from_dirs(os.path.join(splits.path, "train"), os.path.join(splits.path, "val"),
                                   model.path, model_name=model_name, model_overrides=overrides, config=config,
                                   negative_rate=negative_rate)
-    model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs})
+    model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs,
+                           "mlflow_run_id": summary["mlflow_run_id"] or ""})
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
