@@ -8,6 +8,9 @@ FROM ${CUDA_IMAGE}
 
 ARG TORCH_CUDA=cu128
 ARG UV_VERSION=0.13.9
+# the commit the image was built from (docker build --build-arg APEM_GIT_SHA=$(git rev-parse HEAD));
+# push tags every registered version with it (apem.release.lineage)
+ARG APEM_GIT_SHA=unknown
 
 LABEL org.opencontainers.image.title="apem" \
       org.opencontainers.image.ref.name="ghcr.io/apem-project/apem:0.1.0" \
@@ -45,6 +48,7 @@ RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin ape
 USER 10001:10001
 WORKDIR /home/apem
 ENV HOME=/home/apem \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    APEM_GIT_SHA=${APEM_GIT_SHA}
 
 CMD ["apem", "--help"]

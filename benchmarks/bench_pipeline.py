@@ -77,7 +77,7 @@ def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
     os.makedirs(os.path.join(workdir, "artifacts"), exist_ok=True)
     a = {n: art(k, n) for n, k in {
         "dataset": dsl.Dataset, "quarantine": dsl.Dataset, "m1": dsl.Metrics, "stats": dsl.Dataset,
-        "vreport": dsl.Markdown, "m2": dsl.Metrics, "splits": dsl.Dataset, "m3": dsl.Metrics, "model": dsl.Model,
+        "vreport": dsl.Markdown, "vhtml": dsl.HTML, "m2": dsl.Metrics, "splits": dsl.Dataset, "m3": dsl.Metrics, "model": dsl.Model,
         "m4": dsl.Metrics, "evaluation": dsl.Artifact, "ereport": dsl.Markdown, "m5": dsl.Metrics,
         "r1": dsl.ClassificationMetrics, "r2": dsl.ClassificationMetrics, "r3": dsl.ClassificationMetrics,
         "preport": dsl.Markdown, "m6": dsl.Metrics}.items()}
@@ -92,7 +92,7 @@ def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
             attribution_window_days=3, dataset=a["dataset"], quarantine=a["quarantine"], metrics=a["m1"]),
         "validate": lambda: validate.python_func(
             dataset=a["dataset"], output_root=output_root, warn_only=False, statistics=a["stats"],
-            report=a["vreport"], metrics=a["m2"]),
+            report=a["vreport"], statistics_html=a["vhtml"], metrics=a["m2"]),
         "split": lambda: split.python_func(
             dataset=a["dataset"], negative_rate=p["negative_rate"], split_ratios="8,1,1",
             beam_runner="DirectRunner", beam_args=p.get("beam_args", ""), splits=a["splits"], metrics=a["m3"]),
@@ -104,7 +104,7 @@ def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
             splits=a["splits"], candidate=a["model"], mlflow_tracking_uri=tracking, registered_model_name="apem",
             alpha=0.05, two_sided=False, primary_task="", primary_tolerance=0.0, chance_margin=0.0,
             bootstrap_resamples=p["bootstrap_resamples"], evaluation=a["evaluation"], report=a["ereport"],
-            metrics=a["m5"], roc_step1=a["r1"], roc_step2=a["r2"], roc_step3=a["r3"]),
+            metrics=a["m5"], roc_click=a["r1"], roc_authorize=a["r2"], roc_convert=a["r3"]),
         "push": lambda: push.python_func(
             candidate=a["model"], evaluation=a["evaluation"], mlflow_tracking_uri=tracking,
             registered_model_name="apem", serving_uri=os.path.join(workdir, "serving"), output_root=output_root,

@@ -1,9 +1,13 @@
 """evaluate: candidate vs champion on the same test split, DeLong + bootstrap, blessing decision."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from apem_kfp.components import APEM_IMAGE
+
+ROC_TASKS = ("click", "authorize", "convert")  # one roc_<label> output each; see evaluate's docstring
 
 
 @dsl.component(base_image=APEM_IMAGE, install_kfp_package=False)
@@ -21,17 +25,20 @@ def evaluate(
     evaluation: Output[Artifact],
     report: Output[Markdown],
     metrics: Output[Metrics],
-    roc_step1: Output[ClassificationMetrics],
-    roc_step2: Output[ClassificationMetrics],
-    roc_step3: Output[ClassificationMetrics],
-):
+    roc_click: Output[ClassificationMetrics],
+    roc_authorize: Output[ClassificationMetrics],
+    roc_convert: Output[ClassificationMetrics],
+) -> NamedTuple("EvaluateOutputs", [("blessed", bool)]):
     """Score ``splits/test`` with the candidate and with the champion (MLflow registry alias
     ``champion`` of ``registered_model_name``), run DeLong's paired test and the paired bootstrap per
     task, and apply the blessing rule (``apem.eval.blessing``: no task significantly worse at ``alpha``,
     primary task not worse by point estimate; without a champion, beat chance on every task).
-    ``evaluation`` holds the JSON the push component acts on; ``report`` the decision and reasons;
-    ``roc_stepK`` the candidate's ROC curve of the K-th funnel step (its label in the metadata;
-    deeper funnels keep the extra curves in ``evaluation``).
+    ``evaluation`` holds the JSON the push component acts on; ``report`` the decision and reasons,
+    the calibration table per step after recalibration and the funnel consistency rate;
+    ``roc_<label>`` the candidate's ROC curve of each step of ``ROC_TASKS`` (the funnel of
+    ``apem.data.features``; KFP outputs are fixed at compile time, so another funnel adds its own
+    outputs here, and any step without one keeps its curve in ``evaluation``). Returns ``blessed``, which the cluster
+    pipeline's ``dsl.If`` reads to run or skip push.
     """
     import json
     import os
@@ -52,9 +59,12 @@ def evaluate(
                                 "champion_version": result["champion_version"]})
     for key, value in summary_metrics(result).items():
         metrics.log_metric(key, value)
-    for output, label in zip((roc_step1, roc_step2, roc_step3), result["labels"]):
-        curve = result["roc"][label]
+    for label, output in {"click": roc_click, "authorize": roc_authorize, "convert": roc_convert}.items():
+        curve = result["roc"].get(label, {"fpr": []})
         output.metadata["task"] = label
         if curve["fpr"]:
             output.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
     print("\n".join(result["decision"]["reasons"]))
+    from collections import namedtuple
+
+    return namedtuple("EvaluateOutputs", ["blessed"])(bool(result["decision"]["blessed"]))

@@ -1,7 +1,7 @@
 """push: the blessing gate. Registers and promotes a blessed candidate; otherwise changes nothing."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from apem_kfp.components import APEM_IMAGE
 
@@ -10,37 +10,50 @@ from apem_kfp.components import APEM_IMAGE
 def push(
     candidate: Input[Model],
     evaluation: Input[Artifact],
+    splits: Input[Dataset],
     mlflow_tracking_uri: str,
     registered_model_name: str,
     serving_uri: str,
     output_root: str,
     report_date: str,
+    kfp_run_id: str,
     report: Output[Markdown],
     metrics: Output[Metrics],
 ):
-    """The gate lives here, not in a ``dsl.Condition``: kfp's local runner cannot run conditions,
-    and the same pipeline must run locally and on the cluster. This task always runs and reads the
-    decision in ``evaluation``:
+    """The gate, visible and enforced. On the cluster this task runs under
+    ``dsl.If(evaluate.blessed == True)``, so a rejected candidate shows a skipped push; kfp's local
+    runner cannot run conditions (nor ``dsl.Condition``), so there it always runs. Either way it
+    re-reads the decision in ``evaluation``:
 
     - blessed: register a new version of ``registered_model_name`` in MLflow, copy the model to
       ``<serving_uri>/v<version>`` (gs:// or local; skipped when empty), move the alias
       ``champion`` to it and write ``<serving_uri>/champion.json``;
     - not blessed: record why in ``report`` and change nothing.
 
-    The evaluation and push reports are also kept under ``<output_root>/reports/<report_date>/``.
+    The version is logged into the candidate's MLflow training run (its params and metrics sit
+    beside it), with a signature, an input example (rows of ``splits/test``), the evaluation report
+    as run artifacts and the lineage tags of ``apem.release.lineage`` (git SHA, ``kfp_run_id``,
+    data window, ``split.json``, verdict).
+
+    Idempotent, hence retried: a re-executed push of the same candidate registers nothing new and
+    moves no alias (``apem.release.push``). The evaluation and push reports are also kept under
+    ``<output_root>/reports/<report_date>/``.
     """
     import json
 
     from apem.data import storage
     from apem.eval.comparison import summary_metrics
+    from apem.release.lineage import registration_for
     from apem.release.push import push as run_push
     from apem.release.push import render_report
 
     with open(evaluation.path) as fh:
         result = json.load(fh)
     decision = dict(result["decision"])
+    registration = registration_for(splits.path, result, kfp_run_id, candidate.metadata.get("mlflow_run_id"))
     outcome = run_push(candidate.path, decision, mlflow_tracking_uri, registered_model_name, serving_uri,
-                       metrics=summary_metrics(result), params={"candidate_uri": candidate.uri})
+                       metrics=summary_metrics(result), params={"candidate_uri": candidate.uri},
+                       registration=registration)
     text = render_report(outcome)
     with open(report.path, "w") as fh:
         fh.write(text)

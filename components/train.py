@@ -58,7 +58,7 @@ def train(
                                   model.path, model_name=model_name, model_overrides=overrides, config=config,
                                   negative_rate=negative_rate, numerical_encoding=numerical_encoding)
     model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs,
-                           "numerical_encoding": numerical_encoding})
+                           "numerical_encoding": numerical_encoding, "mlflow_run_id": summary["mlflow_run_id"] or ""})
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)

@@ -1,7 +1,7 @@
 """validate: TFDV statistics, schema and drift anomalies; stops the run on bad data."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Output
 
 from apem_kfp.components import APEM_IMAGE
 
@@ -13,19 +13,24 @@ def validate(
     warn_only: bool,
     statistics: Output[Dataset],
     report: Output[Markdown],
+    statistics_html: Output[HTML],
     metrics: Output[Metrics],
 ):
     """Validate ``dataset`` with TFDV against the curated schema committed in the repo, and check
     drift against the previous passing window's statistics, kept at
     ``<output_root>/validation/baseline``. Anomalies fail the task, so the pipeline stops before
-    training, unless ``warn_only``. A window that passes becomes the next run's baseline.
+    training, unless ``warn_only``. Only a window without anomalies becomes the next run's baseline
+    (with ``warn_only`` an anomalous window goes on to training, but never becomes the baseline).
+    ``report`` lists the anomalies (Markdown); ``statistics_html`` is TFDV's statistics view of the
+    window against the baseline.
     """
     import os
     import shutil
     import tempfile
 
     from apem.data import storage
-    from apem.dataplane.validation import REPORT_FILE, STATS_FILE, ValidationFailed, validate_dataset
+    from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, statistics_html as html_of,
+                                           validate_dataset)
 
     baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
     baseline_stats = None
@@ -37,19 +42,25 @@ def validate(
 
     failure = None
     try:
-        result = validate_dataset(dataset.path, out_dir=statistics.path, baseline_stats=baseline_stats,
-                                  warn_only=warn_only)
-    except ValidationFailed as err:
-        failure = err
+        try:
+            result = validate_dataset(dataset.path, out_dir=statistics.path, baseline_stats=baseline_stats,
+                                      warn_only=warn_only)
+        except ValidationFailed as err:
+            failure = err
+        # the report and the HTML are written when validation fails too: they show why
+        shutil.copyfile(os.path.join(statistics.path, REPORT_FILE), report.path)
+        with open(statistics_html.path, "w") as fh:
+            fh.write(html_of(os.path.join(statistics.path, STATS_FILE), baseline_stats))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    shutil.copyfile(os.path.join(statistics.path, REPORT_FILE), report.path)
     statistics.metadata["baseline"] = baseline_uri if baseline_stats else ""
     if failure is not None:
         raise failure
     metrics.log_metric("anomalies", len(result["anomalies"]))
     metrics.log_metric("examples", result["examples"])
     metrics.log_metric("drifted_features", sum(1 for d in result["drift"].values() if d.get("drifted")))
-    if baseline_uri:
+    passed = not result["anomalies"]
+    statistics.metadata["became_baseline"] = bool(baseline_uri) and passed
+    if baseline_uri and passed:
         storage.copy_tree(statistics.path, baseline_uri)

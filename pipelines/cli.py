@@ -40,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--service-account", default="apem-pipeline-runner",
                    help="Kubernetes service account of the runs (infra/: Workload Identity for GCS)")
     s.add_argument("--pipeline-root", default=None, help="e.g. gs://apem-data/pipeline-root")
+    s.add_argument("--env", default=None, choices=("dev", "prod"),
+                   help="apply this environment's parameters from apem_kfp.pipelines.configs (default: none)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
-                   help="daily_retrain parameter, e.g. --param epochs=10 (repeatable)")
+                   help="daily_retrain parameter, e.g. --param epochs=10 (repeatable; wins over --env)")
     s.set_defaults(handler=run_schedule)
 
 
@@ -94,10 +96,12 @@ def run_local_command(args: argparse.Namespace) -> int:
 
 def run_schedule(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
+    from apem_kfp.pipelines.configs import environment_parameters
     from apem_kfp.pipelines.kubeflow_runner import create_schedule
 
+    params = {**(environment_parameters(args.env) if args.env else {}), **parse_params(args.param)}
     try:
-        run = create_schedule(args.host, args.cron, params=parse_params(args.param), experiment=args.experiment,
+        run = create_schedule(args.host, args.cron, params=params, experiment=args.experiment,
                               job_name=args.job_name, namespace=args.namespace,
                               service_account=args.service_account, pipeline_root=args.pipeline_root)
     except ValueError as err:

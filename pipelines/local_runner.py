@@ -16,8 +16,10 @@ Layout of the work directory::
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -105,7 +107,7 @@ def run_local(config: LocalRunConfig) -> dict:
     from kfp import local
 
     from apem.release import mlflow_registry
-    from apem_kfp.pipelines.daily_retrain import daily_retrain
+    from apem_kfp.pipelines.daily_retrain import daily_retrain_local
 
     started = time.monotonic()
     where = paths(config.workdir)
@@ -117,10 +119,15 @@ def run_local(config: LocalRunConfig) -> dict:
     with warnings.catch_warnings():
         # kfp warns that a non-"python" image name may lack Python; the tasks run in this venv
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        daily_retrain(**arguments)
+        try:
+            daily_retrain_local(**arguments)
+        except RuntimeError as err:  # kfp.local cannot run the exit handler: call notify's code here
+            write_status(arguments, "FAILED", str(err))
+            raise
     finished = time.monotonic()
 
     report_dir = os.path.join(where["output"], "reports", arguments["run_date"])
+    write_status(arguments, "SUCCEEDED", "")
     with open(os.path.join(report_dir, "push.md")) as fh:
         push_report = fh.read()
     with open(os.path.join(report_dir, "evaluation.json")) as fh:
@@ -135,11 +142,42 @@ def run_local(config: LocalRunConfig) -> dict:
         "report_dir": report_dir,
         "push_report": push_report,
         "pipeline_root": where["pipeline_root"],
+        "statistics_html": latest_artifact(where["pipeline_root"], "validate", "statistics_html"),
         "mlflow_tracking_uri": arguments["mlflow_tracking_uri"],
         "seconds": {"generate": round(generated - started, 1), "pipeline": round(finished - generated, 1),
                     "total": round(finished - started, 1)},
         "config": asdict(config),
     }
+
+
+def latest_artifact(pipeline_root: str, task: str, output: str) -> str | None:
+    """The newest run's artifact ``<pipeline_root>/<run>/<task>/<output>`` (kfp.local's layout)."""
+    found = glob.glob(os.path.join(pipeline_root, "*", task, output))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def write_status(arguments: dict, state: str, error: str) -> str:
+    """What the cluster's exit handler does, for a local run: ``reports/<run date>/status.md``, and a
+    post to ``webhook_url`` when the run was given one (``--param webhook_url=...``)."""
+    from kfp import dsl
+
+    from apem_kfp.components.notify import notify
+
+    folder = os.path.join(arguments["output_root"], "reports", arguments["run_date"])
+    os.makedirs(folder, exist_ok=True)
+    report = dsl.Markdown(name="status", uri=os.path.join(folder, "status.md"), metadata={})
+    failed_task = re.findall(r"Inner task failed: (.*)\.$", strip_ansi(error))
+    status = dsl.PipelineTaskFinalStatus(
+        state=state, pipeline_job_resource_name="local", error_code=None,
+        pipeline_task_name=failed_task[0] if failed_task else "", error_message=strip_ansi(error))
+    notify.python_func(status=status, run_date=arguments["run_date"], window_days=arguments["window_days"],
+                       schedule_time="", webhook_url=arguments.get("webhook_url", ""), report=report)
+    return report.path
+
+
+def strip_ansi(text: str) -> str:
+    """kfp.local colours its messages; the report and the webhook get plain text."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def closing_note(result: dict) -> str:
@@ -151,8 +189,10 @@ def closing_note(result: dict) -> str:
         f"candidate {'BLESSED and promoted' if result['blessed'] else 'NOT promoted'}",
         *[f"  - {reason}" for reason in result["reasons"]],
         f"champion:      version {result['champion_version'] or 'none'}"
-        + (f" -> {result['champion_serving_dir']}" if result["champion_serving_dir"] else ""),
-        f"reports:       {result['report_dir']} (evaluation.json, push.md)",
+        + (f" = models:/{result['config']['registered_model_name']}@champion -> {result['champion_serving_dir']}"
+           if result["champion_serving_dir"] else ""),
+        f"reports:       {result['report_dir']} (evaluation.json, push.md, status.md)",
+        f"statistics:    {result['statistics_html'] or 'none'} (TFDV, open in a browser)",
         f"artifacts:     {result['pipeline_root']}",
         f"MLflow store:  {backend}",
         f"browse with:   mlflow ui --backend-store-uri {backend}",

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import yaml
 
+from apem_kfp.pipelines import configs
 from apem_kfp.pipelines import daily_retrain as dr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def test_mlflow_server_uses_postgres_and_gcs_artifacts(rendered):
     # and the pipeline's default tracking URI is this service
     service = objects[("Service", "mlflow")]
     port = service["spec"]["ports"][0]["port"]
-    assert defaults["mlflow_tracking_uri"] == f"http://mlflow.apem.svc.cluster.local:{port}"
+    assert configs.DEFAULTS.mlflow_tracking_uri == f"http://mlflow.apem.svc.cluster.local:{port}"
 
 
 def test_pipeline_identity_uses_workload_identity_and_no_keys(rendered):
@@ -82,14 +83,14 @@ def test_gpu_placement_matches_the_pipeline(rendered):
                                          "values": [dr.GPU_NODE_LABEL[1]]}]
 
 
-def test_pipeline_defaults_are_pipeline_parameters(rendered):
+def test_one_source_of_pipeline_defaults(rendered):
     overlay, objects = rendered
-    data = objects[("ConfigMap", "apem-pipeline-defaults")]["data"]
+    # no ConfigMap repeats the pipeline's parameters: configs.py is their one home
+    assert not [name for kind, name in objects if kind == "ConfigMap" and name != "apem-mlflow"]
+    environment = configs.environment_parameters(overlay)
     parameters = inspect.signature(dr.daily_retrain.pipeline_func).parameters
-    unknown = set(data) - set(parameters) - {"mlflow_artifact_root"}
-    assert not unknown, f"ConfigMap keys that are not daily_retrain parameters: {unknown}"
+    assert set(environment) <= set(parameters), set(environment) - set(parameters)
     for key in ("raw_uri", "output_root", "serving_uri"):
-        assert data[key].startswith(f"gs://{OVERLAYS[overlay]}-")
-    for key, value in data.items():  # every value parses as its parameter's type
-        if key in parameters and parameters[key].annotation in (int, float):
-            parameters[key].annotation(value)
+        assert environment[key].startswith(f"gs://{OVERLAYS[overlay]}-")
+    for key, value in environment.items():  # every value has its parameter's type
+        assert isinstance(value, parameters[key].annotation), key

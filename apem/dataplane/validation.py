@@ -262,6 +262,18 @@ def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: 
     return result
 
 
+def statistics_html(stats_path: str, baseline_stats: str | None = None) -> str:
+    """TFDV's Facets view of the window's statistics, side by side with the baseline's when given
+    (a standalone HTML page: the KFP UI shows it as the ``HTML`` artifact of validate)."""
+    import tensorflow_data_validation as tfdv
+
+    current = load_statistics(stats_path)
+    if baseline_stats is None:
+        return tfdv.get_statistics_html(current, lhs_name="current window")
+    return tfdv.get_statistics_html(current, load_statistics(baseline_stats), lhs_name="current window",
+                                    rhs_name="baseline (last window that passed)")
+
+
 def _main() -> None:  # python -m apem.dataplane.validation DATASET SCHEMA_OUT: regenerate the curated schema
     import sys
 

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from apem.eval.blessing import BlessingRule, decide
-from apem.eval.metrics import evaluate_predictions
+from apem.eval.metrics import calibration_table, evaluate_predictions
 from apem.eval.significance import delong_test, delong_vs_chance, paired_bootstrap
 from apem.inference.model_dir import load_model
 
@@ -98,6 +98,8 @@ def compare(labels: np.ndarray, label_names: list[str], candidate: np.ndarray, c
         "decision": decision,
         "champion_version": decision["champion_version"],
         "roc": {n: roc_points(labels[:, k], candidate[:, k]) for k, n in enumerate(label_names)},
+        # the candidate's scores are already recalibrated to the entire space (compare_with_champion)
+        "calibration": {n: calibration_table(labels[:, k], candidate[:, k]) for k, n in enumerate(label_names)},
     }
 
 
@@ -125,9 +127,11 @@ def compare_with_champion(candidate_dir: str, test_dir: str, champion_dir: str |
 def summary_metrics(result: dict) -> dict[str, float]:
     """Flat scalars for KFP ``Metrics`` and MLflow: blessed, and per task AUCs, delta and p-values."""
     out = {"blessed": float(result["decision"]["blessed"]),
-           "has_champion": float(result["decision"]["has_champion"])}
+           "has_champion": float(result["decision"]["has_champion"]),
+           "funnel_consistency_rate": result["candidate"].get("funnel_consistency_rate")}
     for name in result["labels"]:
         out[f"{name}_auc"] = result["candidate"]["tasks"][name]["auc"]
+        out[f"{name}_funnel_consistency"] = result["candidate"]["tasks"][name]["funnel_consistency"]
         delong = result["comparison"][name]["delong"]
         if result["champion"] is not None:
             out[f"{name}_champion_auc"] = result["champion"]["tasks"][name]["auc"]
@@ -164,11 +168,25 @@ def render_report(result: dict) -> str:
             f"[{_fmt(d['ci_low'], '+.4f')}, {_fmt(d['ci_high'], '+.4f')}] | {_fmt(d['p_worse'], '.3g')} | "
             f"{_fmt(b['p_worse'], '.3g')} |"
         )
+    lines += _calibration_section(result)
     lines += ["", "## Candidate metrics", "", "```json",
               json.dumps(result["candidate"], indent=2, default=float), "```", ""]
     lines += ["## Rule", "", BlessingRule.from_dict(decision["rule"]).describe() + ".", "",
               f"`{json.dumps(decision['rule'])}`", ""]
     return "\n".join(lines)
+
+
+def _calibration_section(result: dict) -> list[str]:
+    """Per step: the candidate's reliability table after recalibration, and its funnel consistency."""
+    rate = result["candidate"].get("funnel_consistency_rate")
+    lines = ["", "## Calibration after recalibration", "",
+             f"Funnel consistency rate (rows with f_i <= f_(i-1) at every step): {_fmt(rate)}", ""]
+    for name in result["labels"]:
+        lines += [f"### {name}", "", "| bin | mean predicted | observed rate | rows |", "|---|---|---|---|"]
+        lines += [f"| {i + 1} | {row['predicted']:.5f} | {row['observed']:.5f} | {row['rows']} |"
+                  for i, row in enumerate(result.get("calibration", {}).get(name, []))]
+        lines.append("")
+    return lines
 
 
 def write_outputs(result: dict, out_dir: str) -> dict[str, str]:

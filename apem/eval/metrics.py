@@ -38,6 +38,24 @@ def calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> 
     return float(total / y.size)
 
 
+def calibration_table(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> list[dict]:
+    """Reliability table over ``bins`` equal-count bins (the bins of :func:`calibration_error`):
+    per bin the mean prediction, the observed rate and the rows, lowest predictions first."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    return [{"predicted": float(p[chunk].mean()), "observed": float(y[chunk].mean()), "rows": int(chunk.size)}
+            for chunk in np.array_split(order, min(bins, y.size)) if chunk.size]
+
+
+def funnel_consistency_rate(probs: np.ndarray) -> float:
+    """Share of rows consistent at every step: f_i <= f_{i-1} for all i (NaN without rows)."""
+    p = np.asarray(probs)
+    if p.shape[0] == 0:
+        return float("nan")
+    return float((p[:, 1:] <= p[:, :-1]).all(axis=1).mean())
+
+
 def funnel_consistency(probs: np.ndarray) -> np.ndarray:
     """Per step, the share of rows with f_i <= f_{i-1} (1.0 for the first step, which has no predecessor)."""
     p = np.asarray(probs)
@@ -53,7 +71,7 @@ def evaluate_predictions(labels: np.ndarray, probs: np.ndarray, label_names) -> 
     previous step is positive (the "CVR-style" AUC; equal to ``auc`` for the first step);
     ``logloss``; ``calibration_error`` (see :func:`calibration_error`); ``funnel_consistency``
     (share of rows with f_i <= f_{i-1}); ``positives``, ``rows`` and ``subspace_rows``. NaN (no positives, or no
-    negatives) is written as null.
+    negatives) is written as null. Over all steps: ``funnel_consistency_rate`` (rows consistent at every step).
     """
     y = np.asarray(labels, dtype=np.float64)
     p = np.asarray(probs, dtype=np.float64)
@@ -75,4 +93,4 @@ def evaluate_predictions(labels: np.ndarray, probs: np.ndarray, label_names) -> 
             "subspace_rows": int(sub.sum()),
         }
         tasks[name] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in tasks[name].items()}
-    return {"tasks": tasks, "rows": int(len(y))}
+    return {"tasks": tasks, "rows": int(len(y)), "funnel_consistency_rate": funnel_consistency_rate(p)}

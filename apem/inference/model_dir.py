@@ -103,6 +103,14 @@ class LoadedModel:
         probs = predict(self.model, torch.from_numpy(self.encoder.transform(table)), batch_size=batch_size)
         return recalibrate_probs(probs, self.negative_rate) if recalibrate else probs.astype(np.float64)
 
+    def predict_frame(self, frame):
+        """A pandas DataFrame of feature rows -> a DataFrame with one column ``p_<label>`` per step
+        (recalibrated): what the registered MLflow model serves."""
+        import pandas as pd
+
+        probs = self.predict_table(pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False))
+        return pd.DataFrame(probs, columns=[f"p_{label}" for label in self.spec.labels])
+
     def check_spec(self, spec: DatasetSpec, source: str) -> None:
         check_same_spec(self.spec, spec, f"{source} vs model {self.model_dir}")
 
@@ -114,6 +122,15 @@ class LoadedModel:
         dataset = read_dataset(data_dir, funnel_policy="flag" if scoring else None, require_labels=not scoring)
         self.check_spec(dataset.spec, data_dir)
         return self.predict_table(dataset.table, recalibrate=recalibrate), dataset
+
+
+def feature_frame(table: pa.Table, features, rows: int | None = None):
+    """The feature columns of ``table`` as the plain pandas frame a client sends (strings, not the
+    dictionary-encoded categories Parquet gives back), the form a served model's signature expects."""
+    frame = table.select(list(features)).slice(0, rows).to_pandas()
+    for column in frame.select_dtypes("category").columns:
+        frame[column] = frame[column].astype(str)
+    return frame
 
 
 def _read_json(model_dir: str, name: str) -> dict:

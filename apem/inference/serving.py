@@ -10,7 +10,6 @@ P(T_i = 1 | X), recalibrated for the training negative rate.
 """
 
 import mlflow
-import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -21,13 +20,7 @@ class ApemServingModel(PythonModel):
         self.model = load_model(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params=None):
-        import pyarrow as pa
-
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame(model_input)
-        table = pa.Table.from_pandas(model_input, preserve_index=False)
-        probs = self.model.predict_table(table)
-        return pd.DataFrame(probs, columns=[f"p_{label}" for label in self.model.spec.labels])
+        return self.model.predict_frame(model_input)
 
 
 mlflow.models.set_model(ApemServingModel())

@@ -2,7 +2,10 @@
 
 A registered version is an MLflow "model from code": the code is ``apem/inference/serving.py`` (no
 pickled Python object) and the model directory (state_dict + JSON config + feature state, see
-``apem.inference.model_dir``) rides along as the artifact ``model_dir``. The champion is the version the
+``apem.inference.model_dir``) rides along as the artifact ``model_dir``. The ``apem`` package itself
+ships in the model (``code_paths``), so ``mlflow.pyfunc.load_model("models:/apem@champion")`` works
+where only mlflow and torch are installed. Each version is logged with a signature and an input
+example, into the training run when its id is known (its params and metrics then sit beside the model). The champion is the version the
 registry alias ``champion`` points at (aliases, not the deprecated stages).
 
 Locally the tracking URI is ``sqlite:///<dir>/mlflow.db`` and artifacts go to ``<dir>/artifacts``;
@@ -20,6 +23,7 @@ CHAMPION_ALIAS = "champion"
 DEFAULT_EXPERIMENT = "apem-daily-retrain"
 MODEL_DIR_ARTIFACT = "model_dir"
 SERVING_CODE = str(resources.files("apem.inference") / "serving.py")  # not imported here: it calls set_model
+APEM_SOURCE = str(resources.files("apem"))  # shipped whole as the model's code_paths
 # what the serving code imports; pinned to the versions running here so the registry's
 # requirements.txt matches the image (listing them avoids MLflow's slow requirement inference)
 SERVING_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "pyyaml")
@@ -102,32 +106,74 @@ def _pip_requirements() -> list[str]:
 def register_model(model_dir: str, tracking_uri: str, registered_model_name: str,
                    experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
                    params: dict | None = None, metrics: dict | None = None,
-                   tags: dict | None = None) -> RegisteredVersion:
-    """Log ``model_dir`` as a models-from-code pyfunc in a new run and register it as a new version."""
+                   tags: dict | None = None, version_tags: dict | None = None, run_id: str | None = None,
+                   input_example=None, texts: dict | None = None) -> RegisteredVersion:
+    """Log ``model_dir`` as a models-from-code pyfunc and register it as a new version.
+
+    ``run_id``: log into that (training) run instead of a new run in ``experiment``.
+    ``input_example`` (a DataFrame of feature rows) also yields the signature. ``texts``: extra
+    artifacts of the run, path -> text (the evaluation report). ``version_tags`` are set when the
+    version is created (one call), so a version is never seen without them: push finds an earlier
+    registration of the same candidate by its digest tag.
+    """
     import mlflow
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: model directory not found")
     with tracking(tracking_uri) as client:
-        experiment_id = ensure_experiment(client, experiment, tracking_uri)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-            if params:
-                mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-            if metrics:
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            if tags:
-                mlflow.set_tags(tags)
+        where = {"run_id": run_id} if run_id else {
+            "experiment_id": ensure_experiment(client, experiment, tracking_uri), "run_name": run_name}
+        with mlflow.start_run(**where) as run:
+            _log_run_details(params, metrics, tags, texts)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=SERVING_CODE,
                 artifacts={MODEL_DIR_ARTIFACT: os.path.abspath(model_dir)},
+                code_paths=[APEM_SOURCE],
                 pip_requirements=_pip_requirements(),
-                registered_model_name=registered_model_name,
+                input_example=input_example,
+                signature=None if input_example is None else serving_signature(model_dir, input_example),
             )
+        version = mlflow.register_model(info.model_uri, registered_model_name,
+                                        tags={k: str(v) for k, v in (version_tags or {}).items()})
         return RegisteredVersion(
-            name=registered_model_name, version=str(info.registered_model_version),
-            run_id=run.info.run_id, model_uri=f"models:/{registered_model_name}/{info.registered_model_version}",
+            name=registered_model_name, version=str(version.version),
+            run_id=run.info.run_id, model_uri=f"models:/{registered_model_name}/{version.version}",
         )
+
+
+def _log_run_details(params: dict | None, metrics: dict | None, tags: dict | None, texts: dict | None) -> None:
+    import mlflow
+
+    if params:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    if metrics:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    if tags:
+        mlflow.set_tags(tags)
+    for path, text in (texts or {}).items():
+        mlflow.log_text(text, path)
+
+
+def serving_signature(model_dir: str, input_example):
+    """The pyfunc's signature: the example's feature columns in, one ``p_<label>`` per step out."""
+    from mlflow.models import infer_signature
+
+    from apem.inference.model_dir import load_model
+
+    return infer_signature(input_example, load_model(model_dir).predict_frame(input_example))
+
+
+def find_version(tracking_uri: str, registered_model_name: str, tag: str, value: str) -> RegisteredVersion | None:
+    """The first version of ``registered_model_name`` tagged ``tag=value``; None when there is none."""
+    with tracking(tracking_uri) as client:
+        versions = client.search_model_versions(f"name='{registered_model_name}'")
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        if version.tags.get(tag) == value:
+            return RegisteredVersion(name=registered_model_name, version=str(version.version),
+                                     run_id=version.run_id,
+                                     model_uri=f"models:/{registered_model_name}/{version.version}")
+    return None
 
 
 def set_champion(tracking_uri: str, registered_model_name: str, version: str) -> None:

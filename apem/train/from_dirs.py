@@ -64,7 +64,8 @@ def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str 
     encoder = FeatureEncoder(train_ds.spec, numerical_encoding=numerical_encoding).fit(train_ds)
     train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
     model = build_model(model_name, encoder.fields, len(train_ds.spec.labels), model_overrides, loss_overrides)
-    result = fit(model, train, val, config, encoder_hash=json_hash(encoder.to_dict()))
+    result = fit(model, train, val, config, encoder_hash=json_hash(encoder.to_dict()),
+                 task_names=list(train_ds.spec.labels))
     meta = {"negative_rate": negative_rate, "train_rows": len(train), "val_rows": len(val),
             "train_dir": os.path.abspath(train_dir), "val_dir": os.path.abspath(val_dir),
             "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
@@ -73,8 +74,9 @@ def train_from_dirs(train_dir: str, val_dir: str, out_dir: str, model_name: str 
     model_dir = save_model(out_dir, model.cpu(), encoder, train_ds.spec, extra_meta=meta,
                            overwrite=overwrite)
     remove_checkpoint(config.checkpoint_dir)  # saved: nothing left to resume, nothing to mistake for another run's
-    if config.mlflow_tracking_uri:
-        tracking.log_model_dir_and_end(model_dir)
+    run_id = tracking.log_model_dir_and_end(model_dir) if config.mlflow_tracking_uri else None
+    best = next((r for r in result.history if r.get("epoch") == result.best_epoch), {})
     return {"model_dir": model_dir, "model": model_name, "negative_rate": negative_rate,
             "numerical_encoding": numerical_encoding,
-            "train_rows": len(train), "val_rows": len(val), **result.to_dict()}
+            "train_rows": len(train), "val_rows": len(val), "mlflow_run_id": run_id, **result.to_dict(),
+            **tracking.task_metric_names("best_val_auc", best.get("val_auc", []), list(train_ds.spec.labels))}

@@ -216,8 +216,9 @@ class _Loop:
 
 
 def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, config: TrainConfig,
-        encoder_hash: str = "") -> TrainResult:
+        encoder_hash: str = "", task_names: list[str] | None = None) -> TrainResult:
     """Train ``model`` with Adam; return the history and leave the best-validation state loaded.
+    ``task_names`` (the spec's labels) name the per-task metrics logged to MLflow.
 
     The per-step contract is model-agnostic: ``set_training_progress(step, total_steps)``,
     ``model(x)``, ``model.loss(output, y)``. Without ``val`` the last epoch is the best one.
@@ -243,7 +244,7 @@ def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, conf
         record = loop.run_epoch(epoch)
         loop.end_epoch(record, val)
         if run is not None:
-            tracking.log_epoch(record, epoch)
+            tracking.log_epoch(record, epoch, task_names)
         if ckpt_path:
             save_checkpoint(ckpt_path, model, loop.optimizer, loop.progress, loop.best_state, identity)
         if val is not None and loop.progress.bad_epochs >= patience:

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from apem.eval.metrics import auc, calibration_error, evaluate_predictions, funnel_consistency, logloss
+from apem.eval.metrics import (auc, calibration_error, calibration_table, evaluate_predictions, funnel_consistency,
+                               funnel_consistency_rate, logloss)
 
 
 def test_auc_rank_formula_with_ties():
@@ -24,6 +25,20 @@ def test_logloss_and_calibration_error_known_values():
 def test_funnel_consistency_share():
     probs = np.array([[0.5, 0.4, 0.5], [0.2, 0.3, 0.1], [0.3, 0.3, 0.3], [0.9, 0.1, 0.05]])
     assert funnel_consistency(probs).tolist() == [1.0, 0.75, 0.75]
+    # rows consistent at every step: only the last row (0.5>=0.4 but 0.4<0.5; 0.2<0.3; 0.3=0.3=0.3 is)
+    assert funnel_consistency_rate(probs) == pytest.approx(0.5)
+    assert np.isnan(funnel_consistency_rate(np.zeros((0, 3))))
+
+
+def test_calibration_table_bins_are_equal_count_and_reproduce_the_calibration_error():
+    rng = np.random.default_rng(1)
+    p = rng.random(1000) * 0.2
+    y = (rng.random(p.size) < p).astype(float)
+    table = calibration_table(y, p, bins=10)
+    assert [row["rows"] for row in table] == [100] * 10
+    assert [row["predicted"] for row in table] == sorted(row["predicted"] for row in table)
+    ece = sum(row["rows"] * abs(row["predicted"] - row["observed"]) for row in table) / p.size
+    assert ece == pytest.approx(calibration_error(y, p, bins=10))
 
 
 def test_evaluate_predictions_structure_and_subspace_auc():
@@ -38,6 +53,7 @@ def test_evaluate_predictions_structure_and_subspace_auc():
     assert convert["auc_subspace"] == 1.0 and convert["subspace_rows"] == 4
     assert convert["funnel_consistency"] == pytest.approx(5 / 6)
     assert convert["positives"] == 2
+    assert out["funnel_consistency_rate"] == pytest.approx(5 / 6)
     json.dumps(out)
 
 

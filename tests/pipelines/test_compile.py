@@ -12,18 +12,38 @@ from kfp.components import load_component_from_file
 import apem_kfp.components
 from apem.cli.main import main
 from apem_kfp.components.compile_components import compile_components
+from apem_kfp.pipelines import configs
 from apem_kfp.pipelines import daily_retrain as dr
 
 COMPONENT_DIR = os.path.dirname(os.path.abspath(apem_kfp.components.__file__))
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ir") / "daily_retrain.yaml")
-    assert main(["pipeline", "compile", "--out", out]) == 0
-    with open(out) as fh:
+def read_ir(path):
+    with open(path) as fh:
         pipeline_spec, platform_spec = yaml.safe_load_all(fh)
     return pipeline_spec, platform_spec
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The cluster flavour, compiled by the CLI the way a user does before uploading it."""
+    out = str(tmp_path_factory.mktemp("ir") / "daily_retrain.yaml")
+    assert main(["pipeline", "compile", "--out", out]) == 0
+    return read_ir(out)
+
+
+@pytest.fixture(scope="module")
+def compiled_local(tmp_path_factory):
+    return read_ir(dr.compile_pipeline(str(tmp_path_factory.mktemp("ir") / "local.yaml"), on_cluster=False))
+
+
+def tasks_by_name(spec):
+    """Every task of the IR, wherever it is nested (exit handler, condition): name -> (its DAG, spec)."""
+    found = {name: ("root", task) for name, task in spec["root"]["dag"]["tasks"].items()}
+    for component, body in spec["components"].items():
+        for name, task in body.get("dag", {}).get("tasks", {}).items():
+            found[name] = (component, task)
+    return found
 
 
 def topological_order(tasks):
@@ -36,11 +56,11 @@ def topological_order(tasks):
     return tuple(order)
 
 
-def test_six_tasks_in_order_without_conditions(compiled):
-    spec, _ = compiled
+def test_local_flavour_six_tasks_in_order_without_conditions(compiled_local):
+    spec, _ = compiled_local
     tasks = spec["root"]["dag"]["tasks"]
     assert topological_order(tasks) == dr.TASK_ORDER == ("ingest", "validate", "split", "train", "evaluate", "push")
-    assert all("triggerPolicy" not in t for t in tasks.values())  # the gate is inside push
+    assert all("triggerPolicy" not in t for t in tasks.values())  # kfp.local: the gate is inside push
     assert all(t["cachingOptions"] == {} or not t["cachingOptions"].get("enableCache") for t in tasks.values())
     # artifacts flow along the chain
     assert tasks["train"]["inputs"]["artifacts"]["splits"]["taskOutputArtifact"]["producerTask"] == "split"
@@ -50,13 +70,66 @@ def test_six_tasks_in_order_without_conditions(compiled):
     assert schedule_time == dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
 
 
+def test_cluster_flavour_wraps_the_run_in_an_exit_handler_that_notifies(compiled):
+    spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "notify"}
+    notify = root["notify"]
+    assert notify["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}  # runs on failure too
+    assert notify["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert notify["inputs"]["parameters"]["webhook_url"] == {"componentInputParameter": "webhook_url"}
+    inside = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"ingest", "validate", "split", "train", "evaluate"} <= set(inside)
+
+
+def test_cluster_flavour_runs_push_under_the_blessed_condition(compiled):
+    spec, _ = compiled
+    tasks = tasks_by_name(spec)
+    push_dag, _ = tasks["push"]
+    gate = [task for name, (_, task) in tasks.items() if task["componentRef"]["name"] == push_dag]
+    assert len(gate) == 1
+    condition = gate[0]["triggerPolicy"]["condition"]
+    assert "evaluate-blessed" in condition and condition.endswith("== true")
+    assert tasks["evaluate"][1]["taskInfo"]["name"] == "evaluate"
+    assert "blessed" in spec["components"]["comp-evaluate"]["outputDefinitions"]["parameters"]
+
+
+@pytest.mark.parametrize("flavour", ["compiled", "compiled_local"])
+def test_retries_on_idempotent_tasks_only(flavour, request):
+    spec, _ = request.getfixturevalue(flavour)
+    tasks = tasks_by_name(spec)
+    assert {"ingest", "validate", "split", "train"} <= set(configs.RETRIED_TASKS)
+    for name in configs.RETRIED_TASKS:
+        assert tasks[name][1]["retryPolicy"] == {
+            "maxRetryCount": configs.RETRY.num_retries, "backoffDuration": configs.RETRY.backoff_duration,
+            "backoffFactor": configs.RETRY.backoff_factor, "backoffMaxDuration": configs.RETRY.backoff_max_duration,
+        }, name
+    if "notify" in tasks:  # a retried alert would post twice
+        assert "retryPolicy" not in tasks["notify"][1]
+
+
+def test_every_task_has_requests_limits_and_a_timeout(compiled):
+    spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{name}" for name in (*dr.TASK_ORDER, "notify")}
+    for executor, body in executors.items():
+        wanted = configs.TASK_RESOURCES[executor[len("exec-"):]]
+        resources = body["container"]["resources"]
+        assert resources["resourceCpuRequest"] == wanted.cpu_request, executor
+        assert resources["resourceCpuLimit"] == wanted.cpu_limit, executor
+        assert resources["resourceMemoryRequest"] == wanted.memory_request, executor
+        assert resources["resourceMemoryLimit"] == wanted.memory_limit, executor
+        assert k8s[executor]["activeDeadlineSeconds"] == str(wanted.timeout_seconds), executor
+
+
 def test_train_requests_a_gpu_node(compiled):
     spec, platform = compiled
     resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert int(resources["accelerator"]["resourceCount"]) == 1
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(k8s) == {"exec-train"}  # only train goes to a GPU node
+    assert [name for name, body in k8s.items() if "nodeSelector" in body] == ["exec-train"]  # only train
     assert k8s["exec-train"]["nodeSelector"]["labels"] == {dr.GPU_NODE_LABEL[0]: dr.GPU_NODE_LABEL[1]}
     assert k8s["exec-train"]["tolerations"] == [dr.GPU_TOLERATION]
     for name, executor in spec["deploymentSpec"]["executors"].items():
@@ -73,11 +146,14 @@ def test_parameters_present_with_types(compiled):
         "epochs": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER", "lr": "NUMBER_DOUBLE",
         "mlflow_tracking_uri": "STRING", "registered_model_name": "STRING", "serving_uri": "STRING",
         "alpha": "NUMBER_DOUBLE", "two_sided": "BOOLEAN", "primary_task": "STRING",
-        "primary_tolerance": "NUMBER_DOUBLE", "chance_margin": "NUMBER_DOUBLE",
+        "primary_tolerance": "NUMBER_DOUBLE", "chance_margin": "NUMBER_DOUBLE", "webhook_url": "STRING",
     }
     assert {k: params[k]["parameterType"] for k in expected} == expected
     assert params["run_date"]["defaultValue"] == ""  # empty: the day before the scheduled time
     assert params["alpha"]["defaultValue"] == 0.05
+    # configs.py is the one source of defaults
+    for name, value in configs.DEFAULTS.to_dict().items():
+        assert params[name].get("defaultValue", "") == value, name
 
 
 def test_committed_component_yamls_are_up_to_date(tmp_path):
@@ -95,9 +171,9 @@ def test_component_yaml_loads_and_matches_the_python_component(name):
     assert loaded.name == name
     assert loaded.component_spec.inputs.keys() == original.component_spec.inputs.keys()
     assert (loaded.component_spec.outputs or {}).keys() == (original.component_spec.outputs or {}).keys()
-    if name == "push":  # the YAML documents that the gate lives in the component
+    if name == "push":  # the YAML documents where the gate lives
         with open(path) as fh:
-            assert "dsl.Condition" in fh.read().split("\n\n")[0]
+            assert "dsl.If(evaluate.blessed == True)" in fh.read().split("\n\n")[0]
 
 
 def test_loaded_components_compose_into_another_pipeline(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from apem.cli.main import main
 from apem.dataplane.window import training_window
+from apem_kfp.pipelines import configs
 from apem_kfp.pipelines.kubeflow_runner import kfp_cron, recurring_run_arguments
 
 
@@ -77,8 +78,17 @@ def test_schedule_command_creates_a_daily_recurring_run(kfp_host, capsys):
     assert spec["pipelineInfo"]["name"] == "apem-daily-retrain"
     platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]
     assert "exec-train" in platform["deploymentSpec"]["executors"]  # the GPU node placement goes too
-    ingest = spec["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"]["schedule_time"]
+    ingest = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"]["schedule_time"]
     assert ingest["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
+
+
+def test_schedule_with_an_environment_takes_its_parameters_and_param_wins(kfp_host):
+    assert sorted(configs.ENVIRONMENTS) == ["dev", "prod"]  # the choices of --env
+    assert main(["pipeline", "schedule", "--host", kfp_host, "--env", "prod", "--param", "epochs=3"]) == 0
+    run = {path: body for method, path, body in RecordingKFP.requests if method == "POST"}["/apis/v2beta1/recurringruns"]
+    params = run["runtime_config"]["parameters"]
+    assert params == {**configs.ENVIRONMENTS["prod"], "epochs": 3, "run_date": ""}
+    assert params["beam_runner"] == "DataflowRunner"
 
 
 def test_bad_schedule_input_is_a_clear_error(kfp_host, capsys):

@@ -44,6 +44,9 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
     note = capsys.readouterr().out
     assert "candidate BLESSED and promoted" in note, note
     assert f"mlflow ui --backend-store-uri {uri}" in note
+    assert "models:/apem@champion" in note and "statistics_html" in note
+    with open(os.path.join(reports, "status.md")) as fh:  # what the cluster's exit handler writes
+        assert fh.read().startswith("# OK: apem-daily-retrain SUCCEEDED")
     assert mlflow_registry.champion_version(uri, "apem") == "1"
     with open(os.path.join(reports, "evaluation.json")) as fh:
         first = json.load(fh)
@@ -73,3 +76,10 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
     assert sorted(os.listdir(serving)) == serving_before
     with open(os.path.join(reports, "push.md")) as fh:
         assert "not promoted" in fh.read()
+
+    # a failing run leaves the exit handler's alert: a run date with no logs fails ingest
+    assert main(["pipeline", "run-local", "--workdir", workdir, "--run-date", "2030-01-01", "--window-days", "1",
+                 *FIRST_RUN]) == 2
+    with open(os.path.join(workdir, "output", "reports", "2030-01-01", "status.md")) as fh:
+        status = fh.read()
+    assert status.startswith("# ALERT: apem-daily-retrain FAILED") and "failed task: `ingest`" in status

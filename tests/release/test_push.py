@@ -77,3 +77,38 @@ def test_serving_copy_to_gcs(tmp_path, tracking_uri, gcs_prefix):
     assert storage.read_bytes(f"{gcs_prefix}/v1/model.pt") == open(os.path.join(model, "model.pt"), "rb").read()
     pointer = json.loads(storage.read_bytes(f"{gcs_prefix}/{SERVING_POINTER}"))
     assert pointer["model_dir"] == f"{gcs_prefix}/v1" and pointer["version"] == "1"
+
+
+def test_push_re_executed_for_the_same_candidate_changes_nothing(tmp_path, tracking_uri):
+    serving = str(tmp_path / "serving")
+    push(make_model_dir(str(tmp_path / "m1"), "one"), {"blessed": True, "reasons": []}, tracking_uri, "apem-push",
+         serving)
+    candidate = make_model_dir(str(tmp_path / "m2"), "two")
+    decision = {"blessed": True, "reasons": [], "champion_version": "1"}
+    first = push(candidate, decision, tracking_uri, "apem-push", serving)
+    pointer = open(os.path.join(serving, SERVING_POINTER)).read()
+    with mlflow_registry.tracking(tracking_uri) as client:
+        alias_moved_at = client.get_registered_model("apem-push").last_updated_timestamp
+
+    again = push(candidate, decision, tracking_uri, "apem-push", serving)  # a retry of the same task
+    assert first["version"] == again["version"] == "2" and again["pushed"]
+    assert again["reasons"][0].startswith("already pushed") and again["previous_champion"] == "1"
+    with mlflow_registry.tracking(tracking_uri) as client:
+        assert sorted(str(v.version) for v in client.search_model_versions("name='apem-push'")) == ["1", "2"]
+        assert client.get_registered_model("apem-push").last_updated_timestamp == alias_moved_at
+    assert mlflow_registry.champion_version(tracking_uri, "apem-push") == "2"
+    assert open(os.path.join(serving, SERVING_POINTER)).read() == pointer  # the pointer was not rewritten
+
+
+def test_push_resumes_an_attempt_that_registered_but_did_not_move_the_alias(tmp_path, tracking_uri):
+    from apem.release.push import DIGEST_TAG, model_dir_digest
+
+    candidate = make_model_dir(str(tmp_path / "m1"), "one")
+    # an earlier attempt died right after registering: the version exists, the alias does not
+    mlflow_registry.register_model(candidate, tracking_uri, "apem-push",
+                                   version_tags={DIGEST_TAG: model_dir_digest(candidate)})
+    result = push(candidate, {"blessed": True, "reasons": [], "champion_version": None}, tracking_uri, "apem-push")
+    assert result["pushed"] and result["version"] == "1"
+    assert mlflow_registry.champion_version(tracking_uri, "apem-push") == "1"
+    with mlflow_registry.tracking(tracking_uri) as client:
+        assert [str(v.version) for v in client.search_model_versions("name='apem-push'")] == ["1"]

@@ -97,8 +97,11 @@ def test_train_from_dirs_reads_negative_rate_and_logs_to_mlflow(tmp_path):
         run = runs[0]
         assert run.data.params["model.name"] == "apem_wo_ld"
         assert "val_auc_mean" in run.data.metrics and "samples_per_s" in run.data.metrics
-        artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model")]
-        assert "model/weights.pt" in artifacts and "model/config.json" in artifacts
+        assert {"val_auc_click", "val_auc_authorize", "val_auc_convert"} <= set(run.data.metrics)  # named by task
+        assert summary["mlflow_run_id"] == run.info.run_id and "best_val_auc_convert" in summary
+        # "model_dir", not "model": push logs the registered pyfunc as "model" into this same run
+        artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model_dir")]
+        assert "model_dir/weights.pt" in artifacts and "model_dir/config.json" in artifacts
     finally:
         mlflow.set_tracking_uri(previous_uri)
 
