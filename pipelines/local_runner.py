@@ -169,7 +169,7 @@ def write_status(arguments: dict, state: str, error: str) -> str:
     failed_task = re.findall(r"Inner task failed: (.*)\.$", strip_ansi(error))
     status = dsl.PipelineTaskFinalStatus(
         state=state, pipeline_job_resource_name="local", error_code=None,
-        pipeline_task_name=failed_task[0] if failed_task else "", error_message=strip_ansi(error))
+        pipeline_task_name=failed_task[0].strip("'") if failed_task else "", error_message=strip_ansi(error))
     notify.python_func(status=status, run_date=arguments["run_date"], window_days=arguments["window_days"],
                        schedule_time="", webhook_url=arguments.get("webhook_url", ""), report=report)
     return report.path
