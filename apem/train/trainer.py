@@ -193,15 +193,18 @@ class _Loop:
             valid = [a for a in record["val_auc"] if np.isfinite(a)]
             record["val_auc_mean"] = float(np.mean(valid)) if valid else float("nan")
         score = record.get("val_auc_mean", float(record["epoch"]))  # without validation the last epoch is best
-        # Only an epoch that ends with the model's schedule settled (APEM: gamma at its floor, so f_D
-        # is binary) may become the best one, else early stopping restores a soft-selector model;
-        # the planned last epoch is always eligible, and unsettled epochs do not use up patience.
-        record["schedule_settled"] = self.model.schedule_settled()
-        eligible = record["schedule_settled"] or record["epoch"] == self.config.epochs - 1
-        if eligible and np.isfinite(score) and score > p.best_auc:
+        # Once the model's schedule settles (APEM: gamma at its floor, f_D binary), a best state from
+        # before that (a soft selector) is forgotten, so early stopping restores a sharp model; until
+        # it settles epochs compete as usual but use no patience. A run that never settles (the
+        # fixed-rate gamma on small data) behaves exactly as before.
+        settled = record["schedule_settled"] = self.model.schedule_settled()
+        best_record = next((h for h in p.history if h["epoch"] == p.best_epoch), None)
+        if settled and best_record is not None and not best_record.get("schedule_settled", True):
+            p.best_auc = -float("inf")
+        if np.isfinite(score) and score > p.best_auc:
             p.best_auc, p.best_epoch, p.bad_epochs = score, record["epoch"], 0
             self.best_state = cpu_state(self.model)
-        elif eligible:
+        elif settled:
             p.bad_epochs += 1
         p.history.append(record)
         p.next_epoch = record["epoch"] + 1

@@ -90,13 +90,13 @@ def test_bad_configs_raise():
 
 def _annealed(reading: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model("apem", FIELDS, 3, {**SMALL, "deselected_point": reading})
+    model = build_model("apem", FIELDS, 3, {**SMALL, "gamma_schedule": "planned", "deselected_point": reading})
     model.set_training_progress(60, 100)  # planned schedule, floor at 50 of 100 steps
     return model.eval()
 
 
 def test_model_schedule_follows_the_planned_steps_and_reports_when_settled():
-    model = build_model("apem", FIELDS, 3, {**SMALL, "gamma_floor_fraction": 0.25})
+    model = build_model("apem", FIELDS, 3, {**SMALL, "gamma_schedule": "planned", "gamma_floor_fraction": 0.25})
     model.set_training_progress(0, 400)
     assert float(model.gamma) == 10.0 and not model.schedule_settled()
     model.set_training_progress(99, 400)

@@ -19,7 +19,8 @@ READINGS = ["uniform_attention", "contributes_nothing"]
 
 def _model(step: int, **overrides) -> APEM:
     torch.manual_seed(0)
-    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, **overrides))
+    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, gamma_schedule="planned",
+                                        **overrides))
     with torch.no_grad():  # non-zero value/output biases, so their folding is exercised
         for p in (model.asrg.attention.b_value, model.asrg.attention.b_out):
             p.normal_(0, 0.5)
@@ -72,7 +73,8 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(reading):
     torch.manual_seed(0)
     x = _inputs(2048, seed=2)
     y = (torch.rand(2048, 1) < 0.3 + 0.4 * (x[:, :1] % 2)).float().expand(-1, 3).cumprod(dim=1).contiguous()
-    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, deselected_point=reading))
+    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, deselected_point=reading,
+                                        gamma_schedule="planned"))
     fit(model, EncodedData(x, y), None, TrainConfig(epochs=2, batch_size=256, lr=1e-2, progress=False, device="cpu"))
     assert model.schedule_settled()
     test_x = _inputs(1000, seed=3)

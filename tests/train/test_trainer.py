@@ -109,14 +109,14 @@ def test_train_from_dirs_reads_negative_rate_and_logs_to_mlflow(tmp_path):
 def test_best_epoch_is_chosen_only_after_the_selector_is_sharp(encoded):
     """On 4096 rows APEM's validation AUC peaks at epoch 0 (seed 0), when gamma is still ~3 (a soft
     f_D): without the schedule rule that epoch would be restored. With it (floor at half of the 3
-    planned epochs, reached in epoch 1) epoch 0 is not eligible, and the restored model is sharp."""
+    planned epochs, reached in epoch 1) the first settled epoch replaces it, and the restored model is sharp."""
     from apem.train.trainer import EncodedData
 
     _, train, val = encoded
     small_train = EncodedData(train.x[:4096], train.y[:4096])
     small_val = EncodedData(val.x[:4096], val.y[:4096])
     torch.manual_seed(0)
-    model = build_model("apem", [*encoded[0].fields], 3, SMALL)
+    model = build_model("apem", [*encoded[0].fields], 3, {**SMALL, "gamma_schedule": "planned"})
     result = fit(model, small_train, small_val,
                  TrainConfig(epochs=3, batch_size=512, patience=3, seed=0, progress=False, device="cpu"))
     settled = [record["schedule_settled"] for record in result.history]
