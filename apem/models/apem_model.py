@@ -197,6 +197,8 @@ class APEM(MultiTaskModel):
         c = self.config
         if self.training or not c.dynamic_activation or c.layer_input != "fields":
             return self
+        if self.embedding.dense_vectors is not None:  # dense_log: H depends on the value, not only the row
+            return self
         if rows is not None and rows * len(self.fields) < self.embedding.embedding.num_embeddings:
             return self
         return FoldedAPEM(self)

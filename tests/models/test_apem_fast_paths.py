@@ -94,3 +94,18 @@ def test_inference_module_only_in_eval_mode_with_fields_input():
     assert _model(0).eval().inference_module(few_rows + 1).__class__ is FoldedAPEM
     without_asrg = APEM(FIELDS, 3, APEM.Config(embed_dim=6, inducing_points=8, layers=3, dynamic_activation=False))
     assert without_asrg.eval().inference_module() is without_asrg
+
+
+def test_dense_numericals_predict_through_the_model_itself() -> None:
+    """dense_log inputs carry value columns after the F index columns; the lookup tables cover only
+    table rows, so such a model must predict through its own forward (and give the same numbers)."""
+    torch.manual_seed(0)
+    fields = FIELDS[:-1] + [FieldSpec("balance", 7, dense=True)]
+    model = APEM(fields, 3, APEM.Config(inducing_points=8, layers=2)).eval()
+    indices = torch.stack([torch.randint(0, f.cardinality, (4096,)) for f in fields], dim=1)
+    values = torch.randint(-50_000, 50_000, (4096, 1))  # the encoder's fixed-point signed_log column
+    x = torch.cat([indices, values], dim=1)
+    assert model.inference_module(rows=len(x)) is model
+    with torch.no_grad():
+        expected = model(x).probs.numpy()
+    torch.testing.assert_close(torch.from_numpy(predict(model, x)), torch.from_numpy(expected))
