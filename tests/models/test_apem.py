@@ -111,7 +111,7 @@ def test_model_schedule_follows_the_planned_steps_and_reports_when_settled():
 @pytest.mark.parametrize("reading", ["uniform_attention", "contributes_nothing"])
 def test_z_is_exactly_binary_after_annealing(reading):
     """At the floor gamma = 1e-3, f_D is exactly 0 or 1 for every selector logit outside (-5e-4, 5e-4)
-    (eq. 13 keeps its cubic there; with random weights about 1 logit in 1000 lands inside)."""
+    (eq. 13 keeps its cubic there; with random weights well under 1% of logits land inside, which the test bounds)."""
     model = _annealed(reading)
     x = _x(512)
     with torch.no_grad():
