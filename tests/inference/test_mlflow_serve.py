@@ -1,6 +1,6 @@
-"""Online serving as ``infra/base/serving.yaml`` runs it: ``mlflow models serve -m
-models:/<name>@champion --env-manager local`` on the pushed champion of a temp sqlite registry,
-on a loopback port. Rows POSTed to /invocations (``dataframe_split`` JSON) come back with the
+"""Online serving as ``infra/base/serving.yaml`` runs it: the Deployment's own command and arguments
+(``mlflow models serve --model-uri=models:/apem@champion --env-manager=local``), pointed at the
+pushed champion of a temp sqlite registry on a loopback port. Rows POSTed to /invocations (``dataframe_split`` JSON) come back with the
 probabilities ``apem predict`` writes for the same rows."""
 
 import json
@@ -40,16 +40,32 @@ def _wait_for_ping(url: str, proc: subprocess.Popen, timeout: float = 240.0) -> 
     raise RuntimeError(f"mlflow models serve did not answer {url} within {timeout}s")
 
 
+SERVING_MANIFEST = os.path.join(os.path.dirname(__file__), "..", "..", "infra", "base", "serving.yaml")
+
+
+def manifest_command(model_uri: str, port: int) -> list[str]:
+    """The serving Deployment's command line, with this test's model, a loopback port, one worker."""
+    import yaml
+
+    with open(SERVING_MANIFEST) as fh:
+        deployment = next(d for d in yaml.safe_load_all(fh) if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    here = {"--model-uri": model_uri, "--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
+    args = [f"{name}={here.get(name, value)}" for name, _, value in (a.partition("=") for a in container["args"])]
+    assert set(here) <= {a.partition("=")[0] for a in args}, args
+    return container["command"] + args
+
+
 @pytest.fixture(scope="module")
 def server(tiny_champion, tmp_path_factory):
     """The MLflow scoring server in its own process group, ended with the whole group."""
     port = _free_port()
     venv_bin = os.path.dirname(sys.executable)  # mlflow starts uvicorn from PATH, as in the image
-    mlflow_cli = os.path.join(venv_bin, "mlflow")
+    command = manifest_command(tiny_champion["model_uri"], port)
+    assert "--env-manager=local" in command
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     proc = subprocess.Popen(
-        [mlflow_cli, "models", "serve", "-m", tiny_champion["model_uri"], "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [os.path.join(venv_bin, command[0]), *command[1:]],
         env={**os.environ, "MLFLOW_TRACKING_URI": tiny_champion["tracking_uri"],
              "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
