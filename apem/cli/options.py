@@ -6,13 +6,15 @@ import argparse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` after an option's help, except where the help already says what the
-    default is, for required options and for on/off flags (off unless given)."""
+    """Shows ``(default: X)`` after an option's help, except where the help already has its own
+    ``(default ...)``, for required options and for on/off flags (off unless given)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.required or action.nargs == 0 or action.default is argparse.SUPPRESS:
+        if "(default" in text or action.required or action.nargs == 0 or action.default is argparse.SUPPRESS:
             return text
+        if action.default is None or action.default == []:  # unset: the help says what happens then
+            return text + " (default: none)"
         return super()._get_help_string(action)
 
 
