@@ -43,3 +43,16 @@ def test_registry_mistakes_are_one_line_errors(tiny_champion, tmp_path, one_line
     one_line_error(["predict", "--model", f"models:/{champion['name']}@nobody", *uri, *data], "@nobody")
     one_line_error(["predict", "--model", "models:/missing-model@champion", *uri, *data], "missing-model")
     one_line_error(["predict", "--model", "models:/", *uri, *data], "models:/<name>@<alias>")
+
+
+def test_evaluate_reads_the_registry_champion_too(tiny_champion, tmp_path):
+    import json
+
+    champion = tiny_champion
+    labelled = str(champion["root"] / "train")
+    by_dir, by_registry = str(tmp_path / "dir.json"), str(tmp_path / "registry.json")
+    assert main(["evaluate", "--model", champion["model_dir"], "--data", labelled, "--out", by_dir]) == 0
+    assert main(["evaluate", "--model", champion["model_uri"], "--mlflow-uri", champion["tracking_uri"],
+                 "--data", labelled, "--out", by_registry]) == 0
+    expected, got = (json.load(open(path)) for path in (by_dir, by_registry))
+    assert got["model_dir"] == champion["model_uri"] and got["tasks"] == expected["tasks"]
