@@ -135,8 +135,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from apem.eval.metrics import evaluate_predictions
+    from apem.release.mlflow_registry import is_registry_uri
 
-    local_model = () if args.model.startswith("models:/") else (args.model,)
+    local_model = () if is_registry_uri(args.model) else (args.model,)
     claim_output(args.out, METRICS_FILE, inputs=(*local_model, args.data), overwrite=args.overwrite)
     with _opened(args.model, args.mlflow_uri) as loaded:
         probs, dataset = loaded.predict_dataset(args.data, recalibrate=not args.no_recalibrate)
