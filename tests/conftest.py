@@ -83,3 +83,25 @@ _PREFIX_COUNTER = itertools.count()
 def gcs_prefix(gcs_bucket, request):
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
     return f"{gcs_bucket}/{name}-{next(_PREFIX_COUNTER)}"
+
+
+def _write_shards(table, spec, path, files: int, row_group_rows: int) -> str:
+    import pyarrow.parquet as pq
+
+    from apem.data.atomic import SUCCESS_MARKER
+
+    os.makedirs(path, exist_ok=True)
+    per_file = -(-table.num_rows // files)
+    for i in range(files):
+        pq.write_table(table.slice(i * per_file, per_file), os.path.join(path, f"part-{i:05d}.parquet"),
+                       row_group_size=row_group_rows)
+    spec.write(str(path))
+    open(os.path.join(path, SUCCESS_MARKER), "wb").close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    """``write_shards(table, spec, path, files, row_group_rows)``: a dataset directory of ``files``
+    Parquet files with several row groups each (as the Beam split writes them); returns the path."""
+    return _write_shards
