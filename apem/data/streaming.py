@@ -43,6 +43,7 @@ class Unit:
     file: str
     row_group: int
     rows: int
+    bytes: int = 0  # the row group's uncompressed size (identifies its content in a checkpoint's run identity)
 
 
 def dataset_files(path: str) -> list[str]:
@@ -76,8 +77,9 @@ def list_units(path: str, spec: DatasetSpec) -> list[Unit]:
         parquet = open_parquet(file, spec)
         validate_schema(spec, parquet.schema_arrow, file)
         meta = parquet.metadata
-        units.extend(Unit(file, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
-                     if meta.row_group(g).num_rows)
+        groups = (meta.row_group(g) for g in range(meta.num_row_groups))
+        units.extend(Unit(file, g, group.num_rows, group.total_byte_size) for g, group in enumerate(groups)
+                     if group.num_rows)
     return units
 
 

@@ -16,6 +16,7 @@ which one it has.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
@@ -97,6 +98,6 @@ class StreamingData(IterableDataset):
     def fingerprint(self) -> str:
         """The files' row groups and what decides the order (settings, workers): a checkpoint of
         another dataset or another reading order is not resumed."""
-        units = [(os.path.basename(u.file), u.row_group, u.rows) for u in self.units]
+        units = [(os.path.basename(u.file), u.row_group, u.rows, u.bytes) for u in self.units]
         return json_hash({"units": units, "rows": self.rows, "workers": self.workers,
-                          "settings": self.settings.__dict__, "columns": self.columns})
+                          "settings": asdict(self.settings), "columns": self.columns})

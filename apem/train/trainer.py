@@ -3,9 +3,9 @@
 Training data is anything with the :class:`TrainingData` methods: :class:`EncodedData` (pre-encoded
 tensors in memory, mini-batches taken through one ``randperm`` per epoch) or
 :class:`apem.train.streaming.StreamingData` (Parquet row groups read, encoded and shuffled in a
-bounded buffer). There is no per-row Python in encoding or in the hot loop. Each epoch ends with a validation pass (early
-stopping on the mean validation AUC over tasks) and a checkpoint that ``resume`` continues from
-with the same result as an uninterrupted run.
+bounded buffer). There is no per-row Python in encoding or in the hot loop. Each epoch ends with a
+validation pass (early stopping on the mean validation AUC over tasks) and a checkpoint that
+``resume`` continues from with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
