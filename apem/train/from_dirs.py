@@ -23,8 +23,10 @@ from apem.train.trainer import TrainConfig, TrainingData, encode_dataset, fit, s
 TRAINING_PARAM_KEYS = ("numerical_encoding", "embedding_l2", "embedding_l2_fields", "data_loading",
                        "loader_workers")
 # ``data_loading="auto"`` streams a training set of at least this many rows and keeps smaller ones
-# in memory. Measured with benchmarks/bench_streaming.py (see the README): streaming trains at the
-# in-memory rate, so the threshold is set by memory, not speed: 2M rows are ~280 MB encoded.
+# in memory. benchmarks/bench_streaming.py (README): on the CPU streaming trains at the in-memory
+# rate and its peak memory is flat, while in-memory grows (652 MB at 1M rows, 1.2 GB at 3M). Below
+# 2M rows in-memory costs at most ~1 GB and skips the per-epoch re-encode (one reader encodes
+# ~190k rows/s, slower than a GPU trains), so small sets stay in memory.
 AUTO_STREAMING_ROWS = 2_000_000
 
 
