@@ -18,6 +18,7 @@ Nothing here knows about torch or models: a pass yields numpy ``(x, y)`` batches
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from apem.data.encoding import DEFAULT_RESERVOIR_ROWS, FeatureEncoder
 from apem.data.spec import (SPEC_FILE, Dataset, DatasetError, DatasetSpec, funnel_violations, validate_labels,
                              validate_schema)
 
+_LOG = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 65_536
 DEFAULT_INTERLEAVE = 4  # units read round-robin, so one buffer mixes rows from several row groups
 
@@ -83,9 +85,10 @@ def list_units(path: str, spec: DatasetSpec) -> list[Unit]:
     return units
 
 
-def read_unit(unit: Unit, spec: DatasetSpec, columns: Iterable[str],
-              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pa.Table]:
+def read_unit(unit: Unit, spec: DatasetSpec, columns: Iterable[str], chunk_rows: int = DEFAULT_CHUNK_ROWS,
+              dropped: dict[str, int] | None = None) -> Iterator[pa.Table]:
     """The unit's rows in chunks of at most ``chunk_rows``, labels checked and the funnel policy applied.
+    ``dropped`` (optional) accumulates the rows a ``drop`` policy removed, per step pair.
     Lazy: the file is opened at the first ``next``."""
     parquet = open_parquet(unit.file, spec)
     name = f"{unit.file} (row group {unit.row_group})"
@@ -97,6 +100,9 @@ def read_unit(unit: Unit, spec: DatasetSpec, columns: Iterable[str],
         if mask.any() and spec.funnel_policy == "reject":
             raise DatasetError(f"{name}: {int(mask.sum())} row(s) violate the funnel order {list(spec.labels)} "
                                f"({by_step}); fix the data or set funnel_policy: drop")
+        if dropped is not None and mask.any():
+            for pair, count in by_step.items():
+                dropped[pair] = dropped.get(pair, 0) + count
         yield table.filter(pa.array(~mask)) if mask.any() else table
 
 
@@ -228,14 +234,20 @@ def fit_encoder_streaming(path: str, encoder: FeatureEncoder, settings: StreamSe
     spec = encoder.spec
     units = list_units(path, spec) if units is None else units
 
+    dropped: dict[str, int] = {}
+
     def chunks(columns: list[str]) -> Iterator[pa.Table]:
         wanted = list(spec.labels) + [c for c in columns if c not in spec.labels]
+        dropped.clear()  # a second pass (quantile codes) drops the same rows again
         for unit in units:
-            yield from read_unit(unit, spec, wanted, settings.chunk_rows)
+            yield from read_unit(unit, spec, wanted, settings.chunk_rows, dropped)
 
     rows = encoder.fit_chunks(chunks, reservoir_rows)
     if rows == 0:
         raise DatasetError(f"{path}: dataset has no rows")
+    if dropped:
+        _LOG.warning("%s: dropped row(s) violating the funnel order (per step pair: %s); every epoch drops them too",
+                     path, {k: v for k, v in dropped.items() if v})
     return rows
 
 

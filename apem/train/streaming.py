@@ -84,8 +84,10 @@ class StreamingData(IterableDataset):
         self.epoch, self.batch_size, self.seed = epoch, batch_size, seed
         if self.workers == 0:
             return iter(self)
+        # its own generator: starting workers draws a seed, which must not move the global RNG (dropout, init)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return iter(DataLoader(self, batch_size=None, num_workers=self.workers, prefetch_factor=2,
-                               persistent_workers=False))
+                               persistent_workers=False, generator=generator))
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every row once, in file order, in chunks of :data:`EVAL_CHUNK_ROWS` (validation)."""

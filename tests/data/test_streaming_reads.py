@@ -110,13 +110,16 @@ def test_interleave_keeps_at_most_width_streams_open():
     assert out == ["a0", "b0", "a1", "b1", "c0", "c1"] and opened == ["a", "b", "c"]
 
 
-def test_funnel_policy_applies_chunk_by_chunk(tmp_path, write_shards):
+def test_funnel_policy_applies_chunk_by_chunk(tmp_path, write_shards, caplog):
     spec = DatasetSpec(time_column="t", labels=("a", "b"), categorical=("c",), numerical=("n",), funnel_policy="drop")
     table = pa.table({"t": pa.array([0] * 4, pa.timestamp("s")), "a": [1, 0, 1, 0], "b": [1, 1, 0, 0],
                       "c": ["x", "y", "x", "y"], "n": [1.0, 2.0, 3.0, 4.0]})
     path = write_shards(table, spec, tmp_path / "drop", files=1, row_group_rows=2)
     kept = pa.concat_tables(t for u in list_units(path, spec) for t in read_unit(u, spec, ["a", "b", "n"]))
     assert kept.column("n").to_pylist() == [1.0, 3.0, 4.0]
+    with caplog.at_level("WARNING"):
+        assert fit_encoder_streaming(path, FeatureEncoder(spec)) == 3
+    assert "dropped row(s) violating the funnel order (per step pair: {'a>b': 1})" in caplog.text
     rejecting = DatasetSpec(**{**spec.to_dict(), "funnel_policy": "reject", "labels": ("a", "b"),
                                "categorical": ("c",), "numerical": ("n",)})
     rejecting.write(path)

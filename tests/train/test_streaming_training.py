@@ -22,6 +22,15 @@ from apem.train.streaming import EncodeRows, StreamingData
 from apem.train.trainer import TrainConfig, encode_dataset, fit
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def keep_global_rng():
+    """Leave torch's global RNG as found: later modules' tests build models from it (their init)."""
+    state = torch.random.get_rng_state()
+    yield
+    torch.random.set_rng_state(state)
+
 ROWS = 6_000
 SETTINGS = StreamSettings(chunk_rows=500, interleave=2, buffer_rows=2_048)  # buffer well below the row count
 
