@@ -6,9 +6,10 @@ few units interleaved at a time, each in chunks of ``chunk_rows`` rows. A chunk 
 :func:`apem.data.spec.read_dataset` validates a file (schema, 0/1 labels) and the spec's funnel
 policy is applied to it (``drop`` removes violating rows, ``reject`` raises naming the file).
 
-Memory held at any time is bounded by the settings, not by the row count: the open units' current
-chunks (``interleave`` x ``chunk_rows`` decoded rows) plus the :class:`ShuffleBuffer`
-(``capacity`` encoded rows and at most as much again while it emits). A ``gs://`` file is read into
+Memory held at any time is bounded by the settings and the row-group size, not by the row count:
+the open units' current chunks (``interleave`` x ``chunk_rows`` decoded rows, plus what pyarrow
+buffers of each open row group) and the :class:`ShuffleBuffer` (``capacity`` encoded rows and at
+most as much again while it emits). A ``gs://`` file is read into
 memory whole while its units are read (one file per open unit), so cloud shards should stay at the
 ~1M rows :func:`apem.data.spec.write_dataset` and the Beam split write.
 
