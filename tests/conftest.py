@@ -127,3 +127,25 @@ def tiny_champion(tmp_path_factory):
     assert outcome["pushed"], outcome
     return {"tracking_uri": tracking_uri, "name": CHAMPION_NAME, "model_uri": f"models:/{CHAMPION_NAME}@champion",
             "model_dir": model_dir, "unlabelled": str(root / "unlabelled"), "rows": rows, "root": root}
+
+
+def _write_shards(table, spec, path, files: int, row_group_rows: int) -> str:
+    import pyarrow.parquet as pq
+
+    from apem.data.atomic import SUCCESS_MARKER
+
+    os.makedirs(path, exist_ok=True)
+    per_file = -(-table.num_rows // files)
+    for i in range(files):
+        pq.write_table(table.slice(i * per_file, per_file), os.path.join(path, f"part-{i:05d}.parquet"),
+                       row_group_size=row_group_rows)
+    spec.write(str(path))
+    open(os.path.join(path, SUCCESS_MARKER), "wb").close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    """``write_shards(table, spec, path, files, row_group_rows)``: a dataset directory of ``files``
+    Parquet files with several row groups each (as the Beam split writes them); returns the path."""
+    return _write_shards

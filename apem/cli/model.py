@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-rate", type=float, default=None,
                    help="training negative sampling rate (default: from ../split.json next to --train, else 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data-loading", choices=("auto", "memory", "streaming"), default="auto",
+                   help="memory: encode the whole training set once; streaming: read Parquet row groups "
+                        "through a bounded shuffle buffer (bounded memory); auto: streaming from 2M training rows")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader processes that read and encode a streamed training set (0: the trainer itself)")
     add_feature_options(p)
     add_overwrite_flag(p)
     p.set_defaults(handler=run_train)
@@ -112,12 +117,13 @@ def run_train(args: argparse.Namespace) -> int:
     from apem.train.from_dirs import train_from_dirs
     from apem.train.trainer import TrainConfig
 
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.patience < 1:
-        raise CommandError("--epochs and --batch-size must be >= 1, --lr > 0 and --patience >= 1")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.patience < 1 or args.loader_workers < 0:
+        raise CommandError("--epochs and --batch-size must be >= 1, --lr > 0, --patience >= 1 and --loader-workers >= 0")
     features = feature_settings(args)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device, patience=args.patience, num_threads=args.threads,
                          mlflow_tracking_uri=args.mlflow_uri, resume=args.resume,
+                         data_loading=args.data_loading, loader_workers=args.loader_workers,
                          embedding_l2=features["embedding_l2"], embedding_l2_fields=features["embedding_l2_fields"])
     try:
         summary = train_from_dirs(args.train, args.val, args.out, model_name=args.model, config=config,
@@ -128,7 +134,7 @@ def run_train(args: argparse.Namespace) -> int:
     last = summary["history"][-1] if summary["history"] else {}
     print(json.dumps({"model_dir": summary["model_dir"], "best_epoch": summary["best_epoch"],
                       "best_val_auc_mean": summary["best_val_auc"], "epochs_run": len(summary["history"]),
-                      "numerical_encoding": summary["numerical_encoding"],
+                      "numerical_encoding": summary["numerical_encoding"], "data_loading": summary["data_loading"],
                       "last_epoch_samples_per_s": last.get("samples_per_s")}, indent=2))
     return 0
 
