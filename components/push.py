@@ -36,8 +36,10 @@ def push(
     data window, ``split.json``, verdict).
 
     Idempotent, hence retried: a re-executed push of the same candidate registers nothing new and
-    moves no alias (``apem.release.push``). The evaluation and push reports are also kept under
-    ``<output_root>/reports/<report_date>/``.
+    moves no alias (``apem.release.push``). The evaluation report, the push report and its outcome
+    (``push.json``: ``pushed``, ``version``, ``reasons``) are also kept per run under
+    ``<output_root>/reports/<report_date>/<kfp_run_id>/``, and ``reports/latest.json`` points at
+    that folder (``apem.release.reports``), so two runs of one day never overwrite each other.
     """
     import json
 
@@ -46,6 +48,7 @@ def push(
     from apem.release.lineage import registration_for
     from apem.release.push import push as run_push
     from apem.release.push import render_report
+    from apem.release.reports import point_latest, run_report_dir
 
     with open(evaluation.path) as fh:
         result = json.load(fh)
@@ -61,7 +64,9 @@ def push(
     if outcome["version"]:
         metrics.log_metric("version", float(outcome["version"]))
     if output_root:
-        folder = storage.join(output_root, "reports", report_date or "latest")
+        folder = run_report_dir(output_root, report_date, kfp_run_id)
         storage.write_bytes(storage.join(folder, "evaluation.json"), json.dumps(result, default=float).encode())
         storage.write_bytes(storage.join(folder, "push.md"), text.encode())
+        storage.write_bytes(storage.join(folder, "push.json"), json.dumps(outcome, indent=2, default=str).encode())
+        point_latest(output_root, report_date, kfp_run_id)
     print(text)
