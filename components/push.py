@@ -43,12 +43,11 @@ def push(
     """
     import json
 
-    from apem.data import storage
     from apem.eval.comparison import summary_metrics
     from apem.release.lineage import registration_for
     from apem.release.push import push as run_push
     from apem.release.push import render_report
-    from apem.release.reports import point_latest, run_report_dir
+    from apem.release.reports import write_run_reports
 
     with open(evaluation.path) as fh:
         result = json.load(fh)
@@ -64,9 +63,7 @@ def push(
     if outcome["version"]:
         metrics.log_metric("version", float(outcome["version"]))
     if output_root:
-        folder = run_report_dir(output_root, report_date, kfp_run_id)
-        storage.write_bytes(storage.join(folder, "evaluation.json"), json.dumps(result, default=float).encode())
-        storage.write_bytes(storage.join(folder, "push.md"), text.encode())
-        storage.write_bytes(storage.join(folder, "push.json"), json.dumps(outcome, indent=2, default=str).encode())
-        point_latest(output_root, report_date, kfp_run_id)
+        write_run_reports(output_root, report_date, kfp_run_id, {
+            "evaluation.json": json.dumps(result, default=float).encode(), "push.md": text.encode(),
+            "push.json": json.dumps(outcome, indent=2, default=str).encode()})
     print(text)

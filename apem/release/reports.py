@@ -49,6 +49,16 @@ def point_latest(output_root: str, report_date: str, run_id: str) -> dict:
     return pointer
 
 
+def write_run_reports(output_root: str, report_date: str, run_id: str, files: dict[str, bytes]) -> str:
+    """Write ``files`` (name -> content, each atomically) into the run's folder, then point
+    ``latest.json`` at it; returns the folder."""
+    folder = run_report_dir(output_root, report_date, run_id)
+    for name, content in files.items():
+        storage.write_bytes(storage.join(folder, name), content)
+    point_latest(output_root, report_date, run_id)
+    return folder
+
+
 def read_latest(output_root: str) -> dict | None:
     """The pointer written by :func:`point_latest`, or None before the first run."""
     uri = latest_pointer_uri(output_root)

@@ -21,3 +21,10 @@ def test_run_ids_become_one_safe_path_segment(tmp_path):
     assert reports.safe_run_id("{{$.pipeline_job_uuid}}") == "pipeline_job_uuid"
     assert reports.safe_run_id("../../etc") == "etc" and reports.safe_run_id("") == "unknown-run"
     assert reports.run_report_dir("gs://b/out", "", "r/1") == "gs://b/out/reports/undated/r_1"
+
+
+def test_run_reports_are_written_then_pointed_at(tmp_path):
+    root = str(tmp_path / "output")
+    folder = reports.write_run_reports(root, "2026-01-06", "run-c", {"push.md": b"# Push", "push.json": b"{}"})
+    assert sorted(os.listdir(folder)) == ["push.json", "push.md"]
+    assert reports.read_latest(root)["report_dir"] == folder
