@@ -109,7 +109,9 @@ def inject(argv: list[str], inputs: list[str], output_complete, scratch: str, na
     assert staging_left(scratch) == [], f"{name}: staging left (seed {SEED}, delays {delays})"
     assert {path: tree_digest(path) for path in inputs} == before, f"{name}: input changed (seed {SEED})"
     assert output_complete(), f"{name}: output incomplete after the rerun (seed {SEED})"
-    return {"seconds": round(duration, 1), "delays": delays, "seed": SEED}
+    measured = {"command": name, "seconds": round(duration, 1), "delays": delays, "seed": SEED}
+    print(json.dumps(measured))  # shown with -rA; also a junit property
+    return measured
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +153,8 @@ def test_train_killed_anywhere_then_rerun(dataset, record_property):
 def test_run_local_killed_anywhere_then_rerun(tmp_path, record_property):
     workdir = str(tmp_path / "local")
     where = paths(workdir)
-    ensure_raw_events(where["raw"], rows=3000, days=4, seed=0)  # the input; generated once, before any kill
-    argv = [APEM, "pipeline", "run-local", "--workdir", workdir, "--rows", "3000", "--days", "4", "--epochs", "1",
+    ensure_raw_events(where["raw"], rows=8000, days=4, seed=0)  # the input; generated once, before any kill
+    argv = [APEM, "pipeline", "run-local", "--workdir", workdir, "--rows", "8000", "--days", "4", "--epochs", "1",
             "--model", "esmm", "--model-params", json.dumps({"embed_dim": 4, "tower_hidden": [8]}),
             "--batch-size", "256", "--negative-rate", "0.5", "--param", "bootstrap_resamples=20",
             "--param", "alpha=0.5", "--param", "beam_args=--direct_running_mode=in_memory --direct_num_workers=1"]
