@@ -49,16 +49,16 @@ def applies(runner: str, pipeline_args: list[str]) -> bool:
             and not any(a.startswith(MODE_OPTION) for a in pipeline_args))
 
 
-def direct_runner(num_workers: int):
-    """``(runner, extra pipeline args)``: Beam's FnApiRunner running ``num_workers`` subprocess
-    workers that die with this process."""
+def direct_runner():
+    """Beam's FnApiRunner with subprocess workers that die with this process (as many as the
+    pipeline options' ``--direct_num_workers`` say)."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").addFilter(_DropWorkerModeWarning())
     command = f"exec {shlex.quote(sys.executable)} -m {WORKER_MODULE} --parent {os.getpid()}"
     environment = SubprocessSDKEnvironment.from_command_string(command_string=command)
-    return FnApiRunner(default_environment=environment), [f"{WORKERS_OPTION}={num_workers}"]
+    return FnApiRunner(default_environment=environment)
 
 
 def die_with_parent(parent: int) -> None:

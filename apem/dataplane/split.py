@@ -205,13 +205,9 @@ def _pipeline(runner: str, pipeline_args: list[str] | None):
     args = list(pipeline_args or [])
     if not beam_workers.applies(runner, args):
         return beam.Pipeline(options=PipelineOptions(args + [f"--runner={runner}"]))
-    workers = max(1, min(os.cpu_count() or 1, 8))
-    chosen = [a for a in args if a.startswith(beam_workers.WORKERS_OPTION)]
-    if chosen:
-        workers = int(chosen[-1].split("=", 1)[1])
-        args = [a for a in args if not a.startswith(beam_workers.WORKERS_OPTION)]
-    local_runner, extra_args = beam_workers.direct_runner(workers)
-    return beam.Pipeline(runner=local_runner, options=PipelineOptions(args + extra_args))
+    if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
+        args.append(f"{beam_workers.WORKERS_OPTION}={max(1, min(os.cpu_count() or 1, 8))}")
+    return beam.Pipeline(runner=beam_workers.direct_runner(), options=PipelineOptions(args))
 
 
 def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: str, plan, spec: DatasetSpec,

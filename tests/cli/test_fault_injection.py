@@ -18,7 +18,6 @@ seconds of work. ``APEM_SKIP_FAULT_INJECTION=1`` skips it (``make test`` runs it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,6 +29,7 @@ import time
 
 import pytest
 
+from apem.release.push import model_dir_digest as tree_digest  # SHA-256 over relative paths and bytes
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem_kfp.pipelines.local_runner import ensure_raw_events, paths
 from process_tree import descendants, process_table, survivors
@@ -43,19 +43,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("APEM_SKIP_FAULT_INJECTION") == "1", reason="APEM_SKIP_FAULT_INJECTION=1"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
 ]
-
-
-def tree_digest(root: str) -> str:
-    """SHA-256 over every file's relative path and bytes under ``root``."""
-    digest = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, root).encode() + b"\0")
-            with open(path, "rb") as fh:
-                digest.update(fh.read())
-    return digest.hexdigest()
 
 
 def staging_left(root: str) -> list[str]:
