@@ -126,6 +126,12 @@ def test_only_labelled_pipeline_pods_reach_mlflow_and_only_mlflow_reaches_postgr
             assert secrets == [configs.MLFLOW_AUTH_SECRET], task
         else:
             assert configs.MLFLOW_CLIENT_LABEL[0] not in labels and not secrets, task
+    # the serving Deployment reads the champion from MLflow: it carries the label and a user's credentials
+    serving = objects[("Deployment", "apem-serving")]["spec"]["template"]
+    assert serving["metadata"]["labels"][configs.MLFLOW_CLIENT_LABEL[0]] == configs.MLFLOW_CLIENT_LABEL[1]
+    serving_env = {e["name"]: e for e in serving["spec"]["containers"][0]["env"]}
+    for var in configs.MLFLOW_AUTH_ENV.values():
+        assert serving_env[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-serving-auth"
     database = objects[("NetworkPolicy", "mlflow-postgres")]["spec"]
     assert database["podSelector"]["matchLabels"].items() <= objects[("StatefulSet", "mlflow-postgres")][
         "spec"]["template"]["metadata"]["labels"].items()
