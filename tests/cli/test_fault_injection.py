@@ -13,9 +13,9 @@ never a partial one. After the last run: no staging left anywhere (``.<name>.<pi
 ``*.tmp-PID``), the input still byte-identical, and the output complete.
 
 Cost: about 3.6 D per command (1 + 1.6 + 1); tiny data keeps D to seconds of imports and a few
-seconds of work. Measured on 2 shared cores at load ~3-4 (with .pyc files; without them, under
+seconds of work. Measured on 2 shared cores at load ~2-3 (with .pyc files; without them, under
 PYTHONDONTWRITEBYTECODE=1, every subprocess recompiles its imports and it takes 3-4 times longer):
-split D 20 s, test 66 s; train D 9 s, test 34 s; run-local D 99 s, test 331 s. ``APEM_SKIP_FAULT_INJECTION=1`` skips it (``make test`` runs it).
+split D 9 s, test 33 s; train D 10 s, test 38 s; run-local D 65 s, test 237 s (311 s in all). ``APEM_SKIP_FAULT_INJECTION=1`` skips it (``make test`` runs it).
 """
 
 from __future__ import annotations
