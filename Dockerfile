@@ -1,8 +1,14 @@
 # The one image every pipeline component runs in: apem_kfp.components.APEM_IMAGE names it.
 #   docker build -t ghcr.io/apem-project/apem:0.1.0 .
-# It installs requirements.lock (the same lock `make setup` and the README use), with the torch
-# line switched from the CPU build to the CUDA build of the same pinned version. No credentials
-# are baked in: on the cluster, GCS access comes from Workload Identity (infra/).
+# It installs requirements.lock (the production lock `make setup` also installs; test-only packages
+# are in requirements-dev.lock, which the image never installs) in two steps, so that no package can
+# come from an index it was not meant to come from:
+#   1. every locked package except torch, from PyPI alone, each file checked against the lock's hash
+#      (--require-hashes);
+#   2. the CUDA build of the same pinned torch from the PyTorch index alone (--index-url, no extra
+#      index: a look-alike package on another index is never consulted), with the packages of step 1
+#      held at their locked versions (-c); only torch's CUDA runtime packages are added.
+# No credentials are baked in: on the cluster, GCS access comes from Workload Identity (infra/).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}
 
@@ -32,9 +38,13 @@ RUN apt-get update \
 WORKDIR /opt/apem
 # Dependencies first: this layer is rebuilt only when the lock changes.
 COPY requirements.lock ./
-RUN sed -E "s/^torch==([^+]+)\+cpu$/torch==\1+${TORCH_CUDA}/" requirements.lock > requirements.cuda.lock \
-    && uv pip install --no-cache --python /opt/venv/bin/python --index-strategy unsafe-best-match \
-       --extra-index-url https://download.pytorch.org/whl/${TORCH_CUDA} -r requirements.cuda.lock \
+RUN awk '/^torch==/ {skip = 1; next} skip && /^[ \t]/ {next} {skip = 0; print}' requirements.lock \
+       > requirements.notorch.lock \
+    && uv pip install --no-cache --python /opt/venv/bin/python --require-hashes -r requirements.notorch.lock \
+    && TORCH_VERSION="$(sed -nE 's/^torch==([0-9.]+)\+cpu.*$/\1/p' requirements.lock)" \
+    && uv pip install --no-cache --python /opt/venv/bin/python \
+       --index-url https://download.pytorch.org/whl/${TORCH_CUDA} -c requirements.notorch.lock \
+       "torch==${TORCH_VERSION}+${TORCH_CUDA}" \
     && python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+${TORCH_CUDA}') else f'torch {v} is not the ${TORCH_CUDA} build')"
 
 COPY pyproject.toml README.md ./

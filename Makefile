@@ -18,14 +18,18 @@ $(BIN)/python:
 $(BIN)/uv: $(BIN)/python
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 
-# Re-installs only when the lock or the project metadata changed: a second `make setup` takes seconds.
-$(STAMP): requirements.lock pyproject.toml $(BIN)/uv
-	$(BIN)/uv pip install -q --python $(BIN)/python $(FIND_LINKS) -r requirements.lock
+# Re-installs only when a lock or the project metadata changed: a second `make setup` takes seconds.
+# requirements.lock: what runs (the image installs only this); requirements-dev.lock: what tests need.
+# Both carry hashes, which uv checks (the local torch wheel's included).
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml $(BIN)/uv
+	$(BIN)/uv pip install -q --python $(BIN)/python $(FIND_LINKS) -r requirements.lock -r requirements-dev.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
-lock:
-	$(BIN)/uv pip compile -q requirements.in --python-version 3.11 $(FIND_LINKS) -o requirements.lock
+# Regenerates both locks, with hashes; the dev lock is constrained by the production one.
+lock: $(BIN)/uv
+	$(BIN)/uv pip compile -q requirements.in --python-version 3.11 --generate-hashes $(FIND_LINKS) -o requirements.lock
+	$(BIN)/uv pip compile -q requirements-dev.in --python-version 3.11 --generate-hashes $(FIND_LINKS) -o requirements-dev.lock
 
 run: setup
 	$(BIN)/apem pipeline run-local $(RUN_ARGS)

@@ -36,16 +36,18 @@ def push(
     data window, ``split.json``, verdict).
 
     Idempotent, hence retried: a re-executed push of the same candidate registers nothing new and
-    moves no alias (``apem.release.push``). The evaluation and push reports are also kept under
-    ``<output_root>/reports/<report_date>/``.
+    moves no alias (``apem.release.push``). The evaluation report, the push report and its outcome
+    (``push.json``: ``pushed``, ``version``, ``reasons``) are also kept per run under
+    ``<output_root>/reports/<report_date>/<kfp_run_id>/``, and ``reports/latest.json`` points at
+    that folder (``apem.release.reports``), so two runs of one day never overwrite each other.
     """
     import json
 
-    from apem.data import storage
     from apem.eval.comparison import summary_metrics
     from apem.release.lineage import registration_for
     from apem.release.push import push as run_push
     from apem.release.push import render_report
+    from apem.release.reports import write_run_reports
 
     with open(evaluation.path) as fh:
         result = json.load(fh)
@@ -61,7 +63,7 @@ def push(
     if outcome["version"]:
         metrics.log_metric("version", float(outcome["version"]))
     if output_root:
-        folder = storage.join(output_root, "reports", report_date or "latest")
-        storage.write_bytes(storage.join(folder, "evaluation.json"), json.dumps(result, default=float).encode())
-        storage.write_bytes(storage.join(folder, "push.md"), text.encode())
+        write_run_reports(output_root, report_date, kfp_run_id, {
+            "evaluation.json": json.dumps(result, default=float).encode(), "push.md": text.encode(),
+            "push.json": json.dumps(outcome, indent=2, default=str).encode()})
     print(text)

@@ -18,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="output YAML file")
     c.set_defaults(handler=run_compile)
 
-    r = actions.add_parser("run-local", help="run the whole pipeline here with kfp.local on synthetic logs")
+    r = actions.add_parser(
+        "run-local", help="run the whole pipeline here with kfp.local on synthetic logs",
+        epilog="One run at a time per --workdir (lock file <workdir>/.apem-run.lock). Exit codes: 0 the "
+               "candidate was promoted, or the gate kept the champion; 2 bad arguments, a failed task, or the "
+               "workdir is busy; 3 the candidate was blessed but its push was refused (the champion moved "
+               "during the run): not promoted, run again.")
     r.add_argument("--workdir", default="runs/local", help="where logs, artifacts, MLflow and serving go")
     r.add_argument("--rows", type=int, default=1_000_000, help="synthetic impressions to generate")
     r.add_argument("--days", type=int, default=14, help="days of synthetic logs")
@@ -76,7 +81,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def run_local_command(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
-    from apem_kfp.pipelines.local_runner import LocalRunConfig, closing_note, run_local
+    from apem_kfp.pipelines.local_runner import LocalRunConfig, closing_note, exit_code, run_local
 
     if args.rows <= 0 or args.days <= 0 or args.epochs <= 0:
         raise CommandError("--rows, --days and --epochs must be positive")
@@ -95,7 +100,7 @@ def run_local_command(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # kfp.local: a task failed; its log is printed above
         raise CommandError(str(err).splitlines()[0]) from None
     print(closing_note(result))
-    return 0
+    return exit_code(result)
 
 
 def run_schedule(args: argparse.Namespace) -> int:

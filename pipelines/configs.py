@@ -115,3 +115,12 @@ RETRY = RetryPolicy()
 # (apem.release.push recognises a candidate it already registered), so a transient registry or
 # storage error retries it as well. Evaluate reads only; notify must not post twice.
 RETRIED_TASKS = ("ingest", "validate", "split", "train", "evaluate", "push")
+
+# The tasks that talk to the MLflow server. On the cluster they carry the pod label that infra/'s
+# NetworkPolicy ``mlflow`` admits, and MLflow basic-auth credentials from the Secret
+# MLFLOW_AUTH_SECRET (keys ``username``, ``password``; created out of band, see infra/README.md)
+# as the environment variables the MLflow client reads.
+MLFLOW_TASKS = ("train", "evaluate", "push")
+MLFLOW_CLIENT_LABEL = ("apem.io/mlflow-client", "true")
+MLFLOW_AUTH_SECRET = "mlflow-pipeline-auth"
+MLFLOW_AUTH_ENV = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}

@@ -27,7 +27,8 @@ from apem_kfp.components.split import split
 from apem_kfp.components.train import train
 from apem_kfp.components.validate import validate
 from apem_kfp.pipelines.configs import DEFAULTS as D
-from apem_kfp.pipelines.configs import RETRIED_TASKS, RETRY, TASK_RESOURCES
+from apem_kfp.pipelines.configs import (MLFLOW_AUTH_ENV, MLFLOW_AUTH_SECRET, MLFLOW_CLIENT_LABEL, MLFLOW_TASKS,
+                                        RETRIED_TASKS, RETRY, TASK_RESOURCES)
 
 PIPELINE_NAME = "apem-daily-retrain"
 TASK_ORDER = ("ingest", "validate", "split", "train", "evaluate", "push")
@@ -50,7 +51,8 @@ def request_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-    """Display name, requests/limits, timeout and (for idempotent tasks) retries from configs.py."""
+    """Display name, requests/limits, timeout, (for idempotent tasks) retries and (for MLflow clients)
+    the NetworkPolicy label and basic-auth credentials, from configs.py."""
     resources = TASK_RESOURCES[name]
     task.set_display_name(name).set_caching_options(False)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
@@ -59,6 +61,9 @@ def configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     if name in RETRIED_TASKS:
         task.set_retry(num_retries=RETRY.num_retries, backoff_duration=RETRY.backoff_duration,
                        backoff_factor=RETRY.backoff_factor, backoff_max_duration=RETRY.backoff_max_duration)
+    if name in MLFLOW_TASKS:  # admitted by infra/'s NetworkPolicy, authenticated by MLflow basic auth
+        kubernetes.add_pod_label(task, label_key=MLFLOW_CLIENT_LABEL[0], label_value=MLFLOW_CLIENT_LABEL[1])
+        kubernetes.use_secret_as_env(task, secret_name=MLFLOW_AUTH_SECRET, secret_key_to_env=MLFLOW_AUTH_ENV)
     return task
 
 

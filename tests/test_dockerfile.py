@@ -31,23 +31,46 @@ def test_cuda_base_image():
     assert "cudnn" in args["CUDA_IMAGE"] and re.match(r"cu\d{3}$", args["TORCH_CUDA"])
 
 
-def test_installs_the_same_lock_with_the_cuda_build_of_the_same_torch(tmp_path):
+def run_shell(command):
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, env={"TORCH_CUDA": "cu128", "PATH": os.environ["PATH"]},
+                          check=True, capture_output=True, text=True).stdout
+
+
+def lock_packages(text):
+    """{name: (version, [hashes])} of a hashed uv lock."""
+    packages, name = {}, None
+    for line in text.splitlines():
+        if match := re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line):
+            name = match.group(1)
+            packages[name] = (match.group(2), [])
+        elif match := re.search(r"--hash=sha256:([0-9a-f]{64})", line):
+            packages[name][1].append(match.group(1))
+    return packages
+
+
+def test_installs_the_production_lock_by_hash_and_the_cuda_torch_from_its_index_alone():
     assert "$(BIN)/uv pip install" in read("Makefile") and "-r requirements.lock" in read("Makefile")
     assert "requirements.lock" in read("README.md")
     ops = instructions()
     assert ("COPY", "requirements.lock ./") in ops
     run = next(arg for op, arg in ops if op == "RUN" and "requirements.lock" in arg)
-    rewrite = re.search(r'(sed -E "[^"]+" requirements\.lock)', run).group(1)
-    assert "-r requirements.cuda.lock" in run and "download.pytorch.org/whl/${TORCH_CUDA}" in run
-    # run the Dockerfile's own rewrite on the real lock: only the torch line changes, same version
-    out = subprocess.run(["bash", "-c", rewrite], cwd=ROOT, env={"TORCH_CUDA": "cu128", "PATH": os.environ["PATH"]},
-                         check=True, capture_output=True, text=True).stdout.splitlines()
-    lock = read("requirements.lock").splitlines()
-    changed = [(a, b) for a, b in zip(lock, out) if a != b]
-    assert len(out) == len(lock) and len(changed) == 1
-    cpu_line, cuda_line = changed[0]
-    version = re.fullmatch(r"torch==([0-9.]+)\+cpu", cpu_line).group(1)
-    assert cuda_line == f"torch=={version}+cu128"
+    # no index mixing anywhere: the old --index-strategy unsafe-best-match + extra index are gone
+    everything = " ".join(arg for _, arg in ops)
+    assert "unsafe-best-match" not in everything and "--extra-index-url" not in everything
+    assert "requirements-dev" not in everything  # test-only packages never enter the image
+    # step 1: the Dockerfile's own filter on the real lock drops exactly torch, hashes kept, required
+    drop_torch = re.search(r"(awk '[^']+' requirements\.lock)", run).group(1)
+    lock, filtered = lock_packages(read("requirements.lock")), lock_packages(run_shell(drop_torch))
+    assert set(lock) - set(filtered) == {"torch"} and all(filtered[n] == lock[n] for n in filtered)
+    assert all(hashes for _, hashes in lock.values())  # every locked package is pinned by hash
+    assert "--require-hashes -r requirements.notorch.lock" in run
+    # step 2: the CUDA build of the locked torch version, from the PyTorch index alone, the rest held
+    installs = [part for part in run.split("&&") if "uv pip install" in part]
+    torch_step = next(part for part in installs if "torch==" in part)
+    assert "--index-url https://download.pytorch.org/whl/${TORCH_CUDA}" in torch_step
+    assert "-c requirements.notorch.lock" in torch_step and '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in torch_step
+    version_cmd = re.search(r'TORCH_VERSION="\$\((sed .+? requirements\.lock)\)"', run).group(1)
+    assert run_shell(version_cmd).strip() + "+cpu" == lock["torch"][0]
     # the project is installed on top, without re-resolving dependencies
     assert any(op == "RUN" and "--no-deps ." in arg for op, arg in ops)
 

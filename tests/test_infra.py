@@ -1,5 +1,6 @@
 """Render the Kustomize overlays with kubectl and check what a cluster would receive."""
 
+import configparser
 import inspect
 import os
 import shutil
@@ -42,10 +43,10 @@ def test_mlflow_server_uses_postgres_and_gcs_artifacts(rendered):
     server = objects[("Deployment", "mlflow")]["spec"]["template"]["spec"]
     container = server["containers"][0]
     args = " ".join(container["args"])
-    assert "--backend-store-uri=postgresql+psycopg2://mlflow:$(POSTGRES_PASSWORD)@mlflow-postgres:5432/mlflow" in args
-    assert "--artifacts-destination=$(MLFLOW_ARTIFACT_ROOT)" in args and "--serve-artifacts" in args
     env = {e["name"]: e for e in container["env"]}
-    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == "postgresql+psycopg2://mlflow@mlflow-postgres:5432/mlflow"
+    assert "--artifacts-destination=$(MLFLOW_ARTIFACT_ROOT)" in args and "--serve-artifacts" in args
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
     root_ref = env["MLFLOW_ARTIFACT_ROOT"]["valueFrom"]["configMapKeyRef"]
     defaults = objects[("ConfigMap", root_ref["name"])]["data"]
     assert defaults[root_ref["key"]].startswith(f"gs://{OVERLAYS[overlay]}-mlflow/")
@@ -57,6 +58,85 @@ def test_mlflow_server_uses_postgres_and_gcs_artifacts(rendered):
     service = objects[("Service", "mlflow")]
     port = service["spec"]["ports"][0]["port"]
     assert configs.DEFAULTS.mlflow_tracking_uri == f"http://mlflow.apem.svc.cluster.local:{port}"
+
+
+def test_no_secret_reaches_a_command_line(rendered):
+    """Arguments are visible in the process list: a Secret may reach a container only as an
+    environment variable (or a file), never through a $(VAR) expanded into command or args."""
+    _, objects = rendered
+    for (kind, name), obj in objects.items():
+        if kind not in ("Deployment", "StatefulSet"):
+            continue
+        for container in obj["spec"]["template"]["spec"]["containers"]:
+            secret_vars = {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            line = " ".join(container.get("command", []) + container.get("args", []))
+            assert not {v for v in secret_vars if f"$({v})" in line}, (kind, name, line)
+            assert "PASSWORD" not in line.upper() and "://mlflow:" not in line, (kind, name, line)
+            for e in container.get("env", []):  # nor inside a plain value built from one
+                assert not any(f"$({v})" in e.get("value", "") for v in secret_vars), (kind, name, e)
+
+
+def test_mlflow_basic_auth_is_on_with_credentials_from_secrets(rendered):
+    _, objects = rendered
+    pod = objects[("Deployment", "mlflow")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["mlflow", "server", "--app-name", "basic-auth"]
+    env = {e["name"]: e for e in container["env"]}
+    for var, key in (("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password"), ("MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                                                          "flask-secret-key")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}
+    # the auth config file MLflow reads is the ConfigMap's key, mounted where the variable says
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "auth-config")
+    volume = next(v for v in pod["volumes"] if v["name"] == "auth-config")["configMap"]
+    item = volume["items"][0]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/{item['path']}"
+    ini = configparser.ConfigParser()
+    ini.read_string(objects[("ConfigMap", volume["name"])]["data"][item["key"]])
+    assert ini["mlflow"]["default_permission"] == "READ" and "admin_password" not in ini["mlflow"]
+    assert ini["mlflow"]["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]["value"]  # no password in it
+    # the /health readiness probe is one of the paths MLflow's auth app leaves open
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def compiled_platform(folder):
+    path = dr.compile_pipeline(os.path.join(folder, "daily_retrain.yaml"))
+    with open(path) as fh:
+        _, platform = yaml.safe_load_all(fh)
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_only_labelled_pipeline_pods_reach_mlflow_and_only_mlflow_reaches_postgres(rendered, tmp_path):
+    _, objects = rendered
+    policy = objects[("NetworkPolicy", "mlflow")]["spec"]
+    server_labels = objects[("Deployment", "mlflow")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= server_labels.items()
+    assert policy["policyTypes"] == ["Ingress"] and len(policy["ingress"]) == 1
+    rule = policy["ingress"][0]
+    # same namespace only (no namespaceSelector, no ipBlock), only pods with the client label
+    assert rule["from"] == [{"podSelector": {"matchLabels": dict([configs.MLFLOW_CLIENT_LABEL])}}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": objects[("Service", "mlflow")]["spec"]["ports"][0]["port"]}]
+    # the compiled pipeline gives exactly its MLflow tasks that label and the credentials Secret
+    executors = compiled_platform(str(tmp_path))
+    for task in dr.TASK_ORDER:
+        spec = executors[f"exec-{task}"]
+        labels = spec.get("podMetadata", {}).get("labels", {})
+        secrets = [s["secretName"] for s in spec.get("secretAsEnv", [])]
+        if task in configs.MLFLOW_TASKS:
+            assert labels[configs.MLFLOW_CLIENT_LABEL[0]] == configs.MLFLOW_CLIENT_LABEL[1], task
+            assert secrets == [configs.MLFLOW_AUTH_SECRET], task
+        else:
+            assert configs.MLFLOW_CLIENT_LABEL[0] not in labels and not secrets, task
+    # the serving Deployment reads the champion from MLflow: it carries the label and a user's credentials
+    serving = objects[("Deployment", "apem-serving")]["spec"]["template"]
+    assert serving["metadata"]["labels"][configs.MLFLOW_CLIENT_LABEL[0]] == configs.MLFLOW_CLIENT_LABEL[1]
+    serving_env = {e["name"]: e for e in serving["spec"]["containers"][0]["env"]}
+    for var in configs.MLFLOW_AUTH_ENV.values():
+        assert serving_env[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-serving-auth"
+    database = objects[("NetworkPolicy", "mlflow-postgres")]["spec"]
+    assert database["podSelector"]["matchLabels"].items() <= objects[("StatefulSet", "mlflow-postgres")][
+        "spec"]["template"]["metadata"]["labels"].items()
+    assert database["ingress"] == [{"from": [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}],
+                                    "ports": [{"protocol": "TCP", "port": 5432}]}]
 
 
 def test_pipeline_identity_uses_workload_identity_and_no_keys(rendered):

@@ -36,6 +36,7 @@ from apem.data.oracle import ORACLE_PATH
 from apem.data.ownership import SPLIT_DIR, claim_output
 from apem.data.spec import SPEC_FILE, DatasetSpec, funnel_violations, read_checked_file
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
+from apem.dataplane import beam_workers
 from apem.dataplane.beam_gcs_emulator import anonymous_gcs_for_emulator
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -194,15 +195,19 @@ def _row_count(files: list[str]) -> int:
     return total
 
 
-def _pipeline_options(runner: str, pipeline_args: list[str] | None):
+def _pipeline(runner: str, pipeline_args: list[str] | None):
+    """The Beam pipeline to run the split on. Locally (DirectRunner, no running mode chosen) it runs
+    multi-process, one worker per core up to 8, with workers that die with this process
+    (:mod:`apem.dataplane.beam_workers`)."""
+    import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     args = list(pipeline_args or [])
-    if runner == "DirectRunner" and not any(a.startswith("--direct_running_mode") for a in args):
-        args += ["--direct_running_mode=multi_processing"]
-        if not any(a.startswith("--direct_num_workers") for a in args):
-            args += [f"--direct_num_workers={max(1, min(os.cpu_count() or 1, 8))}"]
-    return PipelineOptions(args + [f"--runner={runner}"])
+    if not beam_workers.applies(runner, args):
+        return beam.Pipeline(options=PipelineOptions(args + [f"--runner={runner}"]))
+    if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
+        args.append(f"{beam_workers.WORKERS_OPTION}={max(1, min(os.cpu_count() or 1, 8))}")
+    return beam.Pipeline(runner=beam_workers.direct_runner(), options=PipelineOptions(args))
 
 
 def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: str, plan, spec: DatasetSpec,
@@ -231,8 +236,6 @@ def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratio
     """Split the dataset at ``data_dir`` into ``out_dir/{train,val,test}`` (datasets of the contract)
     and ``out_dir/split.json``; local paths or gs:// URIs. Only an earlier split (or anything, with
     ``overwrite``) is replaced, never the input. Returns the split.json content."""
-    import apache_beam as beam
-
     negative_rate = check_negative_rate(negative_rate, SplitError)
     claim_output(out_dir, SPLIT_DIR, inputs=(data_dir,), overwrite=overwrite)
     anonymous_gcs_for_emulator()
@@ -250,7 +253,7 @@ def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratio
     else:
         staging = make_staging_dir(out_dir)
     try:
-        with beam.Pipeline(options=_pipeline_options(runner, pipeline_args)) as pipeline:
+        with _pipeline(runner, pipeline_args) as pipeline:
             pattern = storage.join(data_dir, "*.parquet")
             _build_pipeline(pipeline, pattern, schema, staging, plan, spec, negative_rate)
         summary = _finish(data_dir, staging, spec, schema, plan, counts, negative_rate, ratios, runner)

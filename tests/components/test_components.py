@@ -12,7 +12,7 @@ import torch
 from kfp import dsl
 
 from apem.data.features import default_spec
-from apem.release import mlflow_registry
+from apem.release import mlflow_registry, reports
 from apem.research.synth import SynthConfig
 from apem.research.synth_events import write_synthetic_events
 from apem_kfp.components.evaluate import ROC_TASKS, evaluate
@@ -185,8 +185,12 @@ def test_push_gate_both_ways(chain):
     assert metrics.metadata == {"pushed": 1.0, "version": 1.0}
     assert mlflow_registry.champion_version(chain["tracking"], "apem-components") == "1"
     assert os.path.exists(os.path.join(root, "serving", "v1", "config.json"))
-    kept = os.path.join(root, "output", "reports", chain["window_end"])
-    assert sorted(os.listdir(kept)) == ["evaluation.json", "push.md"]
+    # per run: reports/<date>/<run id>/, and latest.json names the newest run's folder
+    kept = os.path.join(root, "output", "reports", chain["window_end"], "run-123")
+    assert sorted(os.listdir(kept)) == ["evaluation.json", "push.json", "push.md"]
+    with open(os.path.join(kept, "push.json")) as fh:
+        assert json.load(fh)["pushed"] is True
+    assert reports.read_latest(str(root / "output"))["report_dir"] == kept
 
 
 def test_bad_model_params_is_a_clear_error(chain, tmp_path):

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from apem.release import mlflow_registry
+from apem.release import mlflow_registry, reports
 from apem.cli.main import main
 
 FIRST_RUN = [
@@ -34,7 +34,7 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
     workdir = str(tmp_path / "local")
     uri = mlflow_registry.sqlite_tracking_uri(os.path.join(workdir, "mlflow"))
     serving = os.path.join(workdir, "serving")
-    reports = os.path.join(workdir, "output", "reports", "2026-01-06")
+    output = os.path.join(workdir, "output")
 
     # Tiny data (68 convert positives on the test day): the first model's convert AUC is only
     # weakly above chance, so this run tests "beats chance" at alpha 0.25. The second run keeps the
@@ -43,12 +43,14 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
                  "--param", "alpha=0.25"]) == 0
     note = capsys.readouterr().out
     assert "candidate BLESSED and promoted" in note, note
+    first_dir = reports.read_latest(output)["report_dir"]  # reports/<date>/<run id>/, one folder per run
+    assert os.path.dirname(first_dir) == os.path.join(output, "reports", "2026-01-06") and first_dir in note
     assert f"mlflow ui --backend-store-uri {uri}" in note
     assert "models:/apem@champion" in note and "statistics_html" in note
-    with open(os.path.join(reports, "status.md")) as fh:  # what the cluster's exit handler writes
+    with open(os.path.join(first_dir, "status.md")) as fh:  # what the cluster's exit handler writes
         assert fh.read().startswith("# OK: apem-daily-retrain SUCCEEDED")
     assert mlflow_registry.champion_version(uri, "apem") == "1"
-    with open(os.path.join(reports, "evaluation.json")) as fh:
+    with open(os.path.join(first_dir, "evaluation.json")) as fh:
         first = json.load(fh)
     assert first["decision"]["blessed"] and not first["decision"]["has_champion"]
     with open(os.path.join(serving, "champion.json")) as fh:
@@ -59,7 +61,10 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
                  "--window-days", "3", *FIRST_RUN]) == 0
     note = capsys.readouterr().out
     assert "candidate NOT promoted" in note, note
-    with open(os.path.join(reports, "evaluation.json")) as fh:
+    second_dir = reports.read_latest(output)["report_dir"]
+    assert second_dir != first_dir and os.path.dirname(second_dir) == os.path.dirname(first_dir)
+    assert sorted(os.listdir(first_dir)) == ["evaluation.json", "push.json", "push.md", "status.md"]  # kept
+    with open(os.path.join(second_dir, "evaluation.json")) as fh:
         second = json.load(fh)
     decision = second["decision"]
     assert decision["rule"]["alpha"] == 0.05 and first["decision"]["rule"]["alpha"] == 0.25
@@ -74,12 +79,14 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
     assert mlflow_registry.champion_version(uri, "apem") == "1"
     assert registered_versions(uri) == ["1"]
     assert sorted(os.listdir(serving)) == serving_before
-    with open(os.path.join(reports, "push.md")) as fh:
+    with open(os.path.join(second_dir, "push.md")) as fh:
         assert "not promoted" in fh.read()
 
     # a failing run leaves the exit handler's alert: a run date with no logs fails ingest
     assert main(["pipeline", "run-local", "--workdir", workdir, "--run-date", "2030-01-01", "--window-days", "1",
                  *FIRST_RUN]) == 2
-    with open(os.path.join(workdir, "output", "reports", "2030-01-01", "status.md")) as fh:
+    failed_runs = os.listdir(os.path.join(output, "reports", "2030-01-01"))
+    assert len(failed_runs) == 1 and failed_runs[0].startswith("local-")  # failed before push: its own id
+    with open(os.path.join(output, "reports", "2030-01-01", failed_runs[0], "status.md")) as fh:
         status = fh.read()
     assert status.startswith("# ALERT: apem-daily-retrain FAILED") and "failed task: `ingest`" in status
