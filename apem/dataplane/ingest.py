@@ -347,13 +347,26 @@ def _checked_arguments(start: dt.date | str, end: dt.date | str, attribution_win
     return start, end
 
 
+def check_window(raw_uri: str, window: list[dt.date], missing_days: list[str], empty_days: list[str],
+                 allow_missing_days: bool, events_read: int | None) -> None:
+    """Missing or empty window days are an error unless allowed (a day without impressions means its
+    logging is broken or absent, not that nobody came); so is a window without any event
+    (``events_read`` 0; None: not counted yet)."""
+    if (missing_days or empty_days) and not allow_missing_days:
+        problems = [f"missing partition(s) {missing_days}" if missing_days else "",
+                    f"empty partition(s) {empty_days}" if empty_days else ""]
+        raise IngestError(f"{raw_uri}: {'; '.join(p for p in problems if p)} in window {window[0]}..{window[-1]}; "
+                          "pass allow_missing_days (--allow-missing-days) to ingest the rest")
+    if events_read == 0:
+        raise IngestError(f"{raw_uri}: no events in window {window[0]}..{window[-1]}")
+
+
 def _read_window(raw_uri: str, window: list[dt.date], lookahead: list[dt.date], file_format: str | None,
                  allow_missing_days: bool, quarantine: Quarantine,
                  ignored: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Rule 1 and the partitions: read the window's and the look-ahead's partitions into one frame.
     Returns it with the window's missing and empty days, which are an error unless allowed (a day
     without impressions means its logging is broken or absent, not that nobody came)."""
-    start, end = window[0], window[-1]
     frames, missing_days, empty_days = [], [], []
     for day in window + lookahead:
         frame = _read_partition(raw_uri, day, file_format, quarantine, ignored)
@@ -363,13 +376,7 @@ def _read_window(raw_uri: str, window: list[dt.date], lookahead: list[dt.date], 
             empty_days.append(day.isoformat())  # no impressions: the day's logging is broken or absent
         if frame is not None and len(frame):
             frames.append(frame)
-    if (missing_days or empty_days) and not allow_missing_days:
-        problems = [f"missing partition(s) {missing_days}" if missing_days else "",
-                    f"empty partition(s) {empty_days}" if empty_days else ""]
-        raise IngestError(f"{raw_uri}: {'; '.join(p for p in problems if p)} in window {start}..{end}; "
-                          "pass allow_missing_days (--allow-missing-days) to ingest the rest")
-    if not frames:
-        raise IngestError(f"{raw_uri}: no events in window {start}..{end}")
+    check_window(raw_uri, window, missing_days, empty_days, allow_missing_days, events_read=sum(map(len, frames)))
     return pd.concat(frames, ignore_index=True, sort=False), missing_days, empty_days
 
 

@@ -37,6 +37,7 @@ from apem.data.ownership import SPLIT_DIR, claim_output
 from apem.data.spec import SPEC_FILE, DatasetSpec, funnel_violations, read_checked_file
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
 from apem.dataplane.beam_gcs_emulator import anonymous_gcs_for_emulator
+from apem.dataplane.beam_options import pipeline_options
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -194,17 +195,6 @@ def _row_count(files: list[str]) -> int:
     return total
 
 
-def _pipeline_options(runner: str, pipeline_args: list[str] | None):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    args = list(pipeline_args or [])
-    if runner == "DirectRunner" and not any(a.startswith("--direct_running_mode") for a in args):
-        args += ["--direct_running_mode=multi_processing"]
-        if not any(a.startswith("--direct_num_workers") for a in args):
-            args += [f"--direct_num_workers={max(1, min(os.cpu_count() or 1, 8))}"]
-    return PipelineOptions(args + [f"--runner={runner}"])
-
-
 def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: str, plan, spec: DatasetSpec,
                     negative_rate: float) -> None:
     import apache_beam as beam
@@ -250,7 +240,7 @@ def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratio
     else:
         staging = make_staging_dir(out_dir)
     try:
-        with beam.Pipeline(options=_pipeline_options(runner, pipeline_args)) as pipeline:
+        with beam.Pipeline(options=pipeline_options(runner, pipeline_args)) as pipeline:
             pattern = storage.join(data_dir, "*.parquet")
             _build_pipeline(pipeline, pattern, schema, staging, plan, spec, negative_rate)
         summary = _finish(data_dir, staging, spec, schema, plan, counts, negative_rate, ratios, runner)
