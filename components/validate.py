@@ -15,6 +15,9 @@ def validate(
     report: Output[Markdown],
     statistics_html: Output[HTML],
     metrics: Output[Metrics],
+    engine: str = "local",
+    beam_runner: str = "DirectRunner",
+    beam_args: str = "",
 ):
     """Validate ``dataset`` with TFDV against the curated schema committed in the repo, and check
     drift against the previous passing window's statistics, kept at
@@ -22,9 +25,11 @@ def validate(
     training, unless ``warn_only``. Only a window without anomalies becomes the next run's baseline
     (with ``warn_only`` an anomalous window goes on to training, but never becomes the baseline).
     ``report`` lists the anomalies (Markdown); ``statistics_html`` is TFDV's statistics view of the
-    window against the baseline.
+    window against the baseline. ``engine``: statistics in memory (``local``) or on Apache Beam
+    (``beam``, with ``beam_runner`` and ``beam_args``, space-separated Beam options).
     """
     import os
+    import shlex
     import shutil
     import tempfile
 
@@ -32,6 +37,13 @@ def validate(
     from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, statistics_html as html_of,
                                            validate_dataset)
 
+    if engine not in ("local", "beam"):
+        raise ValueError(f"engine must be 'local' or 'beam', got {engine!r}")
+    compute = None
+    if engine == "beam":
+        from apem.dataplane.validation_beam import beam_statistics
+
+        compute = beam_statistics(beam_runner, shlex.split(beam_args))
     baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
     baseline_stats = None
     scratch = tempfile.mkdtemp(prefix="apem-baseline-")
@@ -44,7 +56,7 @@ def validate(
     try:
         try:
             result = validate_dataset(dataset.path, out_dir=statistics.path, baseline_stats=baseline_stats,
-                                      warn_only=warn_only)
+                                      warn_only=warn_only, statistics=compute)
         except ValidationFailed as err:
             failure = err
         # the report and the HTML are written when validation fails too: they show why
