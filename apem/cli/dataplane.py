@@ -109,11 +109,9 @@ def run_ingest(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     from apem.dataplane.validation import DEFAULT_SCHEMA, ValidationFailed, validate_dataset
 
-    pipeline_args, statistics = beam_args(args), None
-    if args.engine == "beam":
-        from apem.dataplane.validation_beam import beam_statistics
+    from apem.dataplane.validation_beam import statistics_for
 
-        statistics = beam_statistics(args.runner, pipeline_args)
+    statistics = statistics_for(args.engine, args.runner, beam_args(args))
     try:
         result = validate_dataset(args.data, schema_path=args.schema or DEFAULT_SCHEMA, out_dir=args.out,
                                   baseline_stats=args.baseline_stats, warn_only=args.warn_only,

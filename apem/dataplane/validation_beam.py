@@ -44,6 +44,14 @@ def beam_statistics(runner: str = "DirectRunner", pipeline_args: list[str] | Non
     return statistics
 
 
+def statistics_for(engine: str, runner: str = "DirectRunner", pipeline_args: list[str] | None = None):
+    """The ``statistics`` argument of ``validate_dataset`` for ``engine`` (``local``: None, the
+    in-memory default; ``beam``: :func:`beam_statistics`)."""
+    if engine not in ("local", "beam"):
+        raise ValueError(f"engine must be 'local' or 'beam', got {engine!r}")
+    return beam_statistics(runner, pipeline_args) if engine == "beam" else None
+
+
 def compute_statistics_beam(data_dir: str, stats_uri: str, runner: str = "DirectRunner",
                             pipeline_args: list[str] | None = None):
     """TFDV statistics of the dataset at ``data_dir`` computed on Beam, written to ``stats_uri``."""
