@@ -141,6 +141,8 @@ def test_cli_ingest_on_beam_to_gcs(messy, tmp_path, gcs_prefix):
     pd.testing.assert_frame_equal(_dataset(out), _dataset(str(tmp_path / "reference")), check_exact=True)
     summary = json.loads(storage.read_bytes(storage.join(quarantine_path(out), "ingest.json")))
     assert summary["quarantine"] == reference["quarantine"]
-    # Beam options need the Beam engine: one line, exit 2
+    # a missing day (found before Beam starts), and Beam options without the Beam engine: exit 2
+    missing = ["ingest", "--raw", messy, "--start", "2026-01-01", "--end", "2026-01-05", "--out", str(tmp_path / "m")]
+    assert apem_main(missing + ["--engine", "beam"]) == 2 and not (tmp_path / "m").exists()
     assert apem_main(args[:-2] + ["--attribution-days", "1", "--out", str(tmp_path / "x"),
                                   "--direct_num_workers=2"]) == 2
