@@ -10,4 +10,4 @@ IMAGE_REPOSITORY = "ghcr.io/apem-project/apem"
 IMAGE_TAG = "0.1.0"  # the project version in pyproject.toml; bump both together
 APEM_IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
 
-COMPONENT_NAMES = ("ingest", "validate", "split", "train", "evaluate", "push", "notify")
+COMPONENT_NAMES = ("ingest", "validate", "split", "train", "evaluate", "push", "notify", "score")

@@ -21,9 +21,11 @@ def train(
 ):
     """Train ``model_name`` (a name of ``apem.models.registry``) with ``model_params`` (a JSON
     object of config overrides, e.g. ``{"embed_dim": 18}``) on ``splits/train``, early stopping
-    on ``splits/val``. Three keys of ``model_params`` configure features and training instead of
+    on ``splits/val``. Five keys of ``model_params`` configure features and training instead of
     the model: ``numerical_encoding`` (log_round | dense_log | quantile:N, saved with the model),
-    ``embedding_l2`` and ``embedding_l2_fields`` (per-field embedding weight decay, default off). Uses CUDA when the pod has a GPU (the pipeline requests one) and the CPU
+    ``embedding_l2`` and ``embedding_l2_fields`` (per-field embedding weight decay, default off),
+    ``data_loading`` (auto | memory | streaming: stream Parquet row groups through a bounded
+    shuffle buffer; auto streams from 2M training rows) and ``loader_workers`` (DataLoader processes). Uses CUDA when the pod has a GPU (the pipeline requests one) and the CPU
     otherwise. The training negative rate comes from ``splits/split.json`` and is saved with the
     model for recalibration. Logs to MLflow when ``mlflow_tracking_uri`` is set.
     """
@@ -58,6 +60,7 @@ def train(
                                   model.path, model_name=model_name, model_overrides=overrides, config=config,
                                   negative_rate=negative_rate, numerical_encoding=numerical_encoding)
     model.metadata.update({"model_name": model_name, "negative_rate": negative_rate, "epochs": epochs,
+                           "data_loading": summary["data_loading"],
                            "numerical_encoding": numerical_encoding, "mlflow_run_id": summary["mlflow_run_id"] or ""})
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

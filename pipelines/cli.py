@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+
+
+_LOG = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,10 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--days", type=int, default=14, help="days of synthetic logs")
     r.add_argument("--window-days", type=int, default=0, help="training window (0: every generated day)")
     r.add_argument("--run-date", default="", help="last day of the window, YYYY-MM-DD (default: last generated day)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--epochs", type=int, default=2)
-    r.add_argument("--batch-size", type=int, default=2048)
-    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--seed", type=int, default=0, help="seed of the synthetic logs and of training")
+    r.add_argument("--epochs", type=int, default=2, help="maximum training epochs")
+    r.add_argument("--batch-size", type=int, default=2048, help="rows per training batch")
+    r.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     r.add_argument("--model", default="apem", help="model name (see apem train --help)")
     r.add_argument("--model-params", default="{}", help="JSON object of model config overrides")
     r.add_argument("--negative-rate", type=float, default=0.1, help="train-only negative downsampling rate")
@@ -34,12 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = actions.add_parser("schedule", help="create the daily recurring run on a Kubeflow Pipelines host")
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
     s.add_argument("--cron", default="0 0 2 * * *", help="6-field KFP cron, seconds first (default 02:00 UTC daily)")
-    s.add_argument("--experiment", default="apem")
-    s.add_argument("--job-name", default="apem-daily-retrain")
-    s.add_argument("--namespace", default=None)
+    s.add_argument("--experiment", default="apem", help="KFP experiment of the recurring run")
+    s.add_argument("--job-name", default="apem-daily-retrain", help="name of the recurring run")
+    s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (default: the client's)")
     s.add_argument("--service-account", default="apem-pipeline-runner",
                    help="Kubernetes service account of the runs (infra/: Workload Identity for GCS)")
-    s.add_argument("--pipeline-root", default=None, help="e.g. gs://apem-data/pipeline-root")
+    s.add_argument("--pipeline-root", default=None, help="e.g. gs://apem-data/pipeline-root (default: the KFP deployment's)")
     s.add_argument("--env", default=None, choices=("dev", "prod"),
                    help="apply this environment's parameters from apem_kfp.pipelines.configs (default: none)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
@@ -66,7 +70,7 @@ def parse_params(items: list[str]) -> dict:
 def run_compile(args: argparse.Namespace) -> int:
     from apem_kfp.pipelines.daily_retrain import compile_pipeline
 
-    print(compile_pipeline(args.out))
+    _LOG.info("wrote %s", compile_pipeline(args.out))
     return 0
 
 

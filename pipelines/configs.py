@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from apem_kfp.components import APEM_IMAGE
@@ -68,6 +69,9 @@ ENVIRONMENTS: dict[str, dict] = {
         "raw_uri": "gs://apem-prod-data/raw", "output_root": "gs://apem-prod-data/daily-retrain",
         "serving_uri": "gs://apem-prod-serving/apem", "beam_runner": "DataflowRunner",
         "beam_args": PROD_DATAFLOW_ARGS, "data_engine": "beam",
+        # a window of 2M+ training rows streams (data_loading "auto"); 3 DataLoader processes read and
+        # encode it beside the trainer, within the train task's 4 requested CPUs (TASK_RESOURCES)
+        "model_params": json.dumps({"data_loading": "auto", "loader_workers": 3}),
     },
 }
 

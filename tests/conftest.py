@@ -83,3 +83,69 @@ _PREFIX_COUNTER = itertools.count()
 def gcs_prefix(gcs_bucket, request):
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
     return f"{gcs_bucket}/{name}-{next(_PREFIX_COUNTER)}"
+
+
+CHAMPION_NAME = "apem-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_champion(tmp_path_factory):
+    """A tiny ESMM trained on 1,500 synthetic rows with negative rate 0.5 and pushed, as the pipeline
+    does (``apem.release.push``: registered with an input example, alias ``champion``), into a temp
+    sqlite MLflow store. Also an unlabelled copy of 300 rows to score. Returns a dict: ``tracking_uri``,
+    ``name``, ``model_uri`` (``models:/apem-tiny@champion``), ``model_dir``, ``unlabelled`` (dataset
+    directory), ``rows`` (the same rows as the plain pandas frame a client sends)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from apem.data.features import default_spec
+    from apem.data.spec import write_dataset
+    from apem.inference.model_dir import feature_frame
+    from apem.release import mlflow_registry
+    from apem.release.push import push
+    from apem.research.synth import SynthConfig, generate
+    from apem.train.from_dirs import train_from_dirs
+    from apem.train.trainer import TrainConfig
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("champion")
+    table = generate(SynthConfig(rows=1_800, days=3, seed=11))[0]
+    spec = default_spec()
+    write_dataset(table.slice(0, 1_500), spec, str(root / "train"))
+    model_dir = str(root / "model")
+    train_from_dirs(str(root / "train"), str(root / "train"), model_dir, model_name="esmm",
+                    model_overrides={"embed_dim": 4, "tower_hidden": [8]},
+                    config=TrainConfig(epochs=1, batch_size=512, progress=False), negative_rate=0.5)
+    scored = table.slice(1_500)
+    (root / "unlabelled").mkdir()
+    pq.write_table(scored.drop(list(spec.labels)), root / "unlabelled" / "part-00000.parquet")
+    spec.write(str(root / "unlabelled"))
+    rows = feature_frame(scored, spec.features)
+    tracking_uri = mlflow_registry.sqlite_tracking_uri(str(root / "mlflow"))
+    outcome = push(model_dir, {"blessed": True, "reasons": []}, tracking_uri, CHAMPION_NAME,
+                   registration={"input_example": rows.head(5)})
+    assert outcome["pushed"], outcome
+    return {"tracking_uri": tracking_uri, "name": CHAMPION_NAME, "model_uri": f"models:/{CHAMPION_NAME}@champion",
+            "model_dir": model_dir, "unlabelled": str(root / "unlabelled"), "rows": rows, "root": root}
+
+
+def _write_shards(table, spec, path, files: int, row_group_rows: int) -> str:
+    import pyarrow.parquet as pq
+
+    from apem.data.atomic import SUCCESS_MARKER
+
+    os.makedirs(path, exist_ok=True)
+    per_file = -(-table.num_rows // files)
+    for i in range(files):
+        pq.write_table(table.slice(i * per_file, per_file), os.path.join(path, f"part-{i:05d}.parquet"),
+                       row_group_size=row_group_rows)
+    spec.write(str(path))
+    open(os.path.join(path, SUCCESS_MARKER), "wb").close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    """``write_shards(table, spec, path, files, row_group_rows)``: a dataset directory of ``files``
+    Parquet files with several row groups each (as the Beam split writes them); returns the path."""
+    return _write_shards

@@ -94,3 +94,46 @@ def test_one_source_of_pipeline_defaults(rendered):
         assert environment[key].startswith(f"gs://{OVERLAYS[overlay]}-")
     for key, value in environment.items():  # every value has its parameter's type
         assert isinstance(value, parameters[key].annotation), key
+
+
+def test_serving_runs_mlflow_models_serve_on_the_champion_in_the_component_image(rendered):
+    from apem_kfp.components import APEM_IMAGE
+
+    _, objects = rendered
+    pod = objects[("Deployment", "apem-serving")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == APEM_IMAGE
+    assert container["command"] == ["mlflow", "models", "serve"]
+    assert {"--model-uri=models:/apem@champion", "--env-manager=local", "--port=8080"} <= set(container["args"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == configs.DEFAULTS.mlflow_tracking_uri  # the registry push writes to
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+
+
+def test_serving_has_probes_resources_and_a_service(rendered):
+    _, objects = rendered
+    container = objects[("Deployment", "apem-serving")]["spec"]["template"]["spec"]["containers"][0]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/ping"  # loading the champion takes a while
+    resources = container["resources"]
+    for kind in ("requests", "limits"):
+        assert set(resources[kind]) == {"cpu", "memory"}, kind
+    service = objects[("Service", "apem-serving")]["spec"]
+    assert service["selector"] == {"app.kubernetes.io/name": "apem-serving"}
+    assert service["ports"][0]["targetPort"] == "http" and port == 8080
+
+
+def test_serving_network_policy_admits_only_its_clients(rendered):
+    _, objects = rendered
+    policy = objects[("NetworkPolicy", "apem-serving")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "apem-serving"}
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (rule,) = policy["ingress"]
+    sources = [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]]
+    assert sources == [{"kubernetes.io/metadata.name": "apem"}, {"apem.io/scoring-client": "true"}]
+    assert all(set(peer) == {"namespaceSelector"} for peer in rule["from"])  # no open podSelector-only peer
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    egress_targets = [peer for r in policy["egress"] for peer in r["to"]]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}} in egress_targets

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
+import logging
 
 from apem.cli.options import add_overwrite_flag
+
+
+_LOG = logging.getLogger(__name__)
 
 
 def _date(text: str) -> dt.date:
@@ -51,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="With --engine beam, unknown options are passed to Beam as pipeline options, e.g. "
                               "--direct_num_workers=4, or --project/--region/--temp_location for Dataflow.")
     p.add_argument("--raw", required=True, help="raw event root (local or gs://) with dt=YYYY-MM-DD/ partitions")
-    p.add_argument("--start", required=True, type=_date)
-    p.add_argument("--end", required=True, type=_date)
+    p.add_argument("--start", required=True, type=_date, help="first day, YYYY-MM-DD")
+    p.add_argument("--end", required=True, type=_date, help="last day, YYYY-MM-DD (inclusive)")
     p.add_argument("--out", required=True, help="output dataset (local or gs://); quarantine goes to OUT_quarantine")
     p.add_argument("--attribution-days", type=int, default=3, help="follow-up events later than this are quarantined")
     p.add_argument("--allow-missing-days", action="store_true", help="skip missing or empty partitions")
@@ -66,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset directory (local or gs://)")
     p.add_argument("--schema", default=None, help="schema .pbtxt (default: the curated one in apem/resources)")
     p.add_argument("--out", required=True, help="report directory: stats.pb, anomalies.md, anomalies.json")
-    p.add_argument("--baseline-stats", default=None, help="previous window's stats.pb, for the drift check")
+    p.add_argument("--baseline-stats", default=None, help="previous window's stats.pb, for the drift check (default: no drift check)")
     p.add_argument("--warn-only", action="store_true", help="report anomalies but exit 0")
     add_engine_flags(p, "statistics")
     add_overwrite_flag(p)
@@ -102,8 +105,8 @@ def run_ingest(args: argparse.Namespace) -> int:
     except IngestError as err:
         raise CommandError(str(err)) from None
     print(json.dumps(summary, indent=2))
-    print(f"wrote {summary['rows']} rows to {summary['dataset']}; quarantined {summary['quarantined']} "
-          f"{ {k: v for k, v in summary['quarantine'].items() if v} } to {summary['quarantine_path']}")
+    _LOG.info("wrote %s rows to %s; quarantined %s %s to %s", summary["rows"], summary["dataset"],
+              summary["quarantined"], {k: v for k, v in summary["quarantine"].items() if v}, summary["quarantine_path"])
     return 0
 
 
@@ -118,9 +121,9 @@ def run_validate(args: argparse.Namespace) -> int:
                                   baseline_stats=args.baseline_stats, warn_only=args.warn_only,
                                   overwrite=args.overwrite, statistics=statistics)
     except ValidationFailed as err:
-        print(f"apem validate: {err}", file=sys.stderr)
+        _LOG.error("apem validate: %s", err)
         return 1
-    print(f"{result['summary']}; report {result['report_path']}, stats {result['stats_path']}")
+    _LOG.info("%s; report %s, stats %s", result["summary"], result["report_path"], result["stats_path"])
     return 0
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from apem.cli.model import add_feature_options, feature_settings
 from apem.cli.options import add_overwrite_flag
+
+
+_LOG = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,16 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "apem_wo_ld; an unknown name lists them all), or all")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per model")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=10, help="maximum training epochs per run")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per training batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (unless --tuned sets one)")
     p.add_argument("--patience", type=int, default=2, help="early-stopping patience in epochs (val AUC)")
-    p.add_argument("--max-rows", type=int, default=None, help="use at most the first N rows of each split")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-rows", type=int, default=None, help="use at most the first N rows of each split (default: all)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--oracle", default=None,
                    help="dataset directory holding oracle/truth.parquet for the test rows (default: --test)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tuned", default=None,
                    help="JSON written by `apem tune`: each model trains with its chosen hyperparameters")
     add_feature_options(p)
@@ -62,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CommandError(str(err)) from None
     failed = sum(len(entry["errors"]) for entry in report["models"].values())
-    print(f"wrote {args.out}/report.json and report.md ({len(models)} models x {args.seeds} seeds, {failed} failed runs)")
+    _LOG.info("wrote %s/report.json and report.md (%d models x %d seeds, %d failed runs)", args.out, len(models),
+              args.seeds, failed)
     return 0

@@ -10,17 +10,42 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from importlib.metadata import entry_points
 
-from apem.cli import dataplane, experiment, model, synth, tune
+from apem.cli import dataplane, experiment, logs, model, synth, tune
 from apem.cli.errors import CommandError
+from apem.cli.options import CommandLineParser
 
 BUILT_IN_SUBJECTS = (synth, model, experiment, tune, dataplane)
 PLUGIN_GROUP = "apem.commands"
+DESCRIPTION = (
+    "APEM multi-step conversion estimation (click -> authorize -> convert): generate synthetic logs, "
+    "ingest, validate and split daily event data, train, evaluate and compare multi-task models, "
+    "score datasets with a model directory or the MLflow registry's champion, and run the daily "
+    "retraining pipeline on Kubeflow. Run `apem COMMAND --help` for a command's options."
+)
+EPILOG = ("Results go to stdout, progress and diagnostics to stderr. Bad input ends with one line "
+          "'apem COMMAND: error: ...' on stderr and exit code 2.")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("apem")
+    except metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        from apem import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apem", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="apem", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=logs.VERBOSE,
+                          default=logs.DEFAULT, help="debug messages, other libraries' logs and TensorFlow's")
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=logs.QUIET,
+                          help="warnings and errors only (the command's result still goes to stdout)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for subject in BUILT_IN_SUBJECTS:
         subject.register(sub)
@@ -39,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "accepts_unknown_args", False):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.unknown_args = unknown
+    logs.configure_logging(args.verbosity)
     try:
         result = args.handler(args)
     except (CommandError, DatasetError, OutputRefused, FileNotFoundError) as err:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from apem.cli.options import add_overwrite_flag
 
 
+_LOG = logging.getLogger(__name__)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate a synthetic dataset (or raw event logs) with known truth")
-    p.add_argument("--rows", type=int, default=300_000)
-    p.add_argument("--days", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=300_000, help="impressions to generate")
+    p.add_argument("--days", type=int, default=30, help="days the impressions spread over")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     p.add_argument("--funnel", choices=("financial3", "sparse2"), default="financial3",
                    help="financial3: click -> authorize -> convert; sparse2: Ali-CCP-like click -> convert "
                         "(CTR ~4%%, convert | click <1%%; dataset format only)")
@@ -42,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = write_synthetic_dataset(config, args.out, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.rows} rows ({args.format}) to {args.out}")
+    _LOG.info("wrote %d rows (%s) to %s", args.rows, args.format, args.out)
     return 0

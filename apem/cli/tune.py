@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+
+
+_LOG = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,15 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="apem", help="comma-separated registry names, or all")
     p.add_argument("--trials", type=int, default=8, help="trials per model (the same for every model)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (early stopping on val AUC)")
-    p.add_argument("--patience", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--patience", type=int, default=1, help="epochs without validation-AUC gain before a trial stops")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per training batch")
     p.add_argument("--seed", type=int, default=0, help="sampler and training seed")
-    p.add_argument("--max-rows", type=int, default=None, help="use at most the first N rows of each split")
+    p.add_argument("--max-rows", type=int, default=None, help="use at most the first N rows of each split (default: all)")
     p.add_argument("--encodings", default="log_round,dense_log,quantile:32",
                    help="numerical encodings to search over, comma-separated")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI: one run per model, one nested run per trial")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI: one run per model, one nested run per trial (default: no tracking)")
     p.add_argument("--out", required=True, help="JSON of the chosen hyperparameters (read by apem experiment --tuned)")
     p.set_defaults(handler=run)
 
@@ -46,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from None
     print(json.dumps({name: {"best": entry["best"], "val_auc_mean": round(entry["best_val_auc_mean"], 4)}
                       for name, entry in result["models"].items()}, indent=2))
-    print(f"wrote {args.out} ({config.trials} trials x {len(config.models)} models)")
+    _LOG.info("wrote %s (%d trials x %d models)", args.out, config.trials, len(config.models))
     return 0

@@ -25,11 +25,13 @@ Encoding is vectorized with pyarrow/numpy; no Python runs per row. The fitted st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from apem.data.sketches import Reservoir, ValueCounter
 from apem.data.spec import Dataset, DatasetError, DatasetSpec
 
 OOV_INDEX = 0
@@ -45,6 +47,9 @@ MAX_SIGNED_LOG = 50.0
 # Codes of log_round. Magnitude buckets are capped so that inf and absurdly large values share the
 # last bucket instead of creating unbounded codes; ln(1 + 1e19)^2 ~ 1900.
 MAX_LOG_BUCKET = 2000
+# Values per numerical field sampled for the quantile edges of a streaming fit (8 MB a field);
+# below this many rows the edges equal those of :meth:`FeatureEncoder.fit`.
+DEFAULT_RESERVOIR_ROWS = 1_000_000
 NAN_CODE = np.int64(-(2**62))
 
 
@@ -195,6 +200,45 @@ class FeatureEncoder:
             codes = self._codes(name, values)
             self.numerical_vocab[name] = np.asarray(_frequent(codes, self.min_frequency), dtype=np.int64)
         return self
+
+    def fit_chunks(self, chunks: Callable[[list[str]], Iterable[pa.Table]],
+                   reservoir_rows: int = DEFAULT_RESERVOIR_ROWS) -> int:
+        """Fit in a streaming pass: ``chunks(columns)`` yields the training rows as tables, a fresh
+        pass per call; nothing holds more than one chunk. Returns the number of rows seen.
+
+        Vocabularies equal :meth:`fit`'s exactly (exact counts, :class:`apem.data.sketches.ValueCounter`).
+        ``quantile:N`` edges come from a uniform sample of ``reservoir_rows`` values per field
+        (:class:`apem.data.sketches.Reservoir`: exact up to that many rows, approximate beyond), and
+        take a second pass over the numerical columns to count the bins' codes."""
+        quantile = self._kind == "quantile"
+        counters = {name: ValueCounter() for name in self.spec.features}
+        reservoirs = {name: Reservoir(reservoir_rows, np.random.default_rng(j))
+                      for j, name in enumerate(self.spec.numerical)} if quantile else {}
+        kinds: dict[str, str] = {}
+        rows = 0
+        for table in chunks(list(self.spec.features)):
+            self._check_columns(table, "fit")
+            rows += table.num_rows
+            for name in self.spec.categorical:
+                column = table.column(name)
+                kind = kinds.setdefault(name, _kind_of(column.type))
+                counters[name].add(_as_kind(_plain(column), kind, name))
+            for name in self.spec.numerical:
+                values = _numeric(table.column(name), name)
+                if quantile:
+                    reservoirs[name].add(values)
+                else:
+                    counters[name].add(pa.array(self._codes(name, values)))
+        for name, reservoir in reservoirs.items():
+            self.quantile_edges[name] = quantile_edges(reservoir.sample, self._bins)
+        for table in chunks(list(self.spec.numerical)) if quantile else ():
+            for name in self.spec.numerical:
+                counters[name].add(pa.array(self._codes(name, _numeric(table.column(name), name))))
+        for name in self.spec.categorical:
+            self.categorical_vocab[name] = (kinds.get(name, "string"), counters[name].at_least(self.min_frequency))
+        for name in self.spec.numerical:
+            self.numerical_vocab[name] = np.asarray(counters[name].at_least(self.min_frequency), dtype=np.int64)
+        return rows
 
     def _codes(self, name: str, values: np.ndarray) -> np.ndarray:
         if self._kind == "quantile":

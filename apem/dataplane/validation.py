@@ -4,7 +4,7 @@
 (domains, presence, value ranges) and, given the previous window's statistics, checks drift:
 Jensen-Shannon divergence for numericals and L-infinity distance for categoricals, with the
 thresholds written in the schema's ``drift_comparator`` entries. TFDV costs ~10 s to import, so it
-is imported inside the functions.
+is imported inside the functions, quietly (``apem.dataplane.quiet_tensorflow``).
 
 The schema (``apem/resources/schema.pbtxt``) was produced by :func:`infer_schema` (TFDV's
 inference plus the review rules in :func:`curate_schema`) and then read by a person; see
@@ -19,6 +19,7 @@ from typing import Callable
 
 from apem.data import features, storage
 from apem.data.ownership import VALIDATION_DIR, claim_output
+from apem.dataplane.quiet_tensorflow import import_tfdv
 
 DEFAULT_SCHEMA = str(resources.files("apem") / "resources" / "schema.pbtxt")
 STATS_FILE = "stats.pb"
@@ -70,7 +71,7 @@ def _frame(data_dir: str):
 def compute_statistics(data_dir: str, stats_uri: str | None = None):
     """TFDV statistics (DatasetFeatureStatisticsList) of the dataset at ``data_dir`` (local or gs://),
     in memory. (``stats_uri``: where the caller will keep them; the Beam engine writes there.)"""
-    import tensorflow_data_validation as tfdv
+    tfdv = import_tfdv()
 
     _, frame = _frame(data_dir)
     return tfdv.generate_statistics_from_dataframe(frame, n_jobs=1)
@@ -130,7 +131,7 @@ def curate_schema(schema, spec) -> None:
 
 def infer_schema(data_dir: str, out_path: str) -> str:
     """Infer a schema from a (synthetic) dataset, apply :func:`curate_schema`, write it as text."""
-    import tensorflow_data_validation as tfdv
+    tfdv = import_tfdv()
 
     spec, frame = _frame(data_dir)
     stats = tfdv.generate_statistics_from_dataframe(frame, n_jobs=1)
@@ -242,7 +243,7 @@ def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: 
     :class:`ValidationFailed` (one-line summary) when there are anomalies, unless ``warn_only``.
     All paths may be local or gs://. Only an earlier report (or anything, with ``overwrite``) is replaced.
     """
-    import tensorflow_data_validation as tfdv
+    tfdv = import_tfdv()
 
     claim_output(out_dir, VALIDATION_DIR, inputs=(data_dir,), overwrite=overwrite)
     if not storage.exists(schema_path):
@@ -277,7 +278,7 @@ def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: 
 def statistics_html(stats_path: str, baseline_stats: str | None = None) -> str:
     """TFDV's Facets view of the window's statistics, side by side with the baseline's when given
     (a standalone HTML page: the KFP UI shows it as the ``HTML`` artifact of validate)."""
-    import tensorflow_data_validation as tfdv
+    tfdv = import_tfdv()
 
     current = load_statistics(stats_path)
     if baseline_stats is None:

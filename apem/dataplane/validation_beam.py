@@ -17,6 +17,7 @@ from apem.data import storage
 from apem.data.spec import SPEC_FILE, DatasetSpec
 from apem.dataplane.beam_gcs_emulator import anonymous_gcs_for_emulator
 from apem.dataplane.beam_options import pipeline_options
+from apem.dataplane.quiet_tensorflow import import_tfdv
 from apem.dataplane.validation import load_statistics, tfdv_columns
 
 
@@ -56,9 +57,9 @@ def compute_statistics_beam(data_dir: str, stats_uri: str, runner: str = "Direct
                             pipeline_args: list[str] | None = None):
     """TFDV statistics of the dataset at ``data_dir`` computed on Beam, written to ``stats_uri``."""
     import apache_beam as beam
-    import tensorflow_data_validation as tfdv
     from apache_beam.io.parquetio import ReadFromParquetBatched
 
+    tfdv = import_tfdv()
     anonymous_gcs_for_emulator()
     spec_uri = storage.join(data_dir, SPEC_FILE)
     if not storage.exists(spec_uri):

@@ -217,6 +217,34 @@ def download_model_dir(tracking_uri: str, registered_model_name: str, version: s
     return os.path.join(local, relative)
 
 
+REGISTRY_SCHEME = "models:/"
+
+
+def is_registry_uri(ref: str) -> bool:
+    return str(ref).startswith(REGISTRY_SCHEME)
+
+
+def resolve_model_uri(tracking_uri: str, model_uri: str) -> RegisteredVersion:
+    """The version a registry URI names: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+    A missing model, alias or version raises ``ValueError`` naming the URI and the store."""
+    from mlflow.exceptions import MlflowException
+
+    rest = model_uri[len(REGISTRY_SCHEME):] if is_registry_uri(model_uri) else ""
+    name, at, alias = rest.partition("@")
+    if not at:
+        name, _, alias = rest.rpartition("/")
+    if not name or not alias:
+        raise ValueError(f"{model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    with tracking(tracking_uri) as client:
+        try:
+            found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
+        except MlflowException as err:
+            first_line = (str(err.message).strip().splitlines() or [err.error_code])[0]
+            raise ValueError(f"{model_uri}: not found in the registry at {tracking_uri} ({first_line})") from None
+    return RegisteredVersion(name=name, version=str(found.version), run_id=found.run_id,
+                             model_uri=f"{REGISTRY_SCHEME}{name}/{found.version}")
+
+
 def download_champion(tracking_uri: str, registered_model_name: str, dst_dir: str) -> ChampionModel | None:
     """The champion's model directory downloaded under ``dst_dir``; None when there is no champion."""
     version = champion_version(tracking_uri, registered_model_name)

@@ -1,9 +1,11 @@
 """The trainer: one loop for every model of the registry (it never branches on the model type).
 
-Mini-batches are slices of pre-encoded tensors taken through one ``randperm`` per epoch; there is
-no per-row Python in encoding or in the hot loop. Each epoch ends with a validation pass (early
-stopping on the mean validation AUC over tasks) and a checkpoint that ``resume`` continues from
-with the same result as an uninterrupted run.
+Training data is anything with the :class:`TrainingData` methods: :class:`EncodedData` (pre-encoded
+tensors in memory, mini-batches taken through one ``randperm`` per epoch) or
+:class:`apem.train.streaming.StreamingData` (Parquet row groups read, encoded and shuffled in a
+bounded buffer). There is no per-row Python in encoding or in the hot loop. Each epoch ends with a
+validation pass (early stopping on the mean validation AUC over tasks) and a checkpoint that
+``resume`` continues from with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -20,12 +23,33 @@ import torch
 from apem.data.encoding import FeatureEncoder
 from apem.data.spec import Dataset
 from apem.eval.metrics import auc
-from apem.inference.predict import predict
+from apem.inference.predict import predict_stream
 from apem.models.base import MultiTaskModel
 from apem.train import tracking
 from apem.train.checkpoint import (CHECKPOINT_FILE, Progress, cpu_state, fingerprint, load_checkpoint, run_identity,
                                   save_checkpoint)
 from apem.train.malloc_tuning import keep_freed_memory_for_reuse
+
+
+DATA_LOADINGS = ("auto", "memory", "streaming")
+
+
+class TrainingData(Protocol):
+    """What the trainer needs of its data; :class:`EncodedData` and the streaming data both have it."""
+
+    def __len__(self) -> int: ...
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's (x, y) mini-batches, in an order fixed by (seed, epoch)."""
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row once, in a fixed order, in chunks of any size (validation)."""
+
+    def to_device(self, device: torch.device) -> "TrainingData":
+        """The data to train from on ``device`` (itself, or a copy that already lives there)."""
+
+    def fingerprint(self) -> str:
+        """Identifies the data and its order for the checkpoint's run identity."""
 
 
 @dataclass
@@ -53,12 +77,18 @@ class TrainConfig:
     resume: bool = False
     embedding_l2: float = 0.0
     embedding_l2_fields: dict[str, float] = field(default_factory=dict)
+    data_loading: str = "auto"  # memory | streaming | auto (apem.train.from_dirs.choose_data_loading)
+    loader_workers: int = 0  # DataLoader worker processes that read and encode a streamed training set
 
     def __post_init__(self) -> None:
         bad = {n: v for n, v in {"(all fields)": self.embedding_l2, **self.embedding_l2_fields}.items()
                if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0)}
         if bad:
             raise ValueError(f"embedding regularisation must be a finite number >= 0, got {bad}")
+        if self.data_loading not in DATA_LOADINGS:
+            raise ValueError(f"data_loading must be one of {', '.join(DATA_LOADINGS)}, got {self.data_loading!r}")
+        if not (isinstance(self.loader_workers, int) and self.loader_workers >= 0):
+            raise ValueError(f"loader_workers must be an integer >= 0, got {self.loader_workers!r}")
 
     @property
     def regularises_embeddings(self) -> bool:
@@ -76,6 +106,22 @@ class EncodedData:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=_epoch_generator(seed, epoch)).to(self.x.device)
+        for begin in range(0, len(self), batch_size):
+            idx = order[begin:begin + batch_size]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield self.x, self.y
+
+    def to_device(self, device: torch.device) -> "EncodedData":
+        # 140 bytes a row: even 10M rows sit on the GPU, so batches never cross PCIe
+        return EncodedData(self.x.to(device), self.y.to(device)) if device.type == "cuda" else self
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.x, self.y)
 
 
 @dataclass
@@ -113,9 +159,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def validation_aucs(model: MultiTaskModel, data: EncodedData, device: torch.device) -> list[float]:
-    probs = predict(model, data.x, device=device)
-    labels = data.y.numpy()
+def validation_aucs(model: MultiTaskModel, data: TrainingData, device: torch.device) -> list[float]:
+    """Per-task AUC over every row of ``data``, predicted chunk by chunk (only scores and labels are kept)."""
+    label_chunks: list[torch.Tensor] = []
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for x, y in data.eval_batches():
+            label_chunks.append(y.cpu())
+            yield x
+
+    probs = predict_stream(model, inputs(), rows=len(data), device=device)
+    labels = torch.cat(label_chunks).numpy() if label_chunks else np.zeros((0, model.n_tasks), np.float32)
     return [auc(labels[:, i], probs[:, i]) for i in range(labels.shape[1])]
 
 
@@ -134,14 +188,15 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 class _Loop:
     """One training run's state: the model, its optimizer, the data on the device and the progress."""
 
-    def __init__(self, model: MultiTaskModel, train: EncodedData, config: TrainConfig) -> None:
+    def __init__(self, model: MultiTaskModel, train: TrainingData, config: TrainConfig) -> None:
         self.model, self.config = model, config
         self.device = resolve_device(config.device)
         model.to(self.device)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        self.x, self.y = train.x, train.y
-        if self.device.type == "cuda":  # 140 bytes a row: even 10M rows sit on the GPU, so batches never cross PCIe
-            self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        self.train = train.to_device(self.device)
+        self.rows = len(train)
+        # Streaming with workers ends each worker's share with a short batch (a few more steps); the
+        # count only paces schedules such as APEM's gamma, which tolerate that.
         self.steps_per_epoch = -(-len(train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.progress = Progress()
@@ -151,24 +206,22 @@ class _Loop:
 
     def run_epoch(self, epoch: int) -> dict:
         """One pass over the training data in this epoch's order; returns the epoch's record."""
-        model, config, n = self.model, self.config, self.x.shape[0]
+        model, config = self.model, self.config
         model.train()
-        order = torch.randperm(n, generator=_epoch_generator(config.seed, epoch)).to(self.x.device)
-        started, loss_sum, parts_sum, batches = time.perf_counter(), 0.0, {}, 0
-        with _progress_bar(n, f"epoch {epoch + 1}/{config.epochs}", config.progress) as bar:
-            for begin in range(0, n, config.batch_size):
-                idx = order[begin:begin + config.batch_size]
-                loss, parts = self.step(self.x.index_select(0, idx).to(self.device, non_blocking=True),
-                                        self.y.index_select(0, idx).to(self.device, non_blocking=True))
+        started, loss_sum, parts_sum, batches, rows = time.perf_counter(), 0.0, {}, 0, 0
+        with _progress_bar(self.rows, f"epoch {epoch + 1}/{config.epochs}", config.progress) as bar:
+            for x, y in self.train.epoch_batches(epoch, config.batch_size, config.seed):
+                loss, parts = self.step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 batches += 1
+                rows += x.shape[0]
                 loss_sum += loss
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
                 if bar.disable is False:
-                    bar.update(len(idx))
-                    bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{(begin + len(idx)) / (time.perf_counter() - started):,.0f}")
+                    bar.update(x.shape[0])
+                    bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{rows / (time.perf_counter() - started):,.0f}")
         seconds = time.perf_counter() - started
-        return {"epoch": epoch, "seconds": seconds, "samples_per_s": n / seconds,
+        return {"epoch": epoch, "seconds": seconds, "samples_per_s": rows / seconds, "rows": rows,
                 **{f"train_{k}": v / batches for k, v in parts_sum.items()}, "train_loss": loss_sum / batches}
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, float]]:
@@ -184,7 +237,7 @@ class _Loop:
         self.progress.step += 1
         return float(loss.detach()), parts
 
-    def end_epoch(self, record: dict, val: EncodedData | None) -> None:
+    def end_epoch(self, record: dict, val: TrainingData | None) -> None:
         """Validate, keep the best state, and count epochs without improvement."""
         p = self.progress
         record["embedding_row_norms"] = self.model.embedding.field_row_norms()
@@ -218,13 +271,14 @@ class _Loop:
                            steps=self.progress.step)
 
 
-def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, config: TrainConfig,
+def fit(model: MultiTaskModel, train: TrainingData, val: TrainingData | None, config: TrainConfig,
         encoder_hash: str = "", task_names: list[str] | None = None) -> TrainResult:
     """Train ``model`` with Adam; return the history and leave the best-validation state loaded.
     ``task_names`` (the spec's labels) name the per-task metrics logged to MLflow.
 
     The per-step contract is model-agnostic: ``set_training_progress(step, total_steps)``,
     ``model(x)``, ``model.loss(output, y)``. Without ``val`` the last epoch is the best one.
+    ``train`` and ``val`` are :class:`TrainingData`: in memory or streamed, the loop is the same.
     ``encoder_hash`` joins the checkpoint's run identity (:func:`apem.train.checkpoint.run_identity`).
     """
     if len(train) == 0:
@@ -237,7 +291,7 @@ def fit(model: MultiTaskModel, train: EncodedData, val: EncodedData | None, conf
     patience = max(config.patience, 1)
     ckpt_path = os.path.join(config.checkpoint_dir, CHECKPOINT_FILE) if config.checkpoint_dir else None
     identity = run_identity(model, config.seed, {"name": "Adam", "lr": config.lr, "batch_size": config.batch_size},
-                            fingerprint(train.x, train.y) if ckpt_path else "", encoder_hash)
+                            train.fingerprint() if ckpt_path else "", encoder_hash)
     if config.resume and ckpt_path and os.path.exists(ckpt_path):
         loop.progress, loop.best_state = load_checkpoint(ckpt_path, model, loop.optimizer, identity)
     run = tracking.start_run(config.mlflow_tracking_uri, config.mlflow_experiment, config.loggable(), model) \

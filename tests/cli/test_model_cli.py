@@ -100,6 +100,10 @@ def test_bad_input_gives_one_line_errors(trained, tmp_path, one_line_error):
     one_line_error(["train", "--train", str(tmp_path / "empty"), "--val", test, "--out", str(tmp_path / "m2")], "no rows")
     one_line_error(["train", "--train", str(root / "train"), "--val", test, "--model", "nope", "--out", str(tmp_path / "m3")], "unknown model")
     one_line_error(["train", "--train", str(root / "train"), "--val", str(tmp_path / "other"), "--out", str(tmp_path / "m4")], "spec does not match")
+    one_line_error(["train", "--train", str(root / "train"), "--val", test, "--data-loading", "streaming",
+                    "--val", str(tmp_path / "other"), "--out", str(tmp_path / "m4")], "spec does not match")
+    one_line_error(["train", "--train", str(root / "train"), "--val", test, "--loader-workers", "-1",
+                    "--out", str(tmp_path / "m6")], "--loader-workers >= 0")
     if not torch.cuda.is_available():
         one_line_error(["train", "--train", str(root / "val"), "--val", test, "--device", "cuda", "--out", str(tmp_path / "m5")], "CUDA is not available")
 

@@ -25,7 +25,7 @@ from apem_kfp.components.validate import validate
 BEAM_ARGS = "--direct_running_mode=in_memory --direct_num_workers=1"
 # the feature keys travel through model_params to the saved model (checked in test_split_and_train)
 TINY_ESMM = json.dumps({"embed_dim": 4, "tower_hidden": [8], "numerical_encoding": "dense_log",
-                        "embedding_l2_fields": {"user_id": 1e-3}})
+                        "embedding_l2_fields": {"user_id": 1e-3}, "data_loading": "streaming"})
 
 
 def artifact(kind, root, name):
@@ -151,7 +151,8 @@ def test_split_and_train(chain):
     with open(os.path.join(a["splits"].path, "split.json")) as fh:
         assert json.load(fh)["negative_rate"] == 0.5
     assert {k: v for k, v in a["model"].metadata.items() if k != "mlflow_run_id"} == {
-        "model_name": "esmm", "negative_rate": 0.5, "epochs": 1, "numerical_encoding": "dense_log"}
+        "model_name": "esmm", "negative_rate": 0.5, "epochs": 1, "numerical_encoding": "dense_log",
+        "data_loading": "streaming"}  # the Beam split's shards stream
     assert len(a["model"].metadata["mlflow_run_id"]) == 32  # push registers the model into this run
     train_metrics = a["train_metrics"].metadata
     assert {"best_val_auc_click", "best_val_auc_authorize", "best_val_auc_convert"} <= set(train_metrics)
@@ -164,6 +165,7 @@ def test_split_and_train(chain):
     loaded = load_model(a["model"].path)
     assert loaded.negative_rate == 0.5 and loaded.encoder.numerical_encoding == "dense_log"
     assert loaded.meta["train_config"]["embedding_l2_fields"] == {"user_id": 1e-3}
+    assert loaded.meta["data_loading"] == "streaming"
 
 
 def test_evaluate_outputs(chain):

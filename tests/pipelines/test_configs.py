@@ -1,5 +1,6 @@
 """configs.py: the prod environment's Dataflow options, read by Beam's own PipelineOptions."""
 
+import json
 import shlex
 
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions, StandardOptions,
@@ -29,3 +30,10 @@ def test_unknown_environment_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown environment 'staging'; known: dev, prod"):
         configs.environment_parameters("staging")
+
+
+def test_prod_model_params_are_valid_training_settings():
+    from apem.train.from_dirs import split_training_params
+
+    overrides, training = split_training_params(json.loads(configs.environment_parameters("prod")["model_params"]))
+    assert overrides == {} and training == {"data_loading": "auto", "loader_workers": 3}
