@@ -12,12 +12,16 @@ multi-process Beam), plus the peak of the summed RSS of the child's whole proces
 
 Goal (issue 14): Beam rows/s >= 0.5x the single-process ingest at 1M impressions, better at 10M.
 The default is 300K impressions, not 1M: on 2 cores shared with other work, 1M took 15 min
-(generating the logs 4 min, each engine 2-3 min); 300K stays near 5 min.
+(generating the logs 4 min, each engine 2-3 min; about 4 min on a quiet machine); the default run
+took 2 min 10 s (300K: local 12.0 s, Beam in_memory 26.1 s = 0.46x, multi_processing 57.0 s = 0.21x:
+pipeline and worker start-up weigh more on a small window).
 
-Measured (2 cores shared by 4 jobs, load 4-8, nice 15; 1M impressions, 14 days, 1,084,713 events,
-996,759 rows out, 7 shards): single-process 176.8 s (5,639 rows/s, peak 1.45 GB); Beam DirectRunner
-in_memory 139.6 s (7,141 rows/s, 1.27x, peak 2.2 GB); multi_processing, 2 workers, 123.2 s
-(8,089 rows/s, 1.43x, peak 4.0 GB summed over the launcher and 2 workers, largest worker 1.4 GB).
+Measured, 1M impressions, 14 days (1,084,713 events, 996,759 rows out, 7 shards), 2 cores:
+- quiet machine (load ~1): single-process 41.1 s (24,238 rows/s, peak 1.47 GB); Beam DirectRunner
+  in_memory 67.4 s (14,791 rows/s, 0.61x, peak 1.98 GB); multi_processing, 2 workers, 65.2 s
+  (15,300 rows/s, 0.63x, peak 3.9 GB summed over the launcher and its 2 workers, largest 1.5 GB).
+- busy machine (4 jobs on the 2 cores, load 4-8): single-process 176.8 s, Beam in_memory 139.6 s
+  (1.27x), multi_processing 123.2 s (1.43x): under contention the ratio says little.
 """
 
 from __future__ import annotations

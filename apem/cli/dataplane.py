@@ -32,9 +32,9 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 def add_engine_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--engine", choices=("local", "beam"), default="local",
-                   help=f"local: {what} in this process (the default: no pipeline start-up, least memory; "
-                        f"faster for small windows); beam: {what} as an Apache Beam pipeline (for ingest on "
-                        "DirectRunner, faster from ~1M impressions: see benchmarks/bench_ingest.py)")
+                   help=f"local: {what} in this process (the default: faster on one machine, least memory; "
+                        f"see benchmarks/bench_ingest.py); beam: {what} as an Apache Beam pipeline, for "
+                        "windows that outgrow one machine (Dataflow, Flink, Spark by --runner and options)")
     p.add_argument("--runner", default="DirectRunner", help="Beam runner with --engine beam (DirectRunner, "
                    "DataflowRunner, ...)")
 
