@@ -16,15 +16,21 @@ def ingest(
     dataset: Output[Dataset],
     quarantine: Output[Dataset],
     metrics: Output[Metrics],
+    engine: str = "local",
+    beam_runner: str = "DirectRunner",
+    beam_args: str = "",
 ) -> str:
     """Ingest the partitions ``dt=YYYY-MM-DD`` of ``raw_uri`` (local or gs://) for the window of
     ``window_days`` days ending on ``run_date``; an empty ``run_date`` means the day before
     ``schedule_time`` (the recurring run's scheduled time, or now when that is not set).
     Rows that cannot be used go to ``quarantine`` with a reason; counts by reason go to ``metrics``.
     Returns the window's last day (YYYY-MM-DD), which names the run's reports.
+    ``engine``: ``local`` (one process) or ``beam`` (Apache Beam with ``beam_runner`` and
+    ``beam_args``, space-separated Beam options: Dataflow on the cluster by config alone).
     """
     import json
     import os
+    import shlex
     import shutil
 
     from apem.dataplane.ingest import ingest as run_ingest
@@ -32,7 +38,15 @@ def ingest(
     from apem.dataplane.window import training_window
 
     start, end = training_window(run_date, window_days, schedule_time)
-    summary = run_ingest(raw_uri, start, end, dataset.path, attribution_window_days=attribution_window_days)
+    if engine == "beam":
+        from apem.dataplane.ingest_beam import ingest_beam
+
+        summary = ingest_beam(raw_uri, start, end, dataset.path, attribution_window_days=attribution_window_days,
+                              runner=beam_runner, pipeline_args=shlex.split(beam_args))
+    elif engine == "local":
+        summary = run_ingest(raw_uri, start, end, dataset.path, attribution_window_days=attribution_window_days)
+    else:
+        raise ValueError(f"engine must be 'local' or 'beam', got {engine!r}")
     # apem.dataplane.ingest writes the quarantine beside the dataset; the artifact gets its own path
     if os.path.isdir(quarantine.path):
         shutil.rmtree(quarantine.path)

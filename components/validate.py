@@ -15,23 +15,26 @@ def validate(
     report: Output[Markdown],
     statistics_html: Output[HTML],
     metrics: Output[Metrics],
+    engine: str = "local", beam_runner: str = "DirectRunner", beam_args: str = "",
 ):
     """Validate ``dataset`` with TFDV against the curated schema committed in the repo, and check
     drift against the previous passing window's statistics, kept at
     ``<output_root>/validation/baseline``. Anomalies fail the task, so the pipeline stops before
     training, unless ``warn_only``. Only a window without anomalies becomes the next run's baseline
     (with ``warn_only`` an anomalous window goes on to training, but never becomes the baseline).
-    ``report`` lists the anomalies (Markdown); ``statistics_html`` is TFDV's statistics view of the
-    window against the baseline.
-    """
+    ``report``: the anomalies (Markdown); ``statistics_html``: TFDV's view of the window against the
+    baseline. ``engine``: statistics in memory (``local``) or on Beam (``beam``)."""
     import os
+    import shlex
     import shutil
     import tempfile
 
     from apem.data import storage
     from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, statistics_html as html_of,
                                            validate_dataset)
+    from apem.dataplane.validation_beam import statistics_for
 
+    compute = statistics_for(engine, beam_runner, shlex.split(beam_args))  # None: in memory
     baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
     baseline_stats = None
     scratch = tempfile.mkdtemp(prefix="apem-baseline-")
@@ -44,7 +47,7 @@ def validate(
     try:
         try:
             result = validate_dataset(dataset.path, out_dir=statistics.path, baseline_stats=baseline_stats,
-                                      warn_only=warn_only)
+                                      warn_only=warn_only, statistics=compute)
         except ValidationFailed as err:
             failure = err
         # the report and the HTML are written when validation fails too: they show why

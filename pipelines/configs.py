@@ -26,6 +26,7 @@ class PipelineDefaults:
     warn_only_validation: bool = False
     negative_rate: float = 0.1
     split_ratios: str = "8,1,1"
+    data_engine: str = "local"  # ingest and validation statistics: "local" (one process) or "beam"
     beam_runner: str = "DirectRunner"
     beam_args: str = ""
     model_name: str = "apem"
@@ -67,7 +68,7 @@ ENVIRONMENTS: dict[str, dict] = {
     "prod": {
         "raw_uri": "gs://apem-prod-data/raw", "output_root": "gs://apem-prod-data/daily-retrain",
         "serving_uri": "gs://apem-prod-serving/apem", "beam_runner": "DataflowRunner",
-        "beam_args": PROD_DATAFLOW_ARGS,
+        "beam_args": PROD_DATAFLOW_ARGS, "data_engine": "beam",
         # a window of 2M+ training rows streams (data_loading "auto"); 3 DataLoader processes read and
         # encode it beside the trainer, within the train task's 4 requested CPUs (TASK_RESOURCES)
         "model_params": json.dumps({"data_loading": "auto", "loader_workers": 3}),

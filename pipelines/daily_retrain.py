@@ -72,9 +72,11 @@ def retrain_tasks(p: dict) -> dict[str, dsl.PipelineTask]:
     t = {"ingest": ingest(
         raw_uri=p["raw_uri"], run_date=p["run_date"], window_days=p["window_days"],
         schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
-        attribution_window_days=p["attribution_window_days"])}
+        attribution_window_days=p["attribution_window_days"], engine=p["data_engine"],
+        beam_runner=p["beam_runner"], beam_args=p["beam_args"])}
     t["validate"] = validate(dataset=t["ingest"].outputs["dataset"], output_root=p["output_root"],
-                             warn_only=p["warn_only_validation"])
+                             warn_only=p["warn_only_validation"], engine=p["data_engine"],
+                             beam_runner=p["beam_runner"], beam_args=p["beam_args"])
     t["split"] = split(
         dataset=t["ingest"].outputs["dataset"], negative_rate=p["negative_rate"], split_ratios=p["split_ratios"],
         beam_runner=p["beam_runner"], beam_args=p["beam_args"]).after(t["validate"])
@@ -121,7 +123,8 @@ def build_daily_retrain(on_cluster: bool = True):
         run_date: str = D.run_date, window_days: int = D.window_days, raw_uri: str = D.raw_uri,
         output_root: str = D.output_root, attribution_window_days: int = D.attribution_window_days,
         warn_only_validation: bool = D.warn_only_validation, negative_rate: float = D.negative_rate,
-        split_ratios: str = D.split_ratios, beam_runner: str = D.beam_runner, beam_args: str = D.beam_args,
+        split_ratios: str = D.split_ratios, data_engine: str = D.data_engine, beam_runner: str = D.beam_runner,
+        beam_args: str = D.beam_args,
         model_name: str = D.model_name, model_params: str = D.model_params, epochs: int = D.epochs,
         batch_size: int = D.batch_size, lr: float = D.lr, seed: int = D.seed,
         mlflow_tracking_uri: str = D.mlflow_tracking_uri, registered_model_name: str = D.registered_model_name,

@@ -30,8 +30,29 @@ def _ratios(text: str) -> tuple[float, ...]:
     return values
 
 
+def add_engine_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--engine", choices=("local", "beam"), default="local",
+                   help=f"local: {what} in this process (the default: faster on one machine, least memory; "
+                        f"see benchmarks/bench_ingest.py); beam: {what} as an Apache Beam pipeline, for "
+                        "windows that outgrow one machine (Dataflow, Flink, Spark by --runner and options)")
+    p.add_argument("--runner", default="DirectRunner", help="Beam runner with --engine beam (DirectRunner, "
+                   "DataflowRunner, ...)")
+
+
+def beam_args(args: argparse.Namespace) -> list[str]:
+    """The Beam pipeline options of a command line; they need ``--engine beam``."""
+    from apem.cli.errors import CommandError
+
+    unknown = list(getattr(args, "unknown_args", []))
+    if unknown and args.engine != "beam":
+        raise CommandError(f"unrecognized arguments: {' '.join(unknown)} (Beam options need --engine beam)")
+    return unknown
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="join raw daily event partitions into a funnel dataset (+ quarantine)")
+    p = sub.add_parser("ingest", help="join raw daily event partitions into a funnel dataset (+ quarantine)",
+                       epilog="With --engine beam, unknown options are passed to Beam as pipeline options, e.g. "
+                              "--direct_num_workers=4, or --project/--region/--temp_location for Dataflow.")
     p.add_argument("--raw", required=True, help="raw event root (local or gs://) with dt=YYYY-MM-DD/ partitions")
     p.add_argument("--start", required=True, type=_date, help="first day, YYYY-MM-DD")
     p.add_argument("--end", required=True, type=_date, help="last day, YYYY-MM-DD (inclusive)")
@@ -40,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-missing-days", action="store_true", help="skip missing or empty partitions")
     p.add_argument("--file-format", choices=("jsonl", "csv", "parquet"), default=None,
                    help="read only files of this format (default: by file extension)")
+    add_engine_flags(p, "ingest")
     add_overwrite_flag(p)
-    p.set_defaults(handler=run_ingest)
+    p.set_defaults(handler=run_ingest, accepts_unknown_args=True)
 
     p = sub.add_parser("validate", help="TFDV statistics, schema anomalies and drift; non-zero exit on anomalies")
     p.add_argument("--data", required=True, help="dataset directory (local or gs://)")
@@ -49,8 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory: stats.pb, anomalies.md, anomalies.json")
     p.add_argument("--baseline-stats", default=None, help="previous window's stats.pb, for the drift check (default: no drift check)")
     p.add_argument("--warn-only", action="store_true", help="report anomalies but exit 0")
+    add_engine_flags(p, "statistics")
     add_overwrite_flag(p)
-    p.set_defaults(handler=run_validate)
+    p.set_defaults(handler=run_validate, accepts_unknown_args=True)
 
     p = sub.add_parser("split", help="Beam: chronological train/val/test split with negative downsampling in train",
                        epilog="Unknown options are passed to Beam as pipeline options, e.g. "
@@ -68,10 +91,17 @@ def run_ingest(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
     from apem.dataplane.ingest import IngestError, ingest
 
+    options = dict(attribution_window_days=args.attribution_days, allow_missing_days=args.allow_missing_days,
+                   file_format=args.file_format, overwrite=args.overwrite)
+    pipeline_args = beam_args(args)
     try:
-        summary = ingest(args.raw, args.start, args.end, args.out, attribution_window_days=args.attribution_days,
-                         allow_missing_days=args.allow_missing_days, file_format=args.file_format,
-                         overwrite=args.overwrite)
+        if args.engine == "beam":
+            from apem.dataplane.ingest_beam import ingest_beam
+
+            summary = ingest_beam(args.raw, args.start, args.end, args.out, runner=args.runner,
+                                  pipeline_args=pipeline_args, **options)
+        else:
+            summary = ingest(args.raw, args.start, args.end, args.out, **options)
     except IngestError as err:
         raise CommandError(str(err)) from None
     print(json.dumps(summary, indent=2))
@@ -83,10 +113,13 @@ def run_ingest(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     from apem.dataplane.validation import DEFAULT_SCHEMA, ValidationFailed, validate_dataset
 
+    from apem.dataplane.validation_beam import statistics_for
+
+    statistics = statistics_for(args.engine, args.runner, beam_args(args))
     try:
         result = validate_dataset(args.data, schema_path=args.schema or DEFAULT_SCHEMA, out_dir=args.out,
                                   baseline_stats=args.baseline_stats, warn_only=args.warn_only,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, statistics=statistics)
     except ValidationFailed as err:
         _LOG.error("apem validate: %s", err)
         return 1

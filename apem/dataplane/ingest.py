@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -87,7 +88,7 @@ def _file_format(uri: str, wanted: str | None) -> str | None:
     return None
 
 
-_BOOKKEEPING_COLUMNS = ("source", "line", "partition", "t", "raw")
+_BOOKKEEPING_COLUMNS = ("source", "line", "row", "partition", "t", "raw")
 
 
 def _event_text(frame: pd.DataFrame) -> list[str]:
@@ -98,7 +99,7 @@ def _event_text(frame: pd.DataFrame) -> list[str]:
             for row in frame[fields].itertuples(index=False, name=None)]
 
 
-class _Quarantine:
+class Quarantine:
     def __init__(self) -> None:
         self.parts: list[pd.DataFrame] = []
 
@@ -147,7 +148,7 @@ def _as_strings(table: pa.Table) -> pa.Table:
 JSONL_CHUNK_LINES = 8192
 
 
-def _read_jsonl(data: bytes, source: str, quarantine: _Quarantine) -> tuple[pa.Table, np.ndarray]:
+def _read_jsonl(data: bytes, source: str, quarantine: Quarantine) -> tuple[pa.Table, np.ndarray]:
     """Parse chunks of lines with Arrow's JSON reader; only a chunk that fails is checked line by
     line in Python to find (and quarantine) its unparsable lines, then its good lines are re-read."""
     numbered = [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
@@ -199,7 +200,7 @@ def _json_text(value) -> str | None:
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def _read_csv(data: bytes, source: str, quarantine: _Quarantine) -> tuple[pa.Table, np.ndarray]:
+def _read_csv(data: bytes, source: str, quarantine: Quarantine) -> tuple[pa.Table, np.ndarray]:
     header = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
     names = [n.strip() for n in header.split(",")]
     bad = []
@@ -233,31 +234,45 @@ def _read_parquet(data: bytes, source: str) -> tuple[pa.Table, np.ndarray]:
     return _as_strings(table), np.full(table.num_rows, -1, np.int64)
 
 
-def _read_partition(raw_uri: str, day: dt.date, file_format: str | None, quarantine: _Quarantine,
-                    ignored: list[str]) -> pd.DataFrame | None:
-    directory = storage.join(raw_uri, f"dt={day.isoformat()}")
-    files = storage.list_files(directory)
-    frames = []
-    readable = [f for f in files if _file_format(f, file_format)]
-    ignored.extend(f for f in files if f not in readable)
-    if not readable:
-        return None
-    for uri in readable:
-        data = storage.read_bytes(uri)
-        kind = _file_format(uri, file_format)
-        if kind == "jsonl":
-            table, lines = _read_jsonl(data, uri, quarantine)
-        elif kind == "csv":
-            table, lines = _read_csv(data, uri, quarantine)
-        else:
-            table, lines = _read_parquet(data, uri)
-        frame = table.to_pandas() if table.num_columns else pd.DataFrame(index=range(0))
-        frame["source"] = uri
-        frame["line"] = lines if len(lines) == len(frame) else -1
-        frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True, sort=False)
+def read_events_file(uri: str, data: bytes, kind: str, day: dt.date, quarantine: Quarantine) -> pd.DataFrame:
+    """Rule 1 for one raw file: its parsed events as text columns plus where each arrived
+    (``source``, ``line``, ``row`` = position in the file, ``partition`` = the day). Shared by the
+    single-process and the Beam ingest: a file is the unit both read."""
+    if kind == "jsonl":
+        table, lines = _read_jsonl(data, uri, quarantine)
+    elif kind == "csv":
+        table, lines = _read_csv(data, uri, quarantine)
+    else:
+        table, lines = _read_parquet(data, uri)
+    frame = table.to_pandas() if table.num_columns else pd.DataFrame(index=range(0))
+    frame["source"] = uri
+    frame["line"] = lines if len(lines) == len(frame) else -1
+    frame["row"] = np.arange(len(frame), dtype=np.int64)
     frame["partition"] = day
     return frame
+
+
+def impression_count(frame: pd.DataFrame) -> int:
+    """Impression events of a frame as read (before any check): a window day without one is empty."""
+    return int((frame.get("event_type", pd.Series(dtype=object)) == IMPRESSION).sum())
+
+
+def partition_files(raw_uri: str, day: dt.date, file_format: str | None,
+                    ignored: list[str]) -> list[tuple[str, str]]:
+    """The readable files of one day's partition as (uri, format); the others go to ``ignored``."""
+    files = storage.list_files(storage.join(raw_uri, f"dt={day.isoformat()}"))
+    readable = [(f, _file_format(f, file_format)) for f in files if _file_format(f, file_format)]
+    ignored.extend(f for f in files if not _file_format(f, file_format))
+    return readable
+
+
+def _read_partition(raw_uri: str, day: dt.date, file_format: str | None, quarantine: Quarantine,
+                    ignored: list[str]) -> pd.DataFrame | None:
+    readable = partition_files(raw_uri, day, file_format, ignored)
+    if not readable:
+        return None
+    frames = [read_events_file(uri, storage.read_bytes(uri), kind, day, quarantine) for uri, kind in readable]
+    return pd.concat(frames, ignore_index=True, sort=False)
 
 
 def _matches(values: pd.Series, pattern: str) -> np.ndarray:
@@ -272,20 +287,48 @@ def _parse_times(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return text.to_numpy(dtype="datetime64[us]"), ok
 
 
-def _typed_feature(values: pd.Series, categorical: bool) -> tuple[pa.Array, np.ndarray]:
-    """(typed array, bad mask) following the module docstring's typing rule."""
+def _feature_flags(values: pd.Series) -> tuple[bool, bool, bool]:
+    """What the typing rule needs to know of one feature's values: (any present, every present value
+    an integer, every value present and an integer). They combine over parts of the data with
+    (or, and, and), so the Beam ingest types a column exactly as one pass over all rows would."""
     present = values.notna().to_numpy()
     is_int = _matches(values, _INT_RE)
+    return bool(present.any()), bool(is_int[present].all()), bool(is_int.all())
+
+
+def feature_kinds(imps: pd.DataFrame, spec: DatasetSpec) -> dict[str, tuple[bool, bool, bool]]:
+    """:func:`_feature_flags` of every feature over the window's impressions (before the feature checks)."""
+    return {name: _feature_flags(imps[name]) for name in spec.features}
+
+
+def merge_feature_kinds(a: dict, b: dict) -> dict:
+    """The flags of two parts of the impressions, as if computed over both at once."""
+    return {name: (a[name][0] or b[name][0], a[name][1] and b[name][1], a[name][2] and b[name][2]) for name in a}
+
+
+def _as_int64(flags: tuple[bool, bool, bool], categorical: bool) -> bool:
+    """The typing rule (module docstring): categoricals whose every value is an integer, numericals
+    whose every value is an integer and none missing, become int64."""
+    any_present, present_ints, all_ints = flags
+    return (any_present and present_ints) if categorical else all_ints
+
+
+def _bad_feature(values: pd.Series, categorical: bool) -> np.ndarray:
+    """Rows whose feature value cannot be used: a missing categorical, a numerical that does not parse."""
+    present = values.notna().to_numpy()
     if categorical:
-        if present.any() and is_int[present].all():
-            return pa.array(values.where(present, None).to_numpy(dtype=object), pa.string()).cast(pa.int64()), ~present
-        return pa.array(values.to_numpy(dtype=object), pa.string()), ~present
-    if present.all() and is_int.all():
-        return pa.array(values.to_numpy(dtype=object), pa.string()).cast(pa.int64()), np.zeros(len(values), bool)
-    is_float = _matches(values, _FLOAT_RE)
-    bad = present & ~is_float
-    floats = pd.to_numeric(values.where(present & is_float, None), errors="coerce").to_numpy(np.float64)
-    return pa.array(floats), bad
+        return ~present
+    return present & ~_matches(values, _FLOAT_RE)
+
+
+def _typed_feature(values: pd.Series, categorical: bool, as_int64: bool) -> pa.Array:
+    """The typed column of checked values (no bad ones left), following the typing rule."""
+    present = values.notna().to_numpy()
+    if as_int64:
+        return pa.array(values.where(present, None).to_numpy(dtype=object), pa.string()).cast(pa.int64())
+    if categorical:
+        return pa.array(values.to_numpy(dtype=object), pa.string())
+    return pa.array(pd.to_numeric(values.where(present, None), errors="coerce").to_numpy(np.float64))
 
 
 def _checked_arguments(start: dt.date | str, end: dt.date | str, attribution_window_days: int,
@@ -304,29 +347,36 @@ def _checked_arguments(start: dt.date | str, end: dt.date | str, attribution_win
     return start, end
 
 
+def check_window(raw_uri: str, window: list[dt.date], missing_days: list[str], empty_days: list[str],
+                 allow_missing_days: bool, events_read: int | None) -> None:
+    """Missing or empty window days are an error unless allowed (a day without impressions means its
+    logging is broken or absent, not that nobody came); so is a window without any event
+    (``events_read`` 0; None: not counted yet)."""
+    if (missing_days or empty_days) and not allow_missing_days:
+        problems = [f"missing partition(s) {missing_days}" if missing_days else "",
+                    f"empty partition(s) {empty_days}" if empty_days else ""]
+        raise IngestError(f"{raw_uri}: {'; '.join(p for p in problems if p)} in window {window[0]}..{window[-1]}; "
+                          "pass allow_missing_days (--allow-missing-days) to ingest the rest")
+    if events_read == 0:
+        raise IngestError(f"{raw_uri}: no events in window {window[0]}..{window[-1]}")
+
+
 def _read_window(raw_uri: str, window: list[dt.date], lookahead: list[dt.date], file_format: str | None,
-                 allow_missing_days: bool, quarantine: _Quarantine,
+                 allow_missing_days: bool, quarantine: Quarantine,
                  ignored: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Rule 1 and the partitions: read the window's and the look-ahead's partitions into one frame.
     Returns it with the window's missing and empty days, which are an error unless allowed (a day
     without impressions means its logging is broken or absent, not that nobody came)."""
-    start, end = window[0], window[-1]
     frames, missing_days, empty_days = [], [], []
     for day in window + lookahead:
         frame = _read_partition(raw_uri, day, file_format, quarantine, ignored)
         if day in window and frame is None:
             missing_days.append(day.isoformat())
-        elif day in window and not (frame.get("event_type", pd.Series(dtype=object)) == IMPRESSION).any():
+        elif day in window and impression_count(frame) == 0:
             empty_days.append(day.isoformat())  # no impressions: the day's logging is broken or absent
         if frame is not None and len(frame):
             frames.append(frame)
-    if (missing_days or empty_days) and not allow_missing_days:
-        problems = [f"missing partition(s) {missing_days}" if missing_days else "",
-                    f"empty partition(s) {empty_days}" if empty_days else ""]
-        raise IngestError(f"{raw_uri}: {'; '.join(p for p in problems if p)} in window {start}..{end}; "
-                          "pass allow_missing_days (--allow-missing-days) to ingest the rest")
-    if not frames:
-        raise IngestError(f"{raw_uri}: no events in window {start}..{end}")
+    check_window(raw_uri, window, missing_days, empty_days, allow_missing_days, events_read=sum(map(len, frames)))
     return pd.concat(frames, ignore_index=True, sort=False), missing_days, empty_days
 
 
@@ -339,7 +389,7 @@ def _with_event_columns(events: pd.DataFrame, key: str, spec: DatasetSpec) -> pd
     return events.rename(columns={key: "impression_id"}) if key != "impression_id" else events
 
 
-def _drop_malformed(events: pd.DataFrame, steps: list[str], quarantine: _Quarantine) -> pd.DataFrame:
+def _drop_malformed(events: pd.DataFrame, steps: list[str], quarantine: Quarantine) -> pd.DataFrame:
     """Rule 2 (event part): required fields present, a known event type, a parseable time (as ``t``)."""
     required = list(EVENT_FIELDS) + ["impression_id"]
     lacking = events[required].isna()
@@ -355,45 +405,60 @@ def _drop_malformed(events: pd.DataFrame, steps: list[str], quarantine: _Quarant
     return events[ok].assign(t=times[ok])
 
 
-def _drop_duplicates(events: pd.DataFrame, quarantine: _Quarantine) -> pd.DataFrame:
-    """Rule 3: a redelivered event_id, or a second event of one step for one impression; the first
-    to arrive wins, so the order is by arrival (partition, then position in the partition)."""
-    events = events.sort_values(["partition", "source", "line"], kind="stable")
+def prepare_events(events: pd.DataFrame, key: str, spec: DatasetSpec, quarantine: Quarantine) -> pd.DataFrame:
+    """Rule 2 (event part) on events as read: row-local, so it applies file by file."""
+    return _drop_malformed(_with_event_columns(events, key, spec), list(spec.labels), quarantine)
+
+
+def _by_arrival(events: pd.DataFrame) -> pd.DataFrame:
+    """Events in order of arrival: partition, then file, then position in the file. The order is a
+    property of each row, so any part of the events sorts the same way (the Beam shards do)."""
+    if len(events) < 2:
+        return events
+    partition, _ = pd.factorize(events["partition"], sort=True)
+    source, _ = pd.factorize(events["source"], sort=True)
+    order = np.lexsort((events["row"].to_numpy(), events["line"].to_numpy(), source, partition))
+    return events if (np.diff(order) > 0).all() else events.iloc[order]  # sorted already: no copy
+
+
+def drop_duplicate_ids(events: pd.DataFrame, quarantine: Quarantine) -> pd.DataFrame:
+    """Rule 3, first half: a redelivered event_id; the first to arrive wins. Needs every event of an
+    event_id in ``events``."""
+    events = _by_arrival(events)
     dup_id = events.duplicated("event_id", keep="first").to_numpy()
     quarantine.add("duplicate_event", events[dup_id], "event_id seen before")
-    events = events[~dup_id]
+    return events[~dup_id]
+
+
+def _drop_duplicate_steps(events: pd.DataFrame, quarantine: Quarantine) -> pd.DataFrame:
+    """Rule 3, second half: a second event of one step for one impression; the first to arrive wins."""
+    events = _by_arrival(events)
     dup_step = events.duplicated(["impression_id", "event_type"], keep="first").to_numpy()
     quarantine.add("duplicate_event", events[dup_step], "second event of this step for the impression")
     return events[~dup_step]
 
 
-def _typed_features(imps: pd.DataFrame, spec: DatasetSpec,
-                    quarantine: _Quarantine) -> tuple[pd.DataFrame, dict[str, pa.Array], set]:
-    """Rule 2 (feature part): type each feature column; an impression with a missing categorical or
-    an unparseable number is quarantined with the first problem found in it. Returns the kept
-    impressions, their typed feature columns, and the ids of the quarantined ones."""
-    columns: dict[str, pa.Array] = {}
+def _drop_bad_features(imps: pd.DataFrame, spec: DatasetSpec, quarantine: Quarantine) -> tuple[pd.DataFrame, set]:
+    """Rule 2 (feature part): an impression with a missing categorical or an unparseable number is
+    quarantined with the first problem found in it. Returns the kept impressions and the ids of the
+    quarantined ones."""
     bad_rows = np.zeros(len(imps), bool)
     is_missing = np.zeros(len(imps), bool)  # else the value does not parse
     why = np.full(len(imps), "", object)    # the first problem found in each bad row
     for name in spec.features:
-        array, bad = _typed_feature(imps[name], name in spec.categorical)
-        columns[name] = array
+        bad = _bad_feature(imps[name], name in spec.categorical)
         first = bad & ~bad_rows
         why[first] = f"missing {name}" if name in spec.categorical else f"{name} is not a number"
         is_missing[first] = name in spec.categorical
         bad_rows |= bad
     for reason, rows in (("missing_field", bad_rows & is_missing), ("bad_value", bad_rows & ~is_missing)):
         quarantine.add(reason, imps[rows], pd.Series(why[rows], index=imps.index[rows]))
-    rejected_ids = set(imps["impression_id"][bad_rows])
-    keep_imp = ~bad_rows
-    columns = {name: array.filter(pa.array(keep_imp)) for name, array in columns.items()}
-    return imps[keep_imp], columns, rejected_ids
+    return imps[~bad_rows], set(imps["impression_id"][bad_rows])
 
 
 def _attributed_follow_ups(follow: pd.DataFrame, imps: pd.DataFrame, rejected_ids: set, start: dt.date,
                            end: dt.date, attribution_window_days: int,
-                           quarantine: _Quarantine) -> tuple[pd.DataFrame, int]:
+                           quarantine: Quarantine) -> tuple[pd.DataFrame, int]:
     """Rules 4 and 5 for follow-ups: keep those of a kept impression, within the attribution window.
     An unknown impression in the look-ahead is the next window's business: only counted. Returns the
     kept follow-ups and that count."""
@@ -414,7 +479,7 @@ def _attributed_follow_ups(follow: pd.DataFrame, imps: pd.DataFrame, rejected_id
 
 
 def _funnel_order(imps: pd.DataFrame, follow: pd.DataFrame, steps: list[str],
-                  quarantine: _Quarantine) -> tuple[np.ndarray, np.ndarray]:
+                  quarantine: Quarantine) -> tuple[np.ndarray, np.ndarray]:
     """Rule 6: each step needs the one before it, no earlier than it; a broken impression goes whole,
     since its labels cannot be trusted. Returns (step present per impression and step, rows kept)."""
     times_matrix = np.full((len(imps), len(steps)), np.datetime64("NaT"), "datetime64[us]")
@@ -438,17 +503,93 @@ def _funnel_order(imps: pd.DataFrame, follow: pd.DataFrame, steps: list[str],
     return present, ~broken
 
 
-def _funnel_table(imps: pd.DataFrame, columns: dict[str, pa.Array], present: np.ndarray, keep: np.ndarray,
-                  key: str, spec: DatasetSpec) -> pa.Table:
-    """One row per kept impression: key, time, typed features, 0/1 labels; sorted by time then key."""
-    steps = list(spec.labels)
+@dataclass
+class Resolved:
+    """What rules 3 to 6 make of the events of a set of impressions: the kept rows (key, time,
+    features as text, 0/1 labels), the typing flags of the window's impressions, and the events
+    that belong to the next window (counted, not quarantined)."""
+
+    rows: pd.DataFrame
+    kinds: dict
+    out_of_window: int
+
+
+def resolve_impressions(events: pd.DataFrame, spec: DatasetSpec, start: dt.date, end: dt.date,
+                        attribution_window_days: int, quarantine: Quarantine) -> Resolved:
+    """Rules 3 (steps) to 6 on events deduplicated by id. Needs every event of an impression id in
+    ``events``: the single-process ingest passes all of them, the Beam ingest one shard of ids."""
+    events = _drop_duplicate_steps(events, quarantine)
+    # Impressions come from the window only; those of the look-ahead belong to the next window.
+    is_imp = (events["event_type"] == IMPRESSION).to_numpy()
+    in_window = events["partition"].between(start, end).to_numpy()
+    imps = events[is_imp & in_window]
+    kinds = feature_kinds(imps, spec)
+    imps, rejected_ids = _drop_bad_features(imps, spec, quarantine)
+    follow, unknown_ahead = _attributed_follow_ups(events[~is_imp], imps, rejected_ids, start, end,
+                                                   attribution_window_days, quarantine)
+    present, keep = _funnel_order(imps, follow, list(spec.labels), quarantine)
+    rows = imps.loc[keep, ["impression_id", "t", *spec.features]]
+    for k, step in enumerate(spec.labels):
+        rows[step] = present[keep, k].astype(np.int8)
+    return Resolved(rows, kinds, int((is_imp & ~in_window).sum()) + unknown_ahead)
+
+
+def typed_table(rows: pd.DataFrame, kinds: dict, key: str, spec: DatasetSpec) -> pa.Table:
+    """Kept rows as the dataset's table: typed features (typing rule, from the window's ``kinds``),
+    int8 labels, sorted by time then key."""
     table = pa.table({
-        key: pa.array(imps["impression_id"].to_numpy(dtype=object)[keep], pa.string()),
-        spec.time_column: pa.array(imps["t"].to_numpy(dtype="datetime64[us]")[keep], pa.timestamp("us")),
-        **{name: array.filter(pa.array(keep)) for name, array in columns.items()},
-        **{step: pa.array(present[keep, k].astype(np.int8)) for k, step in enumerate(steps)},
+        key: pa.array(rows["impression_id"].to_numpy(dtype=object), pa.string()),
+        spec.time_column: pa.array(rows["t"].to_numpy(dtype="datetime64[us]"), pa.timestamp("us")),
+        **{name: _typed_feature(rows[name], name in spec.categorical,
+                                _as_int64(kinds[name], name in spec.categorical)) for name in spec.features},
+        **{step: pa.array(rows[step].to_numpy(np.int8)) for step in spec.labels},
     })
     return table.take(pc.sort_indices(table, [(spec.time_column, "ascending"), (key, "ascending")]))
+
+
+def window_days(start: dt.date | str, end: dt.date | str, attribution_window_days: int,
+                file_format: str | None) -> tuple[list[dt.date], list[dt.date]]:
+    """The window's days and the look-ahead days after it (checked arguments; bad ones raise)."""
+    start, end = _checked_arguments(start, end, attribution_window_days, file_format)
+    window = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    lookahead = [end + dt.timedelta(days=i) for i in range(1, attribution_window_days + 1)]
+    return window, lookahead
+
+
+def claim_outputs(raw_uri: str, out: str, overwrite: bool) -> None:
+    """Refuse, before any work, a dataset or quarantine path that holds something else (ownership rules)."""
+    for path, kind in ((out, DATASET_DIR), (quarantine_path(out), QUARANTINE_DIR)):
+        claim_output(path, kind, inputs=(raw_uri,), overwrite=overwrite)
+
+
+def ingest_summary(counts: dict, window: list[dt.date], lookahead: list[dt.date], out: str,
+                   attribution_window_days: int) -> dict:
+    """The summary (``ingest.json``) from the run's counts: rows, label_sums, quarantine (by reason),
+    missing_days, empty_days, events_read, out_of_window, ignored_files."""
+    rows = counts["rows"]
+    return {
+        "rows": rows,
+        "quarantine": {reason: counts["quarantine"].get(reason, 0) for reason in QUARANTINE_REASONS},
+        "quarantined": sum(counts["quarantine"].values()),
+        "days": [d.isoformat() for d in window],
+        "lookahead_days": [d.isoformat() for d in lookahead],
+        "missing_days": counts["missing_days"],
+        "empty_days": counts["empty_days"],
+        "events_read": counts["events_read"],
+        "out_of_window": counts["out_of_window"],
+        "ignored_files": counts["ignored_files"],
+        "attribution_window_days": attribution_window_days,
+        "label_rates": {s: n / rows if rows else 0.0 for s, n in counts["label_sums"].items()},
+        "dataset": out,
+        "quarantine_path": quarantine_path(out),
+    }
+
+
+def check_usable(summary: dict, raw_uri: str, window: list[dt.date]) -> None:
+    """No kept row is an error (raised once the quarantine and summary say why)."""
+    if summary["rows"] == 0:
+        raise IngestError(f"{raw_uri}: no usable impressions in window {window[0]}..{window[-1]}; "
+                          f"quarantine counts {summary['quarantine']} (see {summary['quarantine_path']})")
 
 
 def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSpec | None = None,
@@ -457,72 +598,48 @@ def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSp
     """Ingest the partitions ``[start, end]`` of ``raw_uri`` into a dataset at ``out`` (local or gs://);
     the quarantine goes to :func:`quarantine_path` (``out + "_quarantine"``). Returns the summary.
     The stages follow the rules of the module docstring; only an earlier dataset and quarantine
-    (or anything, with ``overwrite``) are replaced, never the raw input."""
-    for path, kind in ((out, DATASET_DIR), (quarantine_path(out), QUARANTINE_DIR)):
-        claim_output(path, kind, inputs=(raw_uri,), overwrite=overwrite)
+    (or anything, with ``overwrite``) are replaced, never the raw input. One process holds the
+    whole window; :mod:`apem.dataplane.ingest_beam` applies the same rules on Apache Beam."""
+    claim_outputs(raw_uri, out, overwrite)
     spec = spec or default_spec()
     key = spec.id_column or DEFAULT_KEY
-    steps = list(spec.labels)
-    start, end = _checked_arguments(start, end, attribution_window_days, file_format)
-    quarantine = _Quarantine()
+    window, lookahead = window_days(start, end, attribution_window_days, file_format)
+    quarantine = Quarantine()
     ignored: list[str] = []
-    window = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-    lookahead = [end + dt.timedelta(days=i) for i in range(1, attribution_window_days + 1)]
     events, missing_days, empty_days = _read_window(raw_uri, window, lookahead, file_format,
                                                     allow_missing_days, quarantine, ignored)
     events_read = len(events)
-    events = _drop_duplicates(_drop_malformed(_with_event_columns(events, key, spec), steps, quarantine), quarantine)
-
-    # Impressions come from the window only; those of the look-ahead belong to the next window.
-    is_imp = (events["event_type"] == IMPRESSION).to_numpy()
-    in_window = events["partition"].between(start, end).to_numpy()
-    imps, columns, rejected_ids = _typed_features(events[is_imp & in_window], spec, quarantine)
-    follow, unknown_ahead = _attributed_follow_ups(events[~is_imp], imps, rejected_ids, start, end,
-                                                   attribution_window_days, quarantine)
-    out_of_window = int((is_imp & ~in_window).sum()) + unknown_ahead
-    present, keep = _funnel_order(imps, follow, steps, quarantine)
-    table = _funnel_table(imps, columns, present, keep, key, spec)
-
-    q_path = quarantine_path(out)
-    q_table = quarantine.table()
+    events = drop_duplicate_ids(prepare_events(events, key, spec, quarantine), quarantine)
+    resolved = resolve_impressions(events, spec, window[0], window[-1], attribution_window_days, quarantine)
+    table = typed_table(resolved.rows, resolved.kinds, key, spec)
+    counts = {"rows": table.num_rows, "quarantine": quarantine.counts(), "missing_days": missing_days,
+              "empty_days": empty_days, "events_read": events_read, "out_of_window": resolved.out_of_window,
+              "ignored_files": ignored,
+              "label_sums": {s: int(resolved.rows[s].sum()) for s in spec.labels}}
+    summary = ingest_summary(counts, window, lookahead, out, attribution_window_days)
     sink = io.BytesIO()
-    pq.write_table(q_table, sink)
-    summary = {
-        "rows": table.num_rows,
-        "quarantine": quarantine.counts(),
-        "quarantined": q_table.num_rows,
-        "days": [d.isoformat() for d in window],
-        "lookahead_days": [d.isoformat() for d in lookahead],
-        "missing_days": missing_days,
-        "empty_days": empty_days,
-        "events_read": events_read,
-        "out_of_window": out_of_window,
-        "ignored_files": ignored,
-        "attribution_window_days": attribution_window_days,
-        "label_rates": {s: float(present[keep, k].mean()) if keep.any() else 0.0 for k, s in enumerate(steps)},
-        "dataset": out,
-        "quarantine_path": q_path,
-    }
-    storage.write_bytes(storage.join(q_path, QUARANTINE_FILE), sink.getvalue())
-    storage.write_bytes(storage.join(q_path, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
-    if table.num_rows == 0:
-        raise IngestError(f"{raw_uri}: no usable impressions in window {start}..{end}; "
-                          f"quarantine counts {summary['quarantine']} (see {q_path})")
+    pq.write_table(quarantine.table(), sink)
+    storage.write_bytes(storage.join(summary["quarantine_path"], QUARANTINE_FILE), sink.getvalue())
+    storage.write_bytes(storage.join(summary["quarantine_path"], SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    check_usable(summary, raw_uri, window)
     storage.write_dataset_at(table, spec, out)
-    _carry_oracle(raw_uri, out, table.column(key))
+    carry_oracle(raw_uri, out, [table.column(key)])
     return summary
 
 
-def _carry_oracle(raw_uri: str, out: str, ids: pa.ChunkedArray) -> None:
+def carry_oracle(raw_uri: str, out: str, ids: list) -> None:
     """Synthetic logs keep their truth under RAW/oracle/truth.parquet: give the dataset its rows, so
-    the split and the experiments can compute oracle AUCs. Training never reads it."""
+    the split and the experiments can compute oracle AUCs. Training never reads it. ``ids``: the
+    dataset's id columns (one per part file, or one for all)."""
     source = storage.join(raw_uri, ORACLE_DIR, ORACLE_FILE)
     if not storage.exists(source):
         return
     oracle = pq.read_table(io.BytesIO(storage.read_bytes(source)))
     if DEFAULT_KEY not in oracle.column_names:
         return
-    subset = oracle.filter(pc.is_in(oracle.column(DEFAULT_KEY), value_set=ids.combine_chunks().cast(pa.string())))
+    wanted = pa.concat_arrays([(part.combine_chunks() if isinstance(part, pa.ChunkedArray) else part)
+                               .cast(pa.string()) for part in ids])
+    subset = oracle.filter(pc.is_in(oracle.column(DEFAULT_KEY), value_set=wanted))
     sink = io.BytesIO()
     pq.write_table(subset, sink)
     storage.write_bytes(storage.join(out, ORACLE_DIR, ORACLE_FILE), sink.getvalue())

@@ -36,8 +36,8 @@ from apem.data.oracle import ORACLE_PATH
 from apem.data.ownership import SPLIT_DIR, claim_output
 from apem.data.spec import SPEC_FILE, DatasetSpec, funnel_violations, read_checked_file
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
-from apem.dataplane import beam_workers
 from apem.dataplane.beam_gcs_emulator import anonymous_gcs_for_emulator
+from apem.dataplane.beam_options import beam_pipeline
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -195,21 +195,6 @@ def _row_count(files: list[str]) -> int:
     return total
 
 
-def _pipeline(runner: str, pipeline_args: list[str] | None):
-    """The Beam pipeline to run the split on. Locally (DirectRunner, no running mode chosen) it runs
-    multi-process, one worker per core up to 8, with workers that die with this process
-    (:mod:`apem.dataplane.beam_workers`)."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    args = list(pipeline_args or [])
-    if not beam_workers.applies(runner, args):
-        return beam.Pipeline(options=PipelineOptions(args + [f"--runner={runner}"]))
-    if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
-        args.append(f"{beam_workers.WORKERS_OPTION}={max(1, min(os.cpu_count() or 1, 8))}")
-    return beam.Pipeline(runner=beam_workers.direct_runner(), options=PipelineOptions(args))
-
-
 def _build_pipeline(pipeline, files_pattern: str, schema: pa.Schema, staging: str, plan, spec: DatasetSpec,
                     negative_rate: float) -> None:
     import apache_beam as beam
@@ -253,7 +238,7 @@ def split_dataset(data_dir: str, out_dir: str, negative_rate: float = 1.0, ratio
     else:
         staging = make_staging_dir(out_dir)
     try:
-        with _pipeline(runner, pipeline_args) as pipeline:
+        with beam_pipeline(runner, pipeline_args) as pipeline:
             pattern = storage.join(data_dir, "*.parquet")
             _build_pipeline(pipeline, pattern, schema, staging, plan, spec, negative_rate)
         summary = _finish(data_dir, staging, spec, schema, plan, counts, negative_rate, ratios, runner)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Callable
 
 from apem.data import features, storage
 from apem.data.ownership import VALIDATION_DIR, claim_output
@@ -41,14 +42,13 @@ class ValidationFailed(Exception):
     """The dataset has anomalies; the message is a one-line summary."""
 
 
-def _frame(data_dir: str):
-    """The dataset as a pandas DataFrame TFDV can read: plain strings, the time as epoch seconds,
-    no row id (a unique string per row says nothing about the data and costs memory)."""
+def tfdv_columns(table, spec):
+    """The columns TFDV reads of a dataset's table (or any batch of its rows): plain strings, the
+    time as epoch seconds, no row id (a unique string per row says nothing about the data and costs
+    memory). Row by row, so the Beam statistics apply it batch by batch."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ds = storage.read_dataset_at(data_dir)
-    spec, table = ds.spec, ds.table
     columns = {}
     for name in table.column_names:
         if name == spec.id_column:
@@ -59,11 +59,18 @@ def _frame(data_dir: str):
         if name == spec.time_column:
             column = pc.divide(pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()), 1_000_000)
         columns[name] = column
-    return spec, pa.table(columns).to_pandas()
+    return pa.table(columns)
 
 
-def compute_statistics(data_dir: str):
-    """TFDV statistics (DatasetFeatureStatisticsList) of the dataset at ``data_dir`` (local or gs://)."""
+def _frame(data_dir: str):
+    """The dataset as a pandas DataFrame TFDV can read (:func:`tfdv_columns`)."""
+    ds = storage.read_dataset_at(data_dir)
+    return ds.spec, tfdv_columns(ds.table, ds.spec).to_pandas()
+
+
+def compute_statistics(data_dir: str, stats_uri: str | None = None):
+    """TFDV statistics (DatasetFeatureStatisticsList) of the dataset at ``data_dir`` (local or gs://),
+    in memory. (``stats_uri``: where the caller will keep them; the Beam engine writes there.)"""
     tfdv = import_tfdv()
 
     _, frame = _frame(data_dir)
@@ -224,8 +231,13 @@ def _report(data_dir: str, schema_path: str, baseline: str | None, found: list[d
 
 
 def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: str = DEFAULT_REPORT_DIR,
-                     baseline_stats: str | None = None, warn_only: bool = False, overwrite: bool = False) -> dict:
+                     baseline_stats: str | None = None, warn_only: bool = False, overwrite: bool = False,
+                     statistics: Callable | None = None) -> dict:
     """Validate the dataset at ``data_dir`` and write ``out_dir/{stats.pb, anomalies.md, anomalies.json}``.
+
+    ``statistics(data_dir, stats_uri)`` computes the statistics: :func:`compute_statistics` (in
+    memory) by default, or :func:`apem.dataplane.validation_beam.beam_statistics` (Apache Beam,
+    batch by batch); the checks below are the same for both.
 
     ``baseline_stats`` is a previous run's ``stats.pb``; with it, drift is checked. Raises
     :class:`ValidationFailed` (one-line summary) when there are anomalies, unless ``warn_only``.
@@ -237,7 +249,7 @@ def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: 
     if not storage.exists(schema_path):
         raise FileNotFoundError(f"{schema_path}: schema file not found")
     schema = load_schema(schema_path)
-    stats = compute_statistics(data_dir)
+    stats = (statistics or compute_statistics)(data_dir, storage.join(out_dir, STATS_FILE))
     previous = load_statistics(baseline_stats) if baseline_stats else None
     anomalies = tfdv.validate_statistics(stats, schema, previous_statistics=previous)
     found = _anomaly_list(anomalies) + (scale_drift(stats, previous) if previous is not None else [])

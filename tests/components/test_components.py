@@ -94,6 +94,18 @@ def test_ingest_writes_dataset_quarantine_and_counts(chain):
     assert a["ingest_metrics"].metadata["quarantined"] == sum(a["quarantine"].metadata["counts"].values()) > 0
 
 
+def test_ingest_on_beam_gives_the_same_dataset_and_counts(chain, tmp_path):
+    a = chain["a"]
+    out = {name: artifact(kind, tmp_path, name) for name, kind in {
+        "dataset": dsl.Dataset, "quarantine": dsl.Dataset, "metrics": dsl.Metrics}.items()}
+    end = ingest.python_func(raw_uri=str(chain["root"] / "raw"), run_date="2026-01-06", window_days=6,
+                             schedule_time="", attribution_window_days=3, engine="beam", beam_runner="DirectRunner",
+                             beam_args=BEAM_ARGS, **out)
+    assert end == chain["window_end"] and out["dataset"].metadata == a["dataset"].metadata
+    assert out["quarantine"].metadata["counts"] == a["quarantine"].metadata["counts"]
+    assert os.path.isdir(out["quarantine"].path) and not os.path.exists(out["dataset"].path + "_quarantine")
+
+
 def test_validate_passes_and_becomes_the_baseline(chain):
     a, root = chain["a"], chain["root"]
     assert a["validate_metrics"].metadata["anomalies"] == 0
@@ -122,7 +134,9 @@ def test_an_anomalous_window_with_warn_only_never_becomes_the_baseline(chain, tm
     out = {name: artifact(kind, tmp_path, name) for name, kind in {
         "statistics": dsl.Dataset, "report": dsl.Markdown, "statistics_html": dsl.HTML, "metrics": dsl.Metrics}.items()}
     dataset = dsl.Dataset(name="bad", uri=str(bad), metadata={})
-    validate.python_func(dataset=dataset, output_root=str(root / "output"), warn_only=True, **out)
+    # the statistics on Beam this time (the chain computed them in memory): same checks, same baseline rule
+    validate.python_func(dataset=dataset, output_root=str(root / "output"), warn_only=True, engine="beam",
+                         beam_runner="DirectRunner", beam_args=BEAM_ARGS, **out)
     assert out["metrics"].metadata["anomalies"] >= 1 and "credit_score" in open(out["report"].path).read()
     assert out["statistics"].metadata["became_baseline"] is False
     assert open(baseline, "rb").read() == before

@@ -13,25 +13,10 @@ from apem.data.spec import read_dataset
 from apem.data.oracle import read_oracle
 from apem.research.synth import SynthConfig, generate
 from apem.research.synth_events import write_synthetic_events
+from raw_events import event, write_day
 
 DAY1, DAY2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
-FEATURES = {
-    "user_id": "u1", "product_id": "p1", "product_type": "loan", "channel": "app", "position": 1, "hour": 9,
-    "weekday": 3, "region": "r01", "age_band": "26-35", "segment": "mass", "credit_score": 700.0,
-    "balance": 10.5, "income": None, "tenure_months": 12.0, "products_held": 1, "days_since_login": 2.0,
-}
-
-
-def _event(imp, kind, time, event_id=None, **fields):
-    out = {"event_id": event_id or f"{imp}-{kind}", "event_type": kind, "event_time": time, "impression_id": imp}
-    if kind == "impression":
-        out.update(FEATURES)
-    out.update(fields)
-    return json.dumps(out)
-
-
-def _write_day(root, day, lines):
-    storage.write_bytes(storage.join(root, f"dt={day.isoformat()}", "events.jsonl"), "\n".join(lines).encode() + b"\n")
+_event, _write_day = event, write_day
 
 
 @pytest.fixture

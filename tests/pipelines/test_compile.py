@@ -192,3 +192,16 @@ def test_loaded_components_compose_into_another_pipeline(tmp_path):
         tasks = yaml.safe_load(fh)["root"]["dag"]["tasks"]
     assert tasks["validate"]["dependentTasks"] == ["ingest"]
     assert set(inspect.signature(dr.daily_retrain.pipeline_func).parameters) >= {"raw_uri", "run_date"}
+
+
+def test_ingest_and_validate_take_the_data_engine_and_beam_options_from_the_pipeline(compiled):
+    """Dataflow for ingest and statistics by config alone: prod sets data_engine=beam, and both
+    tasks read it (and the Beam runner and options) from the pipeline's parameters."""
+    spec, _ = compiled
+    tasks = tasks_by_name(spec)
+    for name in ("ingest", "validate"):
+        inputs = tasks[name][1]["inputs"]["parameters"]
+        wired = {k: inputs[k]["componentInputParameter"].removeprefix("pipelinechannel--")
+                 for k in ("engine", "beam_runner", "beam_args")}
+        assert wired == {"engine": "data_engine", "beam_runner": "beam_runner", "beam_args": "beam_args"}, name
+    assert configs.DEFAULTS.data_engine == "local" and configs.environment_parameters("prod")["data_engine"] == "beam"

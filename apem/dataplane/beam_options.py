@@ -1,0 +1,40 @@
+"""Beam pipeline options shared by every Beam job of the data plane (split, ingest, statistics).
+
+``runner`` picks where the job runs; ``pipeline_args`` pass through as Beam options (``--project``,
+``--region``, ``--temp_location`` for Dataflow, ``--direct_num_workers`` locally, ...). The same code
+runs on DirectRunner, Dataflow, Flink or Spark: only these options change.
+"""
+
+from __future__ import annotations
+
+import os
+
+from apem.dataplane import beam_workers
+
+
+def pipeline_options(runner: str, pipeline_args: list[str] | None, direct_mode: str = "multi_processing"):
+    """Beam ``PipelineOptions`` for ``runner`` plus ``pipeline_args``. On DirectRunner, unless the
+    args say otherwise, ``direct_mode`` (``multi_processing``: one worker process per core, at most 8;
+    ``in_memory``: one process, no start-up cost)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = list(pipeline_args or [])
+    if runner == "DirectRunner" and not any(a.startswith("--direct_running_mode") for a in args):
+        args += [f"--direct_running_mode={direct_mode}"]
+        if direct_mode == "multi_processing" and not any(a.startswith("--direct_num_workers") for a in args):
+            args += [f"--direct_num_workers={max(1, min(os.cpu_count() or 1, 8))}"]
+    return PipelineOptions(args + [f"--runner={runner}"])
+
+
+def beam_pipeline(runner: str, pipeline_args: list[str] | None, direct_mode: str = "multi_processing"):
+    """A Beam pipeline for :func:`pipeline_options`. Locally in the multi-process mode (DirectRunner on
+    Linux, no running mode in the args) its workers die with this process (:mod:`apem.dataplane.beam_workers`)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = list(pipeline_args or [])
+    if direct_mode != "multi_processing" or not beam_workers.applies(runner, args):
+        return beam.Pipeline(options=pipeline_options(runner, args, direct_mode))
+    if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
+        args.append(f"{beam_workers.WORKERS_OPTION}={max(1, min(os.cpu_count() or 1, 8))}")
+    return beam.Pipeline(runner=beam_workers.direct_runner(), options=PipelineOptions(args))
