@@ -39,9 +39,11 @@ def ingest(
 
     start, end = training_window(run_date, window_days, schedule_time)
     if engine == "beam":
+        from apem.dataplane.beam_options import artifact_location
         from apem.dataplane.ingest_beam import ingest_beam
 
-        summary = ingest_beam(raw_uri, start, end, dataset.path, attribution_window_days=attribution_window_days,
+        out = artifact_location(dataset.path, dataset.uri, beam_runner)  # remote workers write the URI
+        summary = ingest_beam(raw_uri, start, end, out, attribution_window_days=attribution_window_days,
                               runner=beam_runner, pipeline_args=shlex.split(beam_args))
     elif engine == "local":
         summary = run_ingest(raw_uri, start, end, dataset.path, attribution_window_days=attribution_window_days)

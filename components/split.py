@@ -26,10 +26,13 @@ def split(
     import shlex
 
     from apem.data.split_record import SPLITS
+    from apem.dataplane.beam_options import artifact_location
     from apem.dataplane.split import split_dataset
 
     ratios = tuple(int(part) for part in split_ratios.split(","))
-    summary = split_dataset(dataset.path, splits.path, negative_rate=negative_rate, ratios=ratios,
+    # remote Beam workers (Dataflow, Flink, Spark) read and write the artifacts' URIs, not the pod's mount
+    source, target = (artifact_location(a.path, a.uri, beam_runner) for a in (dataset, splits))
+    summary = split_dataset(source, target, negative_rate=negative_rate, ratios=ratios,
                             runner=beam_runner, pipeline_args=shlex.split(beam_args) or None)
     splits.metadata.update({"negative_rate": negative_rate, "ratios": split_ratios})
     for name in SPLITS:

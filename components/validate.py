@@ -32,9 +32,12 @@ def validate(
     from apem.data import storage
     from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, statistics_html as html_of,
                                            validate_dataset)
+    from apem.dataplane.beam_options import artifact_location
     from apem.dataplane.validation_beam import statistics_for
 
     compute = statistics_for(engine, beam_runner, shlex.split(beam_args))  # None: in memory
+    # remote Beam workers read the artifact's URI, not the pod's mount
+    data = artifact_location(dataset.path, dataset.uri, beam_runner) if engine == "beam" else dataset.path
     baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
     baseline_stats = None
     scratch = tempfile.mkdtemp(prefix="apem-baseline-")
@@ -46,7 +49,7 @@ def validate(
     failure = None
     try:
         try:
-            result = validate_dataset(dataset.path, out_dir=statistics.path, baseline_stats=baseline_stats,
+            result = validate_dataset(data, out_dir=statistics.path, baseline_stats=baseline_stats,
                                       warn_only=warn_only, statistics=compute)
         except ValidationFailed as err:
             failure = err

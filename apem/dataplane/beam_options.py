@@ -38,3 +38,11 @@ def beam_pipeline(runner: str, pipeline_args: list[str] | None, direct_mode: str
     if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
         args.append(f"{beam_workers.WORKERS_OPTION}={max(1, min(os.cpu_count() or 1, 8))}")
     return beam.Pipeline(runner=beam_workers.direct_runner(), options=PipelineOptions(args))
+
+
+def artifact_location(path: str, uri: str, runner: str) -> str:
+    """Where a Beam job should read or write a KFP artifact. On the cluster, ``path`` is the pod's
+    FUSE mount of the artifact (``/gcs/...``), which remote workers (Dataflow, Flink, Spark) cannot
+    see: they get the artifact's ``uri`` (``gs://...``). The DirectRunner runs in the pod, and
+    kfp.local's URIs are local paths, so both keep ``path``."""
+    return path if runner == "DirectRunner" or "://" not in uri else uri
