@@ -30,21 +30,15 @@ def validate(
     import tempfile
 
     from apem.data import storage
-    from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, statistics_html as html_of,
-                                           validate_dataset)
     from apem.dataplane.beam_options import artifact_location
+    from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, download_baseline,
+                                           statistics_html as html_of, validate_dataset)
     from apem.dataplane.validation_beam import statistics_for
 
     compute = statistics_for(engine, beam_runner, shlex.split(beam_args))  # None: in memory
-    # remote Beam workers read the artifact's URI, not the pod's mount
-    data = artifact_location(dataset.path, dataset.uri, beam_runner) if engine == "beam" else dataset.path
-    baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
-    baseline_stats = None
+    data = artifact_location(dataset.path, dataset.uri, beam_runner)  # remote Beam workers need the URI
     scratch = tempfile.mkdtemp(prefix="apem-baseline-")
-    if baseline_uri and storage.is_complete(baseline_uri):
-        local = storage.download_dir(baseline_uri, os.path.join(scratch, "baseline"))
-        if os.path.exists(os.path.join(local, STATS_FILE)):
-            baseline_stats = os.path.join(local, STATS_FILE)
+    baseline_uri, baseline_stats = download_baseline(output_root, scratch)
 
     failure = None
     try:

@@ -14,6 +14,7 @@ inference plus the review rules in :func:`curate_schema`) and then read by a per
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from typing import Callable
 
@@ -273,6 +274,17 @@ def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: 
     if found and not warn_only:
         raise ValidationFailed(f"{data_dir}: {result['summary']} (report: {result['report_path']})")
     return result
+
+
+def download_baseline(output_root: str, scratch: str) -> tuple[str, str | None]:
+    """The drift baseline kept at ``<output_root>/validation/baseline`` (the statistics of the last
+    window that passed), downloaded into ``scratch``: (baseline URI or "", local stats path or None)."""
+    baseline_uri = storage.join(output_root, "validation", "baseline") if output_root else ""
+    if not (baseline_uri and storage.is_complete(baseline_uri)):
+        return baseline_uri, None
+    local = storage.download_dir(baseline_uri, os.path.join(scratch, "baseline"))
+    stats = os.path.join(local, STATS_FILE)
+    return baseline_uri, stats if os.path.exists(stats) else None
 
 
 def statistics_html(stats_path: str, baseline_stats: str | None = None) -> str:
