@@ -205,3 +205,10 @@ def test_ingest_and_validate_take_the_data_engine_and_beam_options_from_the_pipe
                  for k in ("engine", "beam_runner", "beam_args")}
         assert wired == {"engine": "data_engine", "beam_runner": "beam_runner", "beam_args": "beam_args"}, name
     assert configs.DEFAULTS.data_engine == "local" and configs.environment_parameters("prod")["data_engine"] == "beam"
+
+
+def test_validate_shows_statistics_html_and_anomalies_markdown_in_the_run_page(compiled):
+    spec, _ = compiled
+    outputs = spec["components"]["comp-validate"]["outputDefinitions"]["artifacts"]
+    assert outputs["statistics_html"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
