@@ -68,24 +68,29 @@ def _tree_rss_bytes(root: int) -> int:
     return sum(rss.get(pid, 0) for pid in tree)
 
 
-def _run_child(args: list[str]) -> tuple[dict, int]:
-    """Run this script as a child with ``args``; return its JSON answer and its tree's peak RSS."""
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+def run_sampled(command: list[str], stderr=subprocess.DEVNULL, every_s: float = 0.1) -> tuple[str, int, int]:
+    """Run ``command``; return its stdout, exit code and the peak summed RSS of its process tree."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     peak = [0]
 
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], _tree_rss_bytes(proc.pid))
-            time.sleep(0.1)
+            time.sleep(every_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, _ = proc.communicate()
     sampler.join()
-    if proc.returncode:
-        raise RuntimeError(f"child {args} failed with code {proc.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0]
+    return out, proc.returncode, peak[0]
+
+
+def _run_child(args: list[str]) -> tuple[dict, int]:
+    """Run this script as a child with ``args``; return its JSON answer and its tree's peak RSS."""
+    out, code, peak = run_sampled([sys.executable, __file__, *args])
+    if code:
+        raise RuntimeError(f"child {args} failed with code {code}")
+    return json.loads(out.strip().splitlines()[-1]), peak
 
 
 def _child_generate(raw: str, impressions: int, days: int) -> dict:

@@ -24,37 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_ingest import _tree_rss_bytes  # noqa: E402
+from bench_ingest import run_sampled  # noqa: E402
 
 
 def run_measured(args: list[str]) -> tuple[dict, int, float]:
     """Run ``python args...``; return the last JSON object it printed, its tree's peak RSS and its wall time."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_bytes(proc.pid))
-            time.sleep(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"{args[0]} failed with exit code {proc.returncode}")
+    out, code, peak = run_sampled([sys.executable, *args], stderr=None, every_s=0.5)
+    if code:
+        raise SystemExit(f"{args[0]} failed with exit code {code}")
     start = out.rfind("\n{\n")  # each benchmark ends with one indented JSON object
-    return json.loads(out[start + 1 if start >= 0 else out.index("{"):]), peak[0], time.perf_counter() - started
+    return json.loads(out[start + 1 if start >= 0 else out.index("{"):]), peak, time.perf_counter() - started
 
 
 def pipeline_row(answer: dict, peak: int, impressions: int) -> dict:
