@@ -9,6 +9,8 @@ itself never imports the pipeline code.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from importlib import metadata
 from importlib.metadata import entry_points
@@ -16,6 +18,7 @@ from importlib.metadata import entry_points
 from apem.cli import dataplane, experiment, logs, model, synth, tune
 from apem.cli.errors import CommandError
 from apem.cli.options import CommandLineParser
+from apem.dataplane.beam_options import ran_a_beam_pipeline
 
 BUILT_IN_SUBJECTS = (synth, model, experiment, tune, dataplane)
 PLUGIN_GROUP = "apem.commands"
@@ -73,5 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+def console_main() -> None:
+    """The ``apem`` console script: :func:`main`, then exit with its code.
+
+    After a Beam pipeline ran in this process, exit without interpreter teardown: gRPC threads of
+    Beam's portable runner can abort a finished process during teardown ("terminate called without
+    an active exception", SIGABRT), which turned a completed ``apem split`` into exit code 134 (seen
+    once in a fresh-clone suite run). By then every output is published and closed; the logs and
+    the standard streams are flushed first."""
+    code = main()
+    if ran_a_beam_pipeline():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -11,6 +11,8 @@ import os
 
 from apem.dataplane import beam_workers
 
+_pipelines_built = []  # one entry per Beam pipeline this process built (see ran_a_beam_pipeline)
+
 
 def pipeline_options(runner: str, pipeline_args: list[str] | None, direct_mode: str = "multi_processing"):
     """Beam ``PipelineOptions`` for ``runner`` plus ``pipeline_args``. On DirectRunner, unless the
@@ -33,6 +35,7 @@ def beam_pipeline(runner: str, pipeline_args: list[str] | None, direct_mode: str
     from apache_beam.options.pipeline_options import PipelineOptions
 
     args = list(pipeline_args or [])
+    _pipelines_built.append(runner)
     if direct_mode != "multi_processing" or not beam_workers.applies(runner, args):
         return beam.Pipeline(options=pipeline_options(runner, args, direct_mode))
     if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
@@ -46,3 +49,8 @@ def artifact_location(path: str, uri: str, runner: str) -> str:
     see: they get the artifact's ``uri`` (``gs://...``). The DirectRunner runs in the pod, and
     kfp.local's URIs are local paths, so both keep ``path``."""
     return path if runner == "DirectRunner" or "://" not in uri else uri
+
+
+def ran_a_beam_pipeline() -> bool:
+    """Whether this process built a Beam pipeline (its gRPC threads may outlive it: see ``apem.cli.main``)."""
+    return bool(_pipelines_built)
