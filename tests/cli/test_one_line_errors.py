@@ -18,7 +18,7 @@ from apem.data import storage
 from apem.data.features import default_spec
 from apem.data.spec import DatasetSpec, write_dataset
 from apem.dataplane.split import split_dataset
-from apem.research.synth import SynthConfig, generate
+from cli_data import write_train_val
 
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
@@ -26,9 +26,7 @@ FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
-    table, _ = generate(SynthConfig(rows=1_500, days=5, seed=2))
-    write_dataset(table.slice(0, 1_000), default_spec(), str(root / "train"))
-    write_dataset(table.slice(1_000), default_spec(), str(root / "val"))
+    table = write_train_val(root, seed=2)
     assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--model", "shared_bottom",
                  "--out", str(root / "model"), "--epochs", "1", "--threads", "1", "--device", "cpu"]) == 0
     return root, table

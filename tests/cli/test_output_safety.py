@@ -11,18 +11,15 @@ import pytest
 
 from apem.cli.main import main
 from apem.data.atomic import atomic_file, remove_stale_staging, staged_dir
-from apem.data.features import default_spec
-from apem.data.spec import write_dataset
-from apem.research.synth import SynthConfig, generate
+from apem.research.synth import SynthConfig
 from apem.research.synth_events import write_synthetic_events
+from cli_data import write_train_val
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    table, _ = generate(SynthConfig(rows=1_500, days=5, seed=3))
-    write_dataset(table.slice(0, 1_000), default_spec(), str(root / "train"))
-    write_dataset(table.slice(1_000), default_spec(), str(root / "val"))
+    write_train_val(root, seed=3)
     return root
 
 
