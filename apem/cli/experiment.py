@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_overwrite_flag(p)
     p.set_defaults(handler=run)
 
+    m = sub.add_parser("experiment-merge", help="one report from several `apem experiment` runs over the same split "
+                       "(a grid run as several processes)")
+    m.add_argument("reports", nargs="+", help="report directories of `apem experiment` (at least two)")
+    m.add_argument("--out", required=True, help="report directory of the merged report")
+    add_overwrite_flag(m)
+    m.set_defaults(handler=run_merge)
+
 
 def run(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
@@ -68,4 +75,17 @@ def run(args: argparse.Namespace) -> int:
     failed = sum(len(entry["errors"]) for entry in report["models"].values())
     _LOG.info("wrote %s/report.json and report.md (%d models x %d seeds, %d failed runs)", args.out, len(models),
               args.seeds, failed)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from apem.cli.errors import CommandError
+    from apem.research.merge_reports import merge_experiment_reports
+
+    try:
+        report = merge_experiment_reports(args.reports, args.out, overwrite=args.overwrite)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    _LOG.info("wrote %s/report.json and report.md: %d models, %d runs from %d reports", args.out,
+              len(report["models"]), report["completed_runs"], len(args.reports))
     return 0

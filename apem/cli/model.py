@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "through a bounded shuffle buffer (bounded memory); auto: streaming from 2M training rows")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader processes that read and encode a streamed training set (0: the trainer itself)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: forward under bf16 autocast (for GPUs; float32 weights and saved model)")
     add_feature_options(p)
     add_overwrite_flag(p)
     p.set_defaults(handler=run_train)
@@ -124,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
                          device=args.device, patience=args.patience, num_threads=args.threads,
                          mlflow_tracking_uri=args.mlflow_uri, resume=args.resume,
                          data_loading=args.data_loading, loader_workers=args.loader_workers,
-                         embedding_l2=features["embedding_l2"], embedding_l2_fields=features["embedding_l2_fields"])
+                         precision=args.precision, embedding_l2=features["embedding_l2"], embedding_l2_fields=features["embedding_l2_fields"])
     try:
         summary = train_from_dirs(args.train, args.val, args.out, model_name=args.model, config=config,
                                   negative_rate=args.negative_rate, overwrite=args.overwrite,

@@ -34,6 +34,10 @@ class ModelOutput:
     probs: torch.Tensor  # (B, N) entire-space probabilities in funnel order
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def float(self) -> "ModelOutput":
+        """Every tensor as float32: losses run in float32 after a bf16-autocast forward."""
+        return ModelOutput(probs=self.probs.float(), aux={k: v.float() for k, v in self.aux.items()})
+
 
 @dataclass
 class EmbeddingConfig:

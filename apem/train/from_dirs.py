@@ -21,7 +21,7 @@ from apem.train.trainer import TrainConfig, TrainingData, encode_dataset, fit, s
 # Keys of a ``model_params`` JSON object (the KFP train component's) that configure features and
 # training rather than the model: popped before the rest goes to the model config.
 TRAINING_PARAM_KEYS = ("numerical_encoding", "embedding_l2", "embedding_l2_fields", "data_loading",
-                       "loader_workers")
+                       "loader_workers", "precision")
 # ``data_loading="auto"`` streams a training set of at least this many rows and keeps smaller ones
 # in memory. benchmarks/bench_streaming.py (README): on the CPU streaming trains at the in-memory
 # rate and its peak memory is flat, while in-memory grows (652 MB at 1M rows, 1.2 GB at 3M). Below

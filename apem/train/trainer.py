@@ -32,6 +32,7 @@ from apem.train.malloc_tuning import keep_freed_memory_for_reuse
 
 
 DATA_LOADINGS = ("auto", "memory", "streaming")
+PRECISIONS = ("fp32", "bf16")
 
 
 class TrainingData(Protocol):
@@ -79,6 +80,9 @@ class TrainConfig:
     embedding_l2_fields: dict[str, float] = field(default_factory=dict)
     data_loading: str = "auto"  # memory | streaming | auto (apem.train.from_dirs.choose_data_loading)
     loader_workers: int = 0  # DataLoader worker processes that read and encode a streamed training set
+    # "bf16": forward and loss under bf16 autocast (GPUs; on a CPU without AVX512_BF16 it is slower);
+    # parameters, optimizer state and the saved model stay float32
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         bad = {n: v for n, v in {"(all fields)": self.embedding_l2, **self.embedding_l2_fields}.items()
@@ -89,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"data_loading must be one of {', '.join(DATA_LOADINGS)}, got {self.data_loading!r}")
         if not (isinstance(self.loader_workers, int) and self.loader_workers >= 0):
             raise ValueError(f"loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def regularises_embeddings(self) -> bool:
@@ -226,7 +232,10 @@ class _Loop:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, float]]:
         self.model.set_training_progress(self.progress.step, self.total_steps)
-        loss, parts = self.model.loss(self.model(x), y)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            output = self.model(x)
+        # outside autocast: CUDA autocast refuses binary_cross_entropy, and the loss wants float32 anyway
+        loss, parts = self.model.loss(output.float(), y)
         if self.embedding_l2 is not None:
             penalty = self.model.embedding.row_penalty(x, self.embedding_l2)
             loss = loss + penalty

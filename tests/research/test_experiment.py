@@ -166,3 +166,42 @@ def test_experiment_cli_rejects_bad_arguments(split_dirs, tmp_path, capsys) -> N
     assert main(["experiment", "--train", str(tmp_path / "missing"), "--val", split_dirs["val"], "--test",
                  split_dirs["test"], "--out", str(tmp_path / "r"), "--models", "esmm"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_merged_parts_give_the_summary_only_the_whole_grid_has(split_dirs, tmp_path, capsys) -> None:
+    """A grid run as two processes (a baseline, APEM) and merged: every part's runs, and the t-tests
+    against APEM that neither part alone can compute."""
+    common = ["--train", split_dirs["train"], "--val", split_dirs["val"], "--test", split_dirs["test"],
+              "--seeds", "2", "--epochs", "1", "--batch-size", "256", "--threads", "1", "--no-progress"]
+    for name, models in (("part_a", "shared_bottom"), ("part_b", "apem")):
+        assert main(["experiment", *common, "--models", models, "--out", str(tmp_path / name)]) == 0
+    parts = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("part_a", "part_b")}
+    assert parts["part_a"]["models"]["shared_bottom"]["p_value_vs_apem"]["click"] is None  # no APEM in part a
+    merged = tmp_path / "merged"
+    assert main(["experiment-merge", str(tmp_path / "part_a"), str(tmp_path / "part_b"), "--out", str(merged)]) == 0
+    report = json.loads((merged / "report.json").read_text())
+    assert list(report["models"]) == ["shared_bottom", "apem"] and report["completed_runs"] == 4
+    apem, baseline = report["models"]["apem"], report["models"]["shared_bottom"]
+    for label in report["labels"]:
+        assert baseline["aucs"][label] == parts["part_a"]["models"]["shared_bottom"]["aucs"][label]
+        assert apem["aucs"][label] == parts["part_b"]["models"]["apem"]["aucs"][label]
+        assert baseline["p_value_vs_apem"][label] == pytest.approx(
+            paired_t_test(apem["aucs"][label], baseline["aucs"][label]))
+    assert report["selection_rate"] == parts["part_b"]["selection_rate"]
+    assert [part["report"] for part in report["config"]["merged_from"]] == [str(tmp_path / "part_a"),
+                                                                           str(tmp_path / "part_b")]
+    assert (merged / "auc_comparison.png").exists() and "| shared_bottom |" in (merged / "report.md").read_text()
+
+    # refused: the same (model, seed) twice, and parts that are not the same experiment; one line, exit 2
+    capsys.readouterr()
+    assert main(["experiment-merge", str(tmp_path / "part_a"), str(merged), "--out", str(tmp_path / "dup")]) == 2
+    assert "shared_bottom seed 0 is also in" in capsys.readouterr().err
+    other = parts["part_b"]
+    other["config"]["epochs"] = 3
+    os.makedirs(tmp_path / "part_c")
+    (tmp_path / "part_c" / "report.json").write_text(json.dumps(other))
+    assert main(["experiment-merge", str(tmp_path / "part_a"), str(tmp_path / "part_c"), "--out",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "config 'epochs' is 3" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "dup").exists()
