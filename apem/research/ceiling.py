@@ -6,8 +6,11 @@ recover from the few rows a user has. This reference knows everything else about
 user's vector from that user's *training* rows only: the MAP under the generator's own prior
 N(0, USER_VECTOR_SD^2 I) with the logistic likelihood of every observed funnel step (click on
 every row, authorize given click, convert given authorize; sparse2: convert given click).
-Test-row probabilities then use the estimated vectors. A user without training rows keeps the
-prior mean, 0.
+Test-row probabilities then average over each user's Laplace posterior around the MAP (a Gaussian
+with the inverse Hessian as covariance, fixed-seed draws): with about 30 rows a user's vector is
+uncertain, and averaging ranks better than plugging in the MAP, whose AUCs are reported beside
+(300k rows, seed 0: 0.7175 / 0.7713 / 0.7746 against the MAP plug-in's 0.7114 / 0.7643 / 0.7733).
+A user without training rows keeps the prior.
 
 Nothing of the generator is copied here: its draws are regenerated from ``oracle/generator.json``
 (:func:`apem.research.synth.draw_latent`) and each step's logit comes from
@@ -36,6 +39,10 @@ ID_PREFIX = "imp"
 class CeilingConfig:
     max_newton_steps: int = 50
     tolerance: float = 1e-8  # largest change of any user-vector coordinate that counts as converged
+    # the reported reference averages the probabilities over the Laplace posterior of each user's
+    # vector (measured on 300k rows, seed 0: +0.006 / +0.007 / +0.001 AUC over the MAP plug-in)
+    posterior_draws: int = 128
+    draw_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,37 +106,59 @@ def _observations(logits: _LinearLogits, labels: np.ndarray, negative_rate: floa
 
 
 def map_user_vectors(logits: _LinearLogits, labels: np.ndarray, n_users: int, negative_rate: float = 1.0,
-                     config: CeilingConfig = CeilingConfig()) -> tuple[np.ndarray, int]:
-    """The MAP user vectors (n_users, LATENT_DIM) by batched Newton steps, and the steps taken."""
+                     config: CeilingConfig = CeilingConfig()) -> tuple[np.ndarray, np.ndarray, int]:
+    """The MAP user vectors (n_users, LATENT_DIM) by batched Newton steps, the Laplace posterior
+    covariance at the MAP (the inverse Hessian of the negative log posterior) and the steps taken."""
     import scipy.sparse as sp
 
     offsets, slopes, y, weight, users = _observations(logits, labels.astype(np.float64), negative_rate)
     by_user = sp.csr_matrix((weight, (users, np.arange(len(users)))), shape=(n_users, len(users)))
     precision = np.eye(LATENT_DIM) / USER_VECTOR_SD ** 2
     outer = (slopes[:, :, None] * slopes[:, None, :]).reshape(len(slopes), LATENT_DIM * LATENT_DIM)
-    vec = np.zeros((n_users, LATENT_DIM))
-    for step in range(1, config.max_newton_steps + 1):
+
+    def gradient_and_hessian(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = 1.0 / (1.0 + np.exp(-(offsets + np.einsum("od,od->o", slopes, vec[users]))))
         gradient = by_user @ ((p - y)[:, None] * slopes) + vec @ precision
-        hessian = (by_user @ ((p * (1 - p))[:, None] * outer)).reshape(n_users, LATENT_DIM, LATENT_DIM) + precision
+        hessian = (by_user @ ((p * (1 - p))[:, None] * outer)).reshape(n_users, LATENT_DIM, LATENT_DIM)
+        return gradient, hessian + precision
+
+    vec, steps = np.zeros((n_users, LATENT_DIM)), config.max_newton_steps
+    for step in range(1, config.max_newton_steps + 1):
+        gradient, hessian = gradient_and_hessian(vec)
         change = np.linalg.solve(hessian, gradient[:, :, None])[:, :, 0]
         vec -= change
         if np.abs(change).max() < config.tolerance:
-            return vec, step
-    return vec, config.max_newton_steps
+            steps = step
+            break
+    return vec, np.linalg.inv(gradient_and_hessian(vec)[1]), steps
+
+
+def posterior_predictive(logits: _LinearLogits, vec: np.ndarray, covariance: np.ndarray,
+                         config: CeilingConfig = CeilingConfig()) -> np.ndarray:
+    """E[P(step_i = 1 | x)] over the Laplace posterior N(vec, covariance) of each user's vector, by
+    ``config.posterior_draws`` standard-normal draws from a fixed seed, shared by all users (deterministic)."""
+    draws = np.random.default_rng(config.draw_seed).standard_normal((config.posterior_draws, LATENT_DIM))
+    root = np.linalg.cholesky(covariance)
+    total = np.zeros(logits.offsets.shape)
+    for draw in draws:
+        total += entire_space(logits, vec + root @ draw)
+    return total / len(draws)
 
 
 def attainable_probabilities(record: dict, train_ids: np.ndarray, train_labels: np.ndarray, test_ids: np.ndarray,
                              negative_rate: float = 1.0, config: CeilingConfig = CeilingConfig()) -> dict[str, Any]:
-    """Test-row entire-space probabilities with user vectors estimated from the training rows, beside
-    the same rows' probabilities with the true vectors (which must equal the oracle's)."""
+    """Test-row entire-space probabilities with user vectors estimated from the training rows (the
+    posterior predictive, and the MAP plug-in), beside the same rows' probabilities with the true
+    vectors (which must equal the oracle's)."""
     synth = config_from_generator_record(record)
     latent = draw_latent(synth)
     train_logits = linear_logits(synth, latent, impression_numbers(train_ids, synth))
     n_users = len(latent.users.vec)
-    estimated, steps = map_user_vectors(train_logits, np.asarray(train_labels), n_users, negative_rate, config)
+    estimated, covariance, steps = map_user_vectors(train_logits, np.asarray(train_labels), n_users, negative_rate,
+                                                    config)
     test_logits = linear_logits(synth, latent, impression_numbers(test_ids, synth))
-    return {"probabilities": entire_space(test_logits, estimated),
+    return {"probabilities": posterior_predictive(test_logits, estimated, covariance, config),
+            "map_probabilities": entire_space(test_logits, estimated),
             "true_vector_probabilities": entire_space(test_logits, latent.users.vec),
             "newton_steps": steps, "users": n_users,
             "users_with_training_rows": int(len(np.unique(train_logits.users)))}
@@ -144,8 +173,11 @@ def attainable_aucs(record: dict, train_ids: np.ndarray, train_labels: np.ndarra
     result = attainable_probabilities(record, train_ids, train_labels, test_ids, negative_rate)
     if oracle_table is not None:
         _check_reproduces_oracle(result["true_vector_probabilities"], test_ids, oracle_table, label_names)
-    probs = result["probabilities"]
+    probs, plug_in = result["probabilities"], result["map_probabilities"]
     return {"tasks": {name: auc(test_labels[:, i], probs[:, i]) for i, name in enumerate(label_names)},
+            "map_tasks": {name: auc(test_labels[:, i], plug_in[:, i]) for i, name in enumerate(label_names)},
+            "estimator": "Laplace posterior predictive around the MAP user vectors",
+            "posterior_draws": CeilingConfig().posterior_draws,
             "train_rows": int(len(train_ids)), "test_rows": int(len(test_ids)), "negative_rate": negative_rate,
             "users": result["users"], "users_with_training_rows": result["users_with_training_rows"],
             "newton_steps": result["newton_steps"], "seconds": time.perf_counter() - started}

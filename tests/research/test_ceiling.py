@@ -65,6 +65,10 @@ def test_attainable_lies_between_chance_and_the_oracle_and_rises_with_rows_per_u
     errors = [_logit_error(financial3, rows) for rows in (train[:0], train[::8], train)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.8 * errors[0]
     assert all_rows["newton_steps"] < 50  # converged, not stopped at the cap
+    for task in ("click", "authorize", "convert"):  # the MAP plug-in is reported beside the posterior average
+        assert 0.5 < all_rows["map_tasks"][task] < oracle[task]
+        assert all_rows["map_tasks"][task] != all_rows["tasks"][task]
+    assert all_rows["map_tasks"]["click"] > none["map_tasks"]["click"] + 0.04
 
 
 def test_attainable_is_deterministic_and_weights_sampled_negatives(financial3) -> None:
