@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="use at most the first N rows of each split (default: all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tuned", default=None,
+                   help="JSON written by `apem tune`: every cell trains with the model's chosen hyperparameters "
+                        "(lr, embedding_l2, numerical encoding, ...), K and L excepted")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and sensitivity.md")
     add_feature_options(p)
     add_overwrite_flag(p)
@@ -46,14 +49,19 @@ def _int_list(flag: str, text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     from apem.cli.errors import CommandError
     from apem.research.sensitivity import SensitivityConfig, run_sensitivity
+    from apem.research.tuning import read_tuned
 
     if args.max_rows is not None and args.max_rows < 1:
         raise CommandError(f"--max-rows must be at least 1, got {args.max_rows}")
+    try:
+        tuned = read_tuned(args.tuned, [args.model]).get(args.model, {}) if args.tuned else {}
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     config = SensitivityConfig(model=args.model, inducing_points=_int_list("--k", args.k),
                                layers=_int_list("--l", args.l), seeds=args.seeds, epochs=args.epochs,
                                patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                                max_rows=args.max_rows, device=args.device, num_threads=args.threads,
-                               **feature_settings(args))
+                               tuned=tuned, **feature_settings(args))
     try:
         config.check()
         result = run_sensitivity(args.train, args.val, args.out, config, log=_LOG.info, overwrite=args.overwrite)

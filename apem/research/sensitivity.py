@@ -47,6 +47,9 @@ class SensitivityConfig:
     embedding_l2_fields: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
     num_threads: int | None = None
+    # the model's hyperparameters chosen by `apem tune` (lr, embedding_l2, numerical_encoding, other
+    # knobs): every cell trains with them, except for K and L, which the grid sets
+    tuned: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise ValueError (one line) on a config that cannot run."""
@@ -63,21 +66,22 @@ class SensitivityConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        parse_numerical_encoding(self.numerical_encoding)
+        parse_numerical_encoding(self.tuned.get("numerical_encoding", self.numerical_encoding))
 
 
 def _run_cell(k: int, l: int, seed: int, splits: EncodedSplits, config: SensitivityConfig) -> dict[str, Any]:
     """One (K, L, seed) training run, scored on validation at its best epoch."""
-    params = {K_KNOB: k, L_KNOB: l, "numerical_encoding": config.numerical_encoding}
+    params = {"numerical_encoding": config.numerical_encoding, "lr": config.lr, "embedding_l2": config.embedding_l2,
+              **config.tuned, K_KNOB: k, L_KNOB: l}
     model, result = fit_on_validation(config.model, splits, params, TrainConfig(
-        epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=config.lr, seed=seed,
-        device=config.device, num_threads=config.num_threads, progress=False, embedding_l2=config.embedding_l2,
+        epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=params["lr"], seed=seed,
+        device=config.device, num_threads=config.num_threads, progress=False, embedding_l2=params["embedding_l2"],
         embedding_l2_fields=config.embedding_l2_fields))
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
     return {"k": k, "l": l, "seed": seed, "val_auc": dict(zip(splits.train.spec.labels, best.get("val_auc", []))),
             "val_auc_mean": float(result.best_val_auc), "best_epoch": result.best_epoch,
             "epochs_run": len(result.history), "seconds_per_epoch": float(result.seconds_per_epoch),
-            "parameters": parameter_count(model)}
+            "parameters": parameter_count(model), "hyperparameters": params}
 
 
 def summarize_cells(runs: list[dict], labels: list[str], config: SensitivityConfig) -> list[dict[str, Any]]:
@@ -103,15 +107,22 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _settings(cfg: dict[str, Any]) -> str:
+    """The training settings every cell shares, tuned ones marked."""
+    tuned = {k: v for k, v in cfg.get("tuned", {}).items() if k not in (K_KNOB, L_KNOB)}
+    plain = {"lr": cfg["lr"], "embedding_l2": cfg["embedding_l2"], "numerical_encoding": cfg["numerical_encoding"]}
+    text = ", ".join(f"{k} {v}" for k, v in plain.items() if k not in tuned)
+    return text + ("; from apem tune: " + ", ".join(f"{k} {v}" for k, v in tuned.items()) if tuned else "")
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     cfg, labels, cells = result["config"], result["labels"], result["cells"]
     rows = result["data"]["rows"]
     lines = [f"# {cfg['model']} sensitivity to K (inducing points) and L (layers)", "",
              f"Validation AUC at the best epoch (early stopping on validation; test never read), mean ± std over "
              f"seeds 0..{cfg['seeds'] - 1}; train {rows['train']} rows, val {rows['val']}; up to {cfg['epochs']} "
-             f"epochs (patience {cfg['patience']}), batch {cfg['batch_size']}, lr {cfg['lr']}, "
-             f"{cfg['numerical_encoding']}. Completed runs: {result['completed_runs']} of "
-             f"{len(cells) * cfg['seeds']}.", ""]
+             f"epochs (patience {cfg['patience']}), batch {cfg['batch_size']}; "
+             f"{_settings(cfg)}. Completed runs: {result['completed_runs']} of {len(cells) * cfg['seeds']}.", ""]
     header = ["K", "L"] + [f"{l} val AUC" for l in labels] + ["mean val AUC", "s/epoch", "params", "seeds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:

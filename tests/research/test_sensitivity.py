@@ -81,3 +81,16 @@ def test_bad_arguments_give_one_line_and_exit_2(study, tmp_path, capsys, extra, 
     code = main(["sensitivity", "--train", study["train"], "--val", study["val"], "--out", str(out)] + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_tuned_hyperparameters_apply_to_every_cell_but_k_and_l(study, tmp_path) -> None:
+    tuned = tmp_path / "tuned.json"
+    best = {"lr": 0.002, "embedding_l2": 1e-4, "numerical_encoding": "dense_log", "inducing_points": 64, "layers": 4}
+    tuned.write_text(json.dumps({"format": "apem-tune/1", "models": {"apem": {"best": best}}}))
+    out = tmp_path / "tuned_study"
+    assert main(["sensitivity", "--train", study["train"], "--val", study["val"], "--k", "2", "--l", "1",
+                 "--seeds", "1", "--epochs", "1", "--max-rows", "200", "--threads", "1", "--tuned", str(tuned),
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "sensitivity.json").read_text())
+    assert result["runs"][0]["hyperparameters"] == {**best, "inducing_points": 2, "layers": 1}
+    assert "from apem tune: lr 0.002" in (out / "sensitivity.md").read_text()
