@@ -15,12 +15,12 @@ import sys
 from importlib import metadata
 from importlib.metadata import entry_points
 
-from apem.cli import dataplane, experiment, logs, model, synth, tune
+from apem.cli import dataplane, experiment, logs, model, sensitivity, synth, tune
 from apem.cli.errors import CommandError
 from apem.cli.options import CommandLineParser
 from apem.dataplane.beam_options import ran_a_beam_pipeline
 
-BUILT_IN_SUBJECTS = (synth, model, experiment, tune, dataplane)
+BUILT_IN_SUBJECTS = (synth, model, experiment, tune, sensitivity, dataplane)
 PLUGIN_GROUP = "apem.commands"
 DESCRIPTION = (
     "APEM multi-step conversion estimation (click -> authorize -> convert): generate synthetic logs, "

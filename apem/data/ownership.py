@@ -79,6 +79,7 @@ QUARANTINE_DIR = OutputKind("an ingest quarantine (ingest.json)", _has_files("in
 VALIDATION_DIR = OutputKind("a validation report (anomalies.json)", _has_files("anomalies.json"))
 EVENTS_DIR = OutputKind("raw synthetic events (events.json)", _has_files("events.json"))
 EXPERIMENT_DIR = OutputKind("an experiment report (report.json)", _has_files("report.json"))
+SENSITIVITY_DIR = OutputKind("a sensitivity study (sensitivity.json)", _has_files("sensitivity.json"))
 METRICS_FILE = OutputKind("a metrics file written by apem evaluate", _is_metrics_file, is_file=True)
 PREDICTIONS_FILE = OutputKind("a predictions file written by apem predict", _is_predictions_file, is_file=True)
 

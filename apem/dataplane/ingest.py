@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 from apem.data import storage
 from apem.data.features import default_spec
-from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.oracle import GENERATOR_PATH, ORACLE_DIR, ORACLE_FILE
 from apem.data.ownership import DATASET_DIR, QUARANTINE_DIR, claim_output
 from apem.data.spec import DatasetSpec
 
@@ -643,3 +643,6 @@ def carry_oracle(raw_uri: str, out: str, ids: list) -> None:
     sink = io.BytesIO()
     pq.write_table(subset, sink)
     storage.write_bytes(storage.join(out, ORACLE_DIR, ORACLE_FILE), sink.getvalue())
+    generator = storage.join(raw_uri, *GENERATOR_PATH)
+    if storage.exists(generator):  # how the truth was made, for the attainable reference
+        storage.write_bytes(storage.join(out, *GENERATOR_PATH), storage.read_bytes(generator))

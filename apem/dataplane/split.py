@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from apem.data import storage
 from apem.data.atomic import make_staging_dir, replace_dir
-from apem.data.oracle import ORACLE_PATH
+from apem.data.oracle import GENERATOR_PATH, ORACLE_PATH
 from apem.data.ownership import SPLIT_DIR, claim_output
 from apem.data.spec import SPEC_FILE, DatasetSpec, funnel_violations, read_checked_file
 from apem.data.split_record import SPLIT_FILE, SPLITS, check_negative_rate
@@ -262,6 +262,8 @@ def _finish(data_dir: str, staging: str, spec: DatasetSpec, schema: pa.Schema, p
     oracle = None
     if storage.exists(oracle_uri) and spec.id_column:
         oracle = pq.read_table(io.BytesIO(storage.read_bytes(oracle_uri)))
+    generator_uri = storage.join(data_dir, *GENERATOR_PATH)
+    generator = storage.read_bytes(generator_uri) if oracle is not None and storage.exists(generator_uri) else None
     iso = lambda d: str(np.datetime64(int(d), "D"))  # noqa: E731
     rows = {}
     for split in SPLITS:
@@ -284,6 +286,8 @@ def _finish(data_dir: str, staging: str, spec: DatasetSpec, schema: pa.Schema, p
             sink = io.BytesIO()
             pq.write_table(subset, sink)
             storage.write_bytes(storage.join(split_dir, *ORACLE_PATH), sink.getvalue())
+            if generator is not None:
+                storage.write_bytes(storage.join(split_dir, *GENERATOR_PATH), generator)
         storage.write_bytes(storage.join(split_dir, storage.SUCCESS_MARKER), b"")  # each split is a dataset
     summary = {
         "negative_rate": negative_rate,

@@ -20,12 +20,14 @@ from typing import Any, Callable
 import numpy as np
 
 from apem.data.encoding import FeatureEncoder
-from apem.data.oracle import read_oracle
+from apem.data.oracle import read_generator, read_oracle
+from apem.data.split_record import negative_rate_beside
 from apem.data.ownership import EXPERIMENT_DIR, claim_output
 from apem.data.spec import Dataset, check_same_spec, read_dataset
 from apem.eval.metrics import auc, evaluate_predictions
 from apem.inference.predict import predict
 from apem.models import build_model, list_models
+from apem.research.ceiling import attainable_aucs
 from apem.train.trainer import TrainConfig, encode_dataset, fit, set_seed
 
 REFERENCE_MODEL = "apem"
@@ -237,7 +239,17 @@ def _nan_to_none(value):
     return value
 
 
-def summarize(runs: list[dict], labels: list[str], models: list[str], oracle: dict | None) -> dict[str, Any]:
+def share_of_gap(auc_mean: dict[str, float], reference: dict | None, labels: list[str]) -> dict[str, float] | None:
+    """(AUC - 0.5) / (reference AUC - 0.5) per task: the share of the gap above chance a model closes."""
+    if not reference or not reference.get("tasks"):
+        return None
+    tasks = reference["tasks"]
+    return {k: (auc_mean[k] - 0.5) / (tasks[k] - 0.5) if tasks.get(k) not in (None, 0.5) else float("nan")
+            for k in labels}
+
+
+def summarize(runs: list[dict], labels: list[str], models: list[str], oracle: dict | None,
+              attainable: dict | None = None) -> dict[str, Any]:
     """Aggregate per-seed runs into one entry per model (means, stds, t-tests vs APEM, gains, efficiency)."""
     by_model: dict[str, dict[int, dict]] = {m: {} for m in models}
     errors: dict[str, list[dict]] = {m: [] for m in models}
@@ -266,9 +278,9 @@ def summarize(runs: list[dict], labels: list[str], models: list[str], oracle: di
             entry[key] = next((r[key] for r in ok.values()), None)
         entry["best_epochs"] = [ok[s]["best_epoch"] for s in sorted(ok)]
         if oracle and oracle.get("tasks"):
-            entry["captured_fraction"] = {
-                k: (entry["auc_mean"][k] - 0.5) / (oracle["tasks"][k] - 0.5)
-                if k in oracle["tasks"] and oracle["tasks"][k] not in (None, 0.5) else float("nan") for k in labels}
+            entry["captured_fraction"] = share_of_gap(entry["auc_mean"], oracle, labels)
+        if attainable and attainable.get("tasks"):
+            entry["reachable_gap_closed"] = share_of_gap(entry["auc_mean"], attainable, labels)
         summary[name] = entry
     reference, baseline = by_model.get(REFERENCE_MODEL, {}), by_model.get(BASELINE_MODEL, {})
     for name, entry in summary.items():
@@ -311,6 +323,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         row = ["oracle (true probabilities)"] + [_fmt(oracle["tasks"].get(l)) for l in labels]
         row += [""] * (2 * len(labels) + 5)
         lines.append("| " + " | ".join(row) + " |")
+    attainable = report.get("attainable_auc")
+    if attainable and attainable.get("tasks"):
+        row = ["attainable (generator known, user vectors estimated)"]
+        row += [_fmt(attainable["tasks"].get(l)) for l in labels] + [""] * (2 * len(labels) + 5)
+        lines.append("| " + " | ".join(row) + " |")
     for name, entry in models.items():
         row = [name]
         row += [f"{_fmt(entry['auc_mean'][l])} ± {_fmt(entry['auc_std'][l])}" for l in labels]
@@ -324,10 +341,35 @@ def render_markdown(report: dict[str, Any]) -> str:
     failed = [(n, e) for n, entry in models.items() for e in entry["errors"]]
     if failed:
         lines += ["", "## Errors", ""] + [f"- {n} seed {e['seed']}: {e['error']}" for n, e in failed]
+    lines += _reference_lines(report)
     lines += _selection_lines(report.get("selection_rate"))
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"])]
     return "\n".join(lines) + "\n"
+
+
+def _reference_lines(report: dict[str, Any]) -> list[str]:
+    """Per model and task, the share of the gap above chance closed: of the attainable reference
+    (what a learner of these training rows could reach) and of the Bayes oracle."""
+    labels, models = report["labels"], report["models"]
+    attainable = report.get("attainable_auc")
+    if not attainable or not attainable.get("tasks"):
+        return []
+    plug_in = ", ".join(f"{l} {_fmt((attainable.get('map_tasks') or {}).get(l))}" for l in labels)
+    lines = ["", "## Against the references", "",
+             f"Attainable: the generator known except the user vectors, which are estimated from each user's "
+             f"training rows ({attainable['train_rows']} rows, {attainable['users_with_training_rows']} of "
+             f"{attainable['users']} users; apem.research.ceiling): probabilities averaged over each vector's "
+             f"Laplace posterior around its MAP (the MAP plug-in instead: {plug_in}). "
+             "Share of the reachable gap closed: (AUC - 0.5) / (attainable - 0.5); of the oracle's: "
+             "(AUC - 0.5) / (oracle - 0.5).", ""]
+    header = ["model"] + [f"{l} of attainable" for l in labels] + [f"{l} of oracle" for l in labels]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in models.items():
+        closed, captured = entry.get("reachable_gap_closed") or {}, entry.get("captured_fraction") or {}
+        row = [name] + [_fmt(closed.get(l), ".3f") for l in labels] + [_fmt(captured.get(l), ".3f") for l in labels]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def _selection_lines(sel: dict | None) -> list[str]:
@@ -441,6 +483,18 @@ def _read_splits(train_dir: str, val_dir: str, test_dir: str, max_rows: int | No
     return train, val, test
 
 
+def attainable_reference(oracle_dir: str, train_dir: str, train, test, oracle_table) -> dict[str, Any] | None:
+    """The "generator known, user vectors estimated" AUCs on the test rows, estimated from the same
+    training rows the models see; None unless the oracle's directory records its generator."""
+    record = read_generator(oracle_dir)
+    id_column = train.spec.id_column
+    if record is None or not id_column:
+        return None
+    return attainable_aucs(record, train.table.column(id_column).to_numpy(), train.labels(),
+                           test.table.column(id_column).to_numpy(), test.labels(), list(test.spec.labels),
+                           oracle_table=oracle_table, negative_rate=negative_rate_beside(train_dir))
+
+
 def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, config: ExperimentConfig,
                    oracle_dir: str | None = None, log: Callable[[str], None] | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
@@ -468,12 +522,14 @@ def run_experiment(train_dir: str, val_dir: str, test_dir: str, out_dir: str, co
                                  **{k: encode_dataset(d, encoder) for k, d in (("train", train), ("val", val),
                                                                                ("test", test))}}
         return encoded[encoding]
-    oracle = oracle_aucs(test, read_oracle(oracle_dir or test_dir), test.labels())
+    oracle_table = read_oracle(oracle_dir or test_dir)
+    oracle = oracle_aucs(test, oracle_table, test.labels())
+    attainable = attainable_reference(oracle_dir or test_dir, train_dir, train, test, oracle_table)
 
     os.makedirs(out_dir, exist_ok=True)
     header = {"config": {**asdict(config), "models": models, "train": train_dir, "val": val_dir, "test": test_dir,
                          "rows": {"train": len(train), "val": len(val), "test": len(test)}},
-              "labels": labels, "oracle_auc": oracle}
+              "labels": labels, "oracle_auc": oracle, "attainable_auc": attainable}
     runs: list[dict] = []
     selection: dict[str, Any] | None = None
     # seed-major, so an interrupted grid still has every model on its first seeds
@@ -505,7 +561,7 @@ def write_report(out_dir: str, header: dict[str, Any], runs: list[dict], selecti
     """Summarise the runs so far into report.json and report.md (and the PNG plots when ``plots``)."""
     report: dict[str, Any] = {**header, "completed_runs": len(runs),
                               "models": summarize(runs, header["labels"], header["config"]["models"],
-                                                  header["oracle_auc"]),
+                                                  header["oracle_auc"], header.get("attainable_auc")),
                               "selection_rate": selection, "runs": runs}
     report["plots"] = write_plots(report, out_dir) if plots else []
     report = _nan_to_none(report)

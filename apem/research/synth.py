@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from apem.data.features import CATEGORICAL, LABELS, NUMERICAL, default_spec
-from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.oracle import GENERATOR_FILE, ORACLE_DIR, ORACLE_FILE
 from apem.data.ownership import DATASET_DIR, claim_output
 from apem.data.spec import write_dataset
 
@@ -42,6 +43,9 @@ SEGMENTS = np.array(["mass", "affluent", "private", "student", "sme"])
 AGE_BANDS = np.array(["18-25", "26-35", "36-45", "46-55", "56-65", "65+"])
 START_DATE = dt.date(2026, 1, 1)
 LATENT_DIM = 8
+# user taste vectors are drawn from N(0, USER_VECTOR_SD^2 I): the prior the attainable ceiling
+# (apem.research.ceiling) estimates them under
+USER_VECTOR_SD = 1.0
 
 
 FUNNELS = ("financial3", "sparse2")
@@ -65,6 +69,18 @@ class SynthConfig:
     @property
     def labels(self) -> tuple[str, ...]:
         return LABELS if self.funnel == "financial3" else (LABELS[0], LABELS[-1])
+
+    def to_record(self) -> dict:
+        """The JSON written to ``<dataset>/oracle/generator.json``: enough to regenerate the data."""
+        return {**dataclasses.asdict(self), "start": self.start.isoformat()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SynthConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        if "start" in values:
+            values["start"] = dt.date.fromisoformat(values["start"])
+        return cls(**values)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -124,7 +140,7 @@ class _Impressions:
 
 def _draw_users(rng: np.random.Generator, n_users: int) -> _Users:
     """Heavy tails, zeros, overdrafts and missing income: the shapes that make discretization matter."""
-    vec = rng.normal(size=(n_users, LATENT_DIM))
+    vec = rng.normal(0.0, USER_VECTOR_SD, size=(n_users, LATENT_DIM))
     region = rng.integers(0, 30, n_users)
     age = rng.choice(len(AGE_BANDS), n_users, p=[0.12, 0.25, 0.23, 0.18, 0.13, 0.09])
     segment = rng.choice(len(SEGMENTS), n_users, p=[0.6, 0.2, 0.03, 0.1, 0.07])
@@ -240,56 +256,67 @@ def _dataset_table(config: SynthConfig, imp: _Impressions, users: _Users, impres
     })
 
 
+@dataclass(frozen=True)
+class Latent:
+    """Everything the generator draws before the outcomes: users, offers and impressions."""
+
+    users: _Users
+    offers: _Offers
+    impressions: _Impressions
+
+
+def draw_latent(config: SynthConfig, rng: np.random.Generator | None = None) -> Latent:
+    """The generator's draws up to (not including) the outcomes, from ``config.seed`` unless ``rng`` is given."""
+    rng = np.random.default_rng(config.seed) if rng is None else rng
+    users = _draw_users(rng, max(500, config.rows // 40))
+    offers = _draw_offers(rng, 60)
+    return Latent(users, offers, _draw_impressions(rng, config, users, offers))
+
+
+def affinities(user_vec: np.ndarray, offer_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise taste affinities: the first half of the vectors drives clicks, the second half conversions."""
+    half = LATENT_DIM // 2
+    return (np.einsum("ij,ij->i", user_vec[:, :half], offer_vec[:, :half]) / 2.0,
+            np.einsum("ij,ij->i", user_vec[:, half:], offer_vec[:, half:]) / 2.0)
+
+
+def step_logits(config: SynthConfig, latent: Latent, affinity: np.ndarray,
+                affinity_convert: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The logit of each funnel step given the step before it (``config.labels`` order), per impression."""
+    imp, users, offers = latent.impressions, latent.users, latent.offers
+    if config.funnel == "sparse2":
+        # click, then convert | click from the authorize and convert drivers together
+        return (_click_logit(imp, offers, affinity) + SPARSE_CLICK_SHIFT,
+                _authorize_logit(imp, users, affinity) + _convert_logit(imp, affinity_convert) + SPARSE_CONVERT_SHIFT)
+    return (_click_logit(imp, offers, affinity), _authorize_logit(imp, users, affinity),
+            _convert_logit(imp, affinity_convert))
+
+
 def generate(config: SynthConfig) -> tuple[pa.Table, pa.Table]:
     """Return (dataset table, oracle table). Fully vectorized; 1M rows take a few seconds.
 
-    The random draws happen in a fixed order (users, offers, impressions, then the three funnel
-    steps): a given seed must keep giving the same tables, so new draws go at the end."""
+    The random draws happen in a fixed order (users, offers, impressions, then the funnel steps): a
+    given seed must keep giving the same tables, so new draws go at the end."""
     rng = np.random.default_rng(config.seed)
-    users = _draw_users(rng, max(500, config.rows // 40))
-    offers = _draw_offers(rng, 60)
-    imp = _draw_impressions(rng, config, users, offers)
-
-    # The first half of the taste vectors drives clicks, the second half conversions.
-    affinity = np.einsum("ij,ij->i", users.vec[imp.user, :4], offers.vec[imp.product, :4]) / 2.0
-    affinity_convert = np.einsum("ij,ij->i", users.vec[imp.user, 4:], offers.vec[imp.product, 4:]) / 2.0
-    if config.funnel == "sparse2":
-        return _sparse_two_step(config, rng, imp, users, offers, (affinity, affinity_convert))
-    p_click = _sigmoid(_click_logit(imp, offers, affinity))
-    p_auth_given_click = _sigmoid(_authorize_logit(imp, users, affinity))
-    p_conv_given_auth = _sigmoid(_convert_logit(imp, affinity_convert))
+    latent = draw_latent(config, rng)
+    imp = latent.impressions
+    conditional = [_sigmoid(z) for z in step_logits(
+        config, latent, *affinities(latent.users.vec[imp.user], latent.offers.vec[imp.product]))]
     # Strict sequential dependence: a step can only happen when the step before it did.
     n = config.rows
-    click = rng.random(n) < p_click
-    authorize = click & (rng.random(n) < p_auth_given_click)
-    convert = authorize & (rng.random(n) < p_conv_given_auth)
-
+    outcomes, entire_space = [], []
+    for p in conditional:
+        happened = rng.random(n) < p
+        outcomes.append(happened if not outcomes else outcomes[-1] & happened)
+        entire_space.append(p if not entire_space else entire_space[-1] * p)
     impression_id = _prefixed("imp", np.arange(n), 10)
-    table = _dataset_table(config, imp, users, impression_id, (click, authorize, convert))
-    oracle = pa.table({
-        "impression_id": impression_id,
-        "p_click": pa.array(p_click),
-        "p_authorize": pa.array(p_click * p_auth_given_click),
-        "p_convert": pa.array(p_click * p_auth_given_click * p_conv_given_auth),
-    })
-    return table, oracle
-
-
-def _sparse_two_step(config: SynthConfig, rng: np.random.Generator, imp: _Impressions, users: _Users,
-                     offers: _Offers, affinities: tuple[np.ndarray, np.ndarray]) -> tuple[pa.Table, pa.Table]:
-    """The ``sparse2`` funnel: click, then convert | click from the authorize and convert drivers together."""
-    affinity, affinity_convert = affinities
-    p_click = _sigmoid(_click_logit(imp, offers, affinity) + SPARSE_CLICK_SHIFT)
-    p_convert_given_click = _sigmoid(_authorize_logit(imp, users, affinity) + _convert_logit(imp, affinity_convert)
-                                     + SPARSE_CONVERT_SHIFT)
-    n = config.rows
-    click = rng.random(n) < p_click
-    convert = click & (rng.random(n) < p_convert_given_click)
-    impression_id = _prefixed("imp", np.arange(n), 10)
-    table = _dataset_table(config, imp, users, impression_id, (click, convert, convert)).drop(["authorize"])
-    oracle = pa.table({"impression_id": impression_id, "p_click": pa.array(p_click),
-                       "p_convert": pa.array(p_click * p_convert_given_click)})
-    return table, oracle
+    oracle = pa.table({"impression_id": impression_id,
+                       **{f"p_{name}": pa.array(p) for name, p in zip(config.labels, entire_space)}})
+    if config.funnel == "sparse2":
+        click, convert = outcomes
+        table = _dataset_table(config, imp, latent.users, impression_id, (click, convert, convert))
+        return table.drop(["authorize"]), oracle
+    return _dataset_table(config, imp, latent.users, impression_id, tuple(outcomes)), oracle
 
 
 def write_synthetic_dataset(config: SynthConfig, out: str, overwrite: bool = False) -> dict:
@@ -302,7 +329,23 @@ def write_synthetic_dataset(config: SynthConfig, out: str, overwrite: bool = Fal
     oracle_dir = os.path.join(out, ORACLE_DIR)
     os.makedirs(oracle_dir, exist_ok=True)
     pq.write_table(oracle, os.path.join(oracle_dir, ORACLE_FILE))
+    with open(os.path.join(oracle_dir, GENERATOR_FILE), "w") as fh:
+        fh.write(generator_record(config))
     return summarize(table, oracle, config)
+
+
+GENERATOR_NAME = "apem.research.synth"
+
+
+def generator_record(config: SynthConfig) -> str:
+    """``oracle/generator.json``: which generator made the truth and with what config (seed included)."""
+    return json.dumps({"generator": GENERATOR_NAME, "config": config.to_record()}, indent=2)
+
+
+def config_from_generator_record(record: dict) -> SynthConfig:
+    if not isinstance(record, dict) or record.get("generator") != GENERATOR_NAME:
+        raise ValueError(f"generator record is not from {GENERATOR_NAME}: {str(record)[:80]}")
+    return SynthConfig.from_record(record["config"])
 
 
 def summarize(table: pa.Table, oracle: pa.Table, config: SynthConfig) -> dict:

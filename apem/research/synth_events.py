@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 from apem.data import storage
 from apem.data.features import CATEGORICAL, LABELS, NUMERICAL
-from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.oracle import GENERATOR_FILE, ORACLE_DIR, ORACLE_FILE
 from apem.data.ownership import EVENTS_DIR, claim_output
-from apem.research.synth import SynthConfig, generate
+from apem.research.synth import SynthConfig, generate, generator_record
 
 FILE_FORMATS = ("jsonl", "csv", "parquet")
 IMPRESSION = "impression"
@@ -210,6 +210,7 @@ def write_synthetic_events(config: SynthConfig, out: str, file_format: str = "js
         storage.write_bytes(uri, _encode_partition(part, file_format, garbage))
         partitions.append(partition_name(day))
     storage.write_bytes(storage.join(out, ORACLE_DIR, ORACLE_FILE), _parquet_bytes(oracle))
+    storage.write_bytes(storage.join(out, ORACLE_DIR, GENERATOR_FILE), generator_record(config).encode())
     counts["unparsable_line"] = n_garbage
     summary = {
         "impressions": oracle.num_rows,

@@ -73,7 +73,7 @@ def _suggest(trial, space: dict[str, tuple]) -> dict[str, Any]:
             else trial.suggest_categorical(name, list(spec[1])) for name, spec in space.items()}
 
 
-class _EncodedSplits:
+class EncodedSplits:
     """Train and validation encoded once per numerical encoding (the encoder is fitted on train)."""
 
     def __init__(self, train_dir: str, val_dir: str, max_rows: int | None) -> None:
@@ -91,15 +91,22 @@ class _EncodedSplits:
         return self._cache[encoding]
 
 
-def _objective(name: str, splits: _EncodedSplits, config: TuneConfig, log_trial: Callable):
+def fit_on_validation(name: str, splits: EncodedSplits, params: dict[str, Any], train_config: TrainConfig):
+    """Build ``name`` with the model knobs among ``params`` (the training keys are left out), train it
+    on the training split with early stopping on validation, seeded with ``train_config.seed``;
+    return (model, TrainResult). The data is encoded with ``params["numerical_encoding"]``."""
+    fields, train, val = splits.get(params["numerical_encoding"])
+    set_seed(train_config.seed)
+    model = build_model(name, fields, train.y.shape[1],
+                        {k: v for k, v in params.items() if k not in TRAINING_KEYS} or None)
+    return model, fit(model, train, val, train_config)
+
+
+def _objective(name: str, splits: EncodedSplits, config: TuneConfig, log_trial: Callable):
     def run_trial(trial) -> float:
         params = _suggest(trial, search_space(name, config.encodings))
-        fields, train, val = splits.get(params["numerical_encoding"])
-        set_seed(config.seed)
-        model = build_model(name, fields, train.y.shape[1],
-                            {k: v for k, v in params.items() if k not in TRAINING_KEYS} or None)
         started = time.perf_counter()
-        result = fit(model, train, val, TrainConfig(
+        _, result = fit_on_validation(name, splits, params, TrainConfig(
             epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=params["lr"],
             seed=config.seed, device=config.device, num_threads=config.num_threads, progress=False,
             embedding_l2=params["embedding_l2"]))
@@ -109,7 +116,7 @@ def _objective(name: str, splits: _EncodedSplits, config: TuneConfig, log_trial:
     return run_trial
 
 
-def tune_model(name: str, splits: _EncodedSplits, config: TuneConfig, log: Callable[[str], None]) -> dict:
+def tune_model(name: str, splits: EncodedSplits, config: TuneConfig, log: Callable[[str], None]) -> dict:
     """``config.trials`` trials for one model; its best parameters and every trial."""
     import optuna
 
@@ -162,7 +169,7 @@ def run_tuning(train_dir: str, val_dir: str, out_path: str, config: TuneConfig,
     for encoding in config.encodings:
         parse_numerical_encoding(encoding)
     check_replaceable(out_path)
-    splits = _EncodedSplits(train_dir, val_dir, config.max_rows)
+    splits = EncodedSplits(train_dir, val_dir, config.max_rows)
     started = time.perf_counter()
     models = {name: tune_model(name, splits, config, log) for name in config.models}
     result = {"format": TUNE_FORMAT, "config": asdict(config),

@@ -10,7 +10,7 @@ from apem.data import storage
 from apem.cli.main import main as apem_main
 from apem.dataplane.ingest import QUARANTINE_FILE, QUARANTINE_REASONS, IngestError, ingest, quarantine_path
 from apem.data.spec import read_dataset
-from apem.data.oracle import read_oracle
+from apem.data.oracle import read_generator, read_oracle
 from apem.research.synth import SynthConfig, generate
 from apem.research.synth_events import write_synthetic_events
 from raw_events import event, write_day
@@ -126,6 +126,8 @@ def test_synthetic_events_roundtrip_to_the_generated_dataset(synthetic, tmp_path
     np.testing.assert_allclose(got["income"], truth["income"], rtol=1e-12)
     oracle = read_oracle(out)  # the truth travels with the dataset, row for row
     assert sorted(oracle.column("impression_id").to_pylist()) == sorted(got.index)
+    assert read_generator(out) == read_generator(str(root / "jsonl"))  # and so does how it was made
+    assert read_generator(out)["config"]["seed"] == config.seed
 
 
 def test_csv_and_parquet_ingest_like_jsonl(synthetic, tmp_path):

@@ -15,7 +15,7 @@ from apem.data.spec import read_dataset, write_dataset
 from apem.data.split_record import SPLITS
 from apem.dataplane.split import SplitError, keep_negatives, plan_boundaries, split_dataset, stable_hash
 from apem.data.features import default_spec
-from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
+from apem.data.oracle import ORACLE_DIR, ORACLE_FILE, read_generator
 from apem.research.synth import SynthConfig, generate, write_synthetic_dataset
 
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
@@ -106,10 +106,13 @@ def test_stable_hash_matches_reference_fnv1a_splitmix():
 
 
 def test_oracle_follows_each_split(runs):
-    root, _, _, _ = runs
+    root, data, _, _ = runs
     for s in SPLITS:
         oracle = pq.read_table(str(root / "sampled" / s / ORACLE_DIR / ORACLE_FILE))
         assert set(oracle.column("impression_id").to_pylist()) == _ids(root / "sampled" / s)
+        # so does the generator's record, which the attainable reference regenerates the draws from
+        assert read_generator(str(root / "sampled" / s)) == read_generator(data)
+    assert read_generator(data)["config"]["seed"] == 3
 
 
 def test_recalibrated_rates_match_entire_space(runs):

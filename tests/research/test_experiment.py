@@ -16,8 +16,8 @@ from apem.models.registry import list_models
 from apem.research.experiment import paired_t_test, resolve_model_names
 from apem.data.spec import write_dataset
 from apem.data.features import default_spec
-from apem.data.oracle import ORACLE_DIR, ORACLE_FILE
-from apem.research.synth import SynthConfig, generate
+from apem.data.oracle import GENERATOR_FILE, ORACLE_DIR, ORACLE_FILE
+from apem.research.synth import SynthConfig, generate, generator_record
 
 
 def test_paired_t_test_matches_a_hand_computation_and_scipy() -> None:
@@ -59,6 +59,8 @@ def split_dirs(tmp_path_factory) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     pq.write_table(oracle, os.path.join(dirs["test"], ORACLE_DIR, ORACLE_FILE))
+    with open(os.path.join(dirs["test"], ORACLE_DIR, GENERATOR_FILE), "w") as fh:
+        fh.write(generator_record(SynthConfig(rows=4000, days=10, seed=3)))
     return dirs
 
 
@@ -98,6 +100,12 @@ def test_experiment_grid_writes_report_and_survives_a_failing_model(split_dirs, 
     oracle = report["oracle_auc"]
     assert oracle["matched_rows"] == oracle["test_rows"] == report["config"]["rows"]["test"]
     assert all(0.5 < oracle["tasks"][label] <= 1.0 for label in labels)
+    attainable = report["attainable_auc"]  # estimated from the same training rows the models saw
+    assert attainable["train_rows"] == report["config"]["rows"]["train"] and attainable["negative_rate"] == 1.0
+    assert all(0.5 < attainable["tasks"][label] < oracle["tasks"][label] for label in labels)
+    for label in labels:
+        assert esmm["reachable_gap_closed"][label] == pytest.approx(
+            (esmm["auc_mean"][label] - 0.5) / (attainable["tasks"][label] - 0.5))
     selection = report["selection_rate"]
     assert 0.0 <= selection["mean"] <= 1.0 and sum(selection["histogram"]["counts"]) == oracle["test_rows"]
     assert selection["median"] == selection["quantiles"]["0.5"] and selection["samples"] == oracle["test_rows"]
@@ -115,6 +123,8 @@ def test_experiment_grid_writes_report_and_survives_a_failing_model(split_dirs, 
     markdown = (out / "report.md").read_text()
     assert "| esmm |" in markdown and "oracle" in markdown and "mmoe seed 0:" in markdown
     assert "Fig 7a" in markdown and "median" in markdown and "Fig 7b" in markdown
+    assert "| attainable (generator known, user vectors estimated) |" in markdown
+    assert "## Against the references" in markdown and "click of attainable" in markdown
 
 
 def test_tune_gives_every_model_the_same_budget_and_experiment_reads_it(split_dirs, tmp_path, capsys) -> None:
