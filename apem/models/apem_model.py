@@ -15,7 +15,7 @@ Readings chosen where the paper is ambiguous (all stated again where the code li
 - eq. 11: z_K = MLP(flatten(H)), one selector MLP producing K values for each of the L layers.
 - eq. 13: ``gamma_schedule="planned"``: gamma falls linearly from gamma_start to gamma_min, reached at
   ``gamma_floor_fraction`` (default 1/2, as the paper) of the planned steps
-  (:func:`apem.nn.selection.gamma_planned`); ``"fixed_rate"`` (still the default, see APEMConfig)
+  (:func:`apem.nn.selection.gamma_planned`, the default); ``"fixed_rate"``
   keeps max(gamma_start - gamma_decay * step, gamma_min) (:func:`apem.nn.selection.gamma_at`). :meth:`APEM.schedule_settled` tells the trainer when gamma
   is at its floor, so early stopping only restores a model trained with a sharp (binary) f_D.
 - eq. 14 with z_k = 0, a de-selected inducing point (``deselected_point``):
@@ -70,9 +70,10 @@ class APEMConfig(EmbeddingConfig):
     gamma_start: float = 10.0
     gamma_decay: float = 1e-2
     gamma_min: float = 1e-3
-    # "planned" (floor at gamma_floor_fraction of the planned steps) is the paper's reading but not yet the
-    # default: it cost AUC in two suite checks on tiny data (0.599 vs > 0.6); choose on validation evidence
-    gamma_schedule: str = "fixed_rate"
+    # "planned": floor at gamma_floor_fraction of the planned steps (the paper's reading). "fixed_rate"
+    # (1e-2 per step) needs 1000 steps to anneal, more than most runs here have, so its f_D never selects;
+    # validation evidence for the choice: docs/results/issue10-grid/
+    gamma_schedule: str = "planned"
     gamma_floor_fraction: float = 0.5  # share of the planned steps at which gamma reaches gamma_min
     deselected_point: str = "uniform_attention"  # or "contributes_nothing", see the module docstring
     layer_input: str = "fields"
