@@ -35,7 +35,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -49,7 +51,8 @@ from apem.data import storage
 from apem.data.features import default_spec
 from apem.data.oracle import GENERATOR_PATH, ORACLE_DIR, ORACLE_FILE
 from apem.data.ownership import DATASET_DIR, QUARANTINE_DIR, claim_output
-from apem.data.spec import DatasetSpec
+from apem.data.spec import DatasetSpec, validate_schema
+from apem.dataplane.split import stable_hash
 
 QUARANTINE_REASONS = (
     "unparsable_line", "missing_field", "bad_value", "duplicate_event", "unknown_impression",
@@ -361,25 +364,6 @@ def check_window(raw_uri: str, window: list[dt.date], missing_days: list[str], e
         raise IngestError(f"{raw_uri}: no events in window {window[0]}..{window[-1]}")
 
 
-def _read_window(raw_uri: str, window: list[dt.date], lookahead: list[dt.date], file_format: str | None,
-                 allow_missing_days: bool, quarantine: Quarantine,
-                 ignored: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Rule 1 and the partitions: read the window's and the look-ahead's partitions into one frame.
-    Returns it with the window's missing and empty days, which are an error unless allowed (a day
-    without impressions means its logging is broken or absent, not that nobody came)."""
-    frames, missing_days, empty_days = [], [], []
-    for day in window + lookahead:
-        frame = _read_partition(raw_uri, day, file_format, quarantine, ignored)
-        if day in window and frame is None:
-            missing_days.append(day.isoformat())
-        elif day in window and impression_count(frame) == 0:
-            empty_days.append(day.isoformat())  # no impressions: the day's logging is broken or absent
-        if frame is not None and len(frame):
-            frames.append(frame)
-    check_window(raw_uri, window, missing_days, empty_days, allow_missing_days, events_read=sum(map(len, frames)))
-    return pd.concat(frames, ignore_index=True, sort=False), missing_days, empty_days
-
-
 def _with_event_columns(events: pd.DataFrame, key: str, spec: DatasetSpec) -> pd.DataFrame:
     """Every expected column present (absent ones as nulls, so the checks below can flag them) and
     the impression key under its canonical name, whatever the spec calls it."""
@@ -421,21 +405,75 @@ def _by_arrival(events: pd.DataFrame) -> pd.DataFrame:
     return events if (np.diff(order) > 0).all() else events.iloc[order]  # sorted already: no copy
 
 
-def drop_duplicate_ids(events: pd.DataFrame, quarantine: Quarantine) -> pd.DataFrame:
+def drop_duplicate_ids(events: pd.DataFrame, quarantine: Quarantine, seen: SeenKeys | None = None) -> pd.DataFrame:
     """Rule 3, first half: a redelivered event_id; the first to arrive wins. Needs every event of an
-    event_id in ``events``."""
+    event_id in ``events``, or, when the events come part by part in order of arrival, the ids of the
+    earlier parts in ``seen`` (this part's first arrivals are added to it)."""
     events = _by_arrival(events)
-    dup_id = events.duplicated("event_id", keep="first").to_numpy()
+    dup_id = _repeated(events["event_id"], seen)
     quarantine.add("duplicate_event", events[dup_id], "event_id seen before")
     return events[~dup_id]
 
 
-def _drop_duplicate_steps(events: pd.DataFrame, quarantine: Quarantine) -> pd.DataFrame:
-    """Rule 3, second half: a second event of one step for one impression; the first to arrive wins."""
+def _drop_duplicate_steps(events: pd.DataFrame, quarantine: Quarantine, seen: SeenKeys | None = None) -> pd.DataFrame:
+    """Rule 3, second half: a second event of one step for one impression; the first to arrive wins.
+    ``seen``: as for :func:`drop_duplicate_ids`, for impression events coming part by part (their
+    step is the impression itself, so the key is the impression id)."""
     events = _by_arrival(events)
-    dup_step = events.duplicated(["impression_id", "event_type"], keep="first").to_numpy()
+    if seen is None:
+        dup_step = events.duplicated(["impression_id", "event_type"], keep="first").to_numpy()
+    else:
+        assert (events["event_type"] == IMPRESSION).all(), "seen keys are impression ids: impression events only"
+        dup_step = _repeated(events["impression_id"], seen)
     quarantine.add("duplicate_event", events[dup_step], "second event of this step for the impression")
     return events[~dup_step]
+
+
+def _repeated(keys: pd.Series, seen: SeenKeys | None) -> np.ndarray:
+    """Rows whose key came before: earlier in ``keys`` (in order) or in an earlier part (``seen``)."""
+    repeated = keys.duplicated(keep="first").to_numpy()
+    if seen is not None and len(keys):
+        first = keys[~repeated]
+        earlier = seen.seen_before(first)
+        repeated[np.flatnonzero(~repeated)[earlier]] = True
+        seen.add(first[~earlier])
+    return repeated
+
+
+class SeenKeys:
+    """The keys (event ids, impression ids) of the parts read so far, as 128-bit hashes (a 64-bit
+    hash of the text and one of the reversed text): 16 bytes a key instead of a Python string, so
+    deduplicating across a whole window costs little memory when it is read day by day. Two
+    different keys are taken for one only if both hashes collide (about n^2 / 2^129: never in practice)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # per part: first hashes sorted, second aligned
+
+    def seen_before(self, keys: pd.Series) -> np.ndarray:
+        h1, h2 = _hash128(keys)
+        seen = np.zeros(len(h1), bool)
+        for s1, s2 in self.parts:
+            lo, hi = np.searchsorted(s1, h1, "left"), np.searchsorted(s1, h1, "right")
+            one = np.flatnonzero(hi - lo == 1)
+            seen[one] |= s2[lo[one]] == h2[one]
+            for k in np.flatnonzero(hi - lo > 1):  # the first hash alone collides: compare the second
+                seen[k] |= bool((s2[lo[k]:hi[k]] == h2[k]).any())
+        return seen
+
+    def add(self, keys: pd.Series) -> None:
+        """Remember ``keys`` (distinct, none seen before)."""
+        if len(keys):
+            h1, h2 = _hash128(keys)
+            order = np.argsort(h1, kind="stable")
+            self.parts.append((h1[order], h2[order]))
+
+    def __len__(self) -> int:
+        return sum(len(s1) for s1, _ in self.parts)
+
+
+def _hash128(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    text = pa.array(keys.to_numpy(dtype=object), pa.string())
+    return stable_hash(text), stable_hash(pc.utf8_reverse(text))
 
 
 def _drop_bad_features(imps: pd.DataFrame, spec: DatasetSpec, quarantine: Quarantine) -> tuple[pd.DataFrame, set]:
@@ -456,26 +494,28 @@ def _drop_bad_features(imps: pd.DataFrame, spec: DatasetSpec, quarantine: Quaran
     return imps[~bad_rows], set(imps["impression_id"][bad_rows])
 
 
-def _attributed_follow_ups(follow: pd.DataFrame, imps: pd.DataFrame, rejected_ids: set, start: dt.date,
-                           end: dt.date, attribution_window_days: int,
-                           quarantine: Quarantine) -> tuple[pd.DataFrame, int]:
-    """Rules 4 and 5 for follow-ups: keep those of a kept impression, within the attribution window.
-    An unknown impression in the look-ahead is the next window's business: only counted. Returns the
-    kept follow-ups and that count."""
-    imp_time = pd.Series(imps["t"].to_numpy(), index=imps["impression_id"].to_numpy())
-    known = follow["impression_id"].isin(imp_time.index).to_numpy()
+def unattributed_follow_ups(follow: pd.DataFrame, rejected_ids: set, start: dt.date, end: dt.date,
+                            quarantine: Quarantine) -> int:
+    """Rule 4 for follow-ups whose impression is not a kept one of the window: quarantined (their
+    impression was quarantined, or there is none in the window), except those of the look-ahead
+    without one, which are the next window's business: only counted. Returns that count."""
     rejected = follow["impression_id"].isin(rejected_ids).to_numpy()
     follow_in_window = follow["partition"].between(start, end).to_numpy()
-    quarantine.add("unknown_impression", follow[~known & rejected], "its impression was quarantined")
-    unknown = ~known & ~rejected & follow_in_window
+    quarantine.add("unknown_impression", follow[rejected], "its impression was quarantined")
+    unknown = ~rejected & follow_in_window
     quarantine.add("unknown_impression", follow[unknown], "no impression event with this id in the window")
-    out_of_window = int((~known & ~rejected & ~follow_in_window).sum())
-    follow = follow[known]
+    return int((~rejected & ~follow_in_window).sum())
+
+
+def _timely_follow_ups(follow: pd.DataFrame, imps: pd.DataFrame, attribution_window_days: int,
+                       quarantine: Quarantine) -> pd.DataFrame:
+    """Rule 5 for follow-ups of the kept impressions ``imps``: keep those within the attribution window."""
+    imp_time = pd.Series(imps["t"].to_numpy(), index=imps["impression_id"].to_numpy())
     lag = follow["t"].to_numpy() - imp_time.reindex(follow["impression_id"]).to_numpy()
     late = lag > np.timedelta64(attribution_window_days, "D")
     quarantine.add("late_beyond_window", follow[late],
                    f"more than {attribution_window_days} day(s) after the impression")
-    return follow[~late], out_of_window
+    return follow[~late]
 
 
 def _funnel_order(imps: pd.DataFrame, follow: pd.DataFrame, steps: list[str],
@@ -514,23 +554,41 @@ class Resolved:
     out_of_window: int
 
 
-def resolve_impressions(events: pd.DataFrame, spec: DatasetSpec, start: dt.date, end: dt.date,
-                        attribution_window_days: int, quarantine: Quarantine) -> Resolved:
-    """Rules 3 (steps) to 6 on events deduplicated by id. Needs every event of an impression id in
-    ``events``: the single-process ingest passes all of them, the Beam ingest one shard of ids."""
-    events = _drop_duplicate_steps(events, quarantine)
-    # Impressions come from the window only; those of the look-ahead belong to the next window.
-    is_imp = (events["event_type"] == IMPRESSION).to_numpy()
-    in_window = events["partition"].between(start, end).to_numpy()
-    imps = events[is_imp & in_window]
+def screen_impressions(imps: pd.DataFrame, spec: DatasetSpec,
+                       quarantine: Quarantine) -> tuple[dict, pd.DataFrame, set]:
+    """The window's impressions (steps deduplicated) through rule 2's feature part: their typing
+    flags (taken before the checks), the kept impressions and the ids of the quarantined ones."""
     kinds = feature_kinds(imps, spec)
     imps, rejected_ids = _drop_bad_features(imps, spec, quarantine)
-    follow, unknown_ahead = _attributed_follow_ups(events[~is_imp], imps, rejected_ids, start, end,
-                                                   attribution_window_days, quarantine)
+    return kinds, imps, rejected_ids
+
+
+def impression_rows(imps: pd.DataFrame, follow: pd.DataFrame, spec: DatasetSpec, attribution_window_days: int,
+                    quarantine: Quarantine) -> pd.DataFrame:
+    """Rules 5 and 6 for kept impressions and their follow-ups (steps deduplicated): the rows (key,
+    time, features as text, 0/1 labels). Each impression's row depends on its own events alone."""
+    follow = _timely_follow_ups(follow, imps, attribution_window_days, quarantine)
     present, keep = _funnel_order(imps, follow, list(spec.labels), quarantine)
     rows = imps.loc[keep, ["impression_id", "t", *spec.features]]
     for k, step in enumerate(spec.labels):
         rows[step] = present[keep, k].astype(np.int8)
+    return rows
+
+
+def resolve_impressions(events: pd.DataFrame, spec: DatasetSpec, start: dt.date, end: dt.date,
+                        attribution_window_days: int, quarantine: Quarantine) -> Resolved:
+    """Rules 3 (steps) to 6 on events deduplicated by id. Needs every event of an impression id in
+    ``events``: the Beam ingest passes one shard of ids (the single-process ingest applies the same
+    rules day by day, :func:`ingest`)."""
+    events = _drop_duplicate_steps(events, quarantine)
+    # Impressions come from the window only; those of the look-ahead belong to the next window.
+    is_imp = (events["event_type"] == IMPRESSION).to_numpy()
+    in_window = events["partition"].between(start, end).to_numpy()
+    kinds, imps, rejected_ids = screen_impressions(events[is_imp & in_window], spec, quarantine)
+    follow = events[~is_imp]
+    known = follow["impression_id"].isin(imps["impression_id"]).to_numpy()
+    unknown_ahead = unattributed_follow_ups(follow[~known], rejected_ids, start, end, quarantine)
+    rows = impression_rows(imps, follow[known], spec, attribution_window_days, quarantine)
     return Resolved(rows, kinds, int((is_imp & ~in_window).sum()) + unknown_ahead)
 
 
@@ -592,39 +650,159 @@ def check_usable(summary: dict, raw_uri: str, window: list[dt.date]) -> None:
                           f"quarantine counts {summary['quarantine']} (see {summary['quarantine_path']})")
 
 
+ROWS_PER_FILE = 1_000_000  # rows per part file of the dataset, as apem.data.spec.write_dataset lays them out
+STAGED_DIR = "_impressions"  # inside the dataset's staging: the window's screened impressions, by event date
+
+
+@dataclass
+class _WindowPass:
+    """What the day-by-day pass carries from one day to the next. Small next to a day's events:
+    hashed ids, the follow-up events (a few percent of all), the quarantined impressions' ids, and
+    where the screened impressions were staged on disk, by the date of their event time."""
+
+    window: list[dt.date]
+    scratch: str
+    event_ids: SeenKeys = field(default_factory=SeenKeys)
+    impression_ids: SeenKeys = field(default_factory=SeenKeys)
+    follow: list = field(default_factory=list)
+    rejected_ids: set = field(default_factory=set)
+    kinds: dict = field(default_factory=dict)  # the typing flags, merged over the days
+    staged: dict = field(default_factory=dict)  # event date -> staged files, in order of arrival
+    missing_days: list = field(default_factory=list)
+    empty_days: list = field(default_factory=list)
+    events_read: int = 0
+    out_of_window: int = 0
+
+
+def _screen_day(state: _WindowPass, day: dt.date, frame: pd.DataFrame, key: str, spec: DatasetSpec,
+                quarantine: Quarantine) -> None:
+    """Rules 2, 3 and 2's feature part for one day's events, deduplicated against the earlier days
+    (hashed ids). Follow-ups are kept for later; the window's screened impressions go to disk."""
+    events = drop_duplicate_ids(prepare_events(frame, key, spec, quarantine), quarantine, state.event_ids)
+    is_imp = (events["event_type"] == IMPRESSION).to_numpy()
+    state.follow.append(events[~is_imp])
+    imps = _drop_duplicate_steps(events[is_imp], quarantine, state.impression_ids)
+    if day not in state.window:  # the look-ahead's impressions belong to the next window
+        state.out_of_window += len(imps)
+        return
+    kinds, imps, rejected_ids = screen_impressions(imps, spec, quarantine)
+    state.kinds = merge_feature_kinds(state.kinds, kinds) if state.kinds else kinds
+    state.rejected_ids |= rejected_ids
+    dates = imps["t"].to_numpy().astype("datetime64[D]")
+    for date in np.unique(dates):
+        path = os.path.join(state.scratch, f"{date}_{day.isoformat()}.parquet")
+        pq.write_table(pa.Table.from_pandas(imps[dates == date], preserve_index=False), path)
+        state.staged.setdefault(str(date), []).append(path)
+
+
+def _read_days(raw_uri: str, days: list[dt.date], file_format: str | None, key: str, spec: DatasetSpec,
+               quarantine: Quarantine, ignored: list[str], state: _WindowPass) -> None:
+    """Rule 1 and the partitions, one day at a time in order of arrival, each day screened as read.
+    Notes the window's missing and empty days (a day without impressions means its logging is
+    broken or absent, not that nobody came)."""
+    for day in days:
+        frame = _read_partition(raw_uri, day, file_format, quarantine, ignored)
+        if day in state.window and frame is None:
+            state.missing_days.append(day.isoformat())
+        elif day in state.window and impression_count(frame) == 0:
+            state.empty_days.append(day.isoformat())
+        if frame is not None and len(frame):
+            state.events_read += len(frame)
+            _screen_day(state, day, frame, key, spec, quarantine)
+
+
+class _PartWriter:
+    """The dataset's part files laid out as :func:`apem.data.spec.write_dataset` does (``ROWS_PER_FILE``
+    rows each, in order), written as the rows come, so the window's rows are never held at once."""
+
+    def __init__(self, directory: str, spec: DatasetSpec) -> None:
+        self.directory, self.spec, self.pending, self.parts, self.rows = directory, spec, [], 0, 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        while sum(t.num_rows for t in self.pending) >= ROWS_PER_FILE:
+            self._flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows = pa.concat_tables(self.pending)
+        chunk = rows.slice(0, ROWS_PER_FILE)
+        validate_schema(self.spec, chunk.schema, "table to write")
+        pq.write_table(chunk, os.path.join(self.directory, f"part-{self.parts:05d}.parquet"))
+        self.parts += 1
+        self.pending = [rows.slice(ROWS_PER_FILE)] if rows.num_rows > ROWS_PER_FILE else []
+
+
+def _write_rows(state: _WindowPass, key: str, spec: DatasetSpec, attribution_window_days: int,
+                quarantine: Quarantine, writer: _PartWriter) -> tuple[pd.DataFrame, dict, list]:
+    """Rules 3 (follow-up steps), 5 and 6, one event date of impressions at a time, dates in order,
+    so the parts come out sorted by time then key as one sort of the window would give. Returns
+    the follow-ups no kept impression claimed, the label sums and the dataset's key columns."""
+    follow = _drop_duplicate_steps(pd.concat(state.follow, ignore_index=True, sort=False), quarantine)
+    state.follow = []
+    claimed = np.zeros(len(follow), bool)
+    label_sums, ids = dict.fromkeys(spec.labels, 0), []
+    for date in sorted(state.staged):
+        imps = pd.concat([pq.read_table(p).to_pandas() for p in state.staged[date]], ignore_index=True, sort=False)
+        theirs = follow["impression_id"].isin(imps["impression_id"]).to_numpy()
+        claimed |= theirs
+        rows = impression_rows(imps, follow[theirs], spec, attribution_window_days, quarantine)
+        table = typed_table(rows, state.kinds, key, spec)
+        writer.write(table)
+        ids.append(table.column(key))
+        for step in spec.labels:
+            label_sums[step] += int(rows[step].sum())
+    writer.close()
+    return follow[~claimed], label_sums, ids
+
+
 def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSpec | None = None,
            attribution_window_days: int = 3, allow_missing_days: bool = False,
            file_format: str | None = None, overwrite: bool = False) -> dict:
     """Ingest the partitions ``[start, end]`` of ``raw_uri`` into a dataset at ``out`` (local or gs://);
     the quarantine goes to :func:`quarantine_path` (``out + "_quarantine"``). Returns the summary.
     The stages follow the rules of the module docstring; only an earlier dataset and quarantine
-    (or anything, with ``overwrite``) are replaced, never the raw input. One process holds the
-    whole window; :mod:`apem.dataplane.ingest_beam` applies the same rules on Apache Beam."""
+    (or anything, with ``overwrite``) are replaced, never the raw input. One process reads the
+    window a day at a time, so its memory follows a day's events, not the window's: ids are
+    deduplicated across days by hash, the screened impressions wait on disk for the follow-ups of
+    every day, and the dataset is written one event date at a time.
+    :mod:`apem.dataplane.ingest_beam` applies the same rules on Apache Beam."""
     claim_outputs(raw_uri, out, overwrite)
     spec = spec or default_spec()
     key = spec.id_column or DEFAULT_KEY
     window, lookahead = window_days(start, end, attribution_window_days, file_format)
-    quarantine = Quarantine()
-    ignored: list[str] = []
-    events, missing_days, empty_days = _read_window(raw_uri, window, lookahead, file_format,
-                                                    allow_missing_days, quarantine, ignored)
-    events_read = len(events)
-    events = drop_duplicate_ids(prepare_events(events, key, spec, quarantine), quarantine)
-    resolved = resolve_impressions(events, spec, window[0], window[-1], attribution_window_days, quarantine)
-    table = typed_table(resolved.rows, resolved.kinds, key, spec)
-    counts = {"rows": table.num_rows, "quarantine": quarantine.counts(), "missing_days": missing_days,
-              "empty_days": empty_days, "events_read": events_read, "out_of_window": resolved.out_of_window,
-              "ignored_files": ignored,
-              "label_sums": {s: int(resolved.rows[s].sum()) for s in spec.labels}}
-    summary = ingest_summary(counts, window, lookahead, out, attribution_window_days)
+    quarantine, ignored = Quarantine(), []
+    with storage.local_output(out) as staging:
+        state = _WindowPass(window, os.path.join(staging, STAGED_DIR))
+        os.makedirs(state.scratch)
+        _read_days(raw_uri, window + lookahead, file_format, key, spec, quarantine, ignored, state)
+        check_window(raw_uri, window, state.missing_days, state.empty_days, allow_missing_days, state.events_read)
+        writer = _PartWriter(staging, spec)
+        unclaimed, label_sums, ids = _write_rows(state, key, spec, attribution_window_days, quarantine, writer)
+        shutil.rmtree(state.scratch)
+        unknown_ahead = unattributed_follow_ups(unclaimed, state.rejected_ids, window[0], window[-1], quarantine)
+        counts = {"rows": writer.rows, "quarantine": quarantine.counts(), "missing_days": state.missing_days,
+                  "empty_days": state.empty_days, "events_read": state.events_read,
+                  "out_of_window": state.out_of_window + unknown_ahead, "ignored_files": ignored,
+                  "label_sums": label_sums}
+        summary = ingest_summary(counts, window, lookahead, out, attribution_window_days)
+        _write_quarantine(quarantine, summary)
+        check_usable(summary, raw_uri, window)
+        spec.write(staging)
+        open(os.path.join(staging, storage.SUCCESS_MARKER), "wb").close()  # a dataset apem wrote (replaceable)
+    carry_oracle(raw_uri, out, ids)
+    return summary
+
+
+def _write_quarantine(quarantine: Quarantine, summary: dict) -> None:
     sink = io.BytesIO()
     pq.write_table(quarantine.table(), sink)
     storage.write_bytes(storage.join(summary["quarantine_path"], QUARANTINE_FILE), sink.getvalue())
     storage.write_bytes(storage.join(summary["quarantine_path"], SUMMARY_FILE), json.dumps(summary, indent=2).encode())
-    check_usable(summary, raw_uri, window)
-    storage.write_dataset_at(table, spec, out)
-    carry_oracle(raw_uri, out, [table.column(key)])
-    return summary
 
 
 def carry_oracle(raw_uri: str, out: str, ids: list) -> None:
