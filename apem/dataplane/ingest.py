@@ -44,6 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
+import pyarrow.feather as feather
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
@@ -52,7 +53,6 @@ from apem.data.features import default_spec
 from apem.data.oracle import GENERATOR_PATH, ORACLE_DIR, ORACLE_FILE
 from apem.data.ownership import DATASET_DIR, QUARANTINE_DIR, claim_output
 from apem.data.spec import DatasetSpec, validate_schema
-from apem.dataplane.split import stable_hash
 
 QUARANTINE_REASONS = (
     "unparsable_line", "missing_field", "bad_value", "duplicate_event", "unknown_impression",
@@ -441,39 +441,43 @@ def _repeated(keys: pd.Series, seen: SeenKeys | None) -> np.ndarray:
 
 
 class SeenKeys:
-    """The keys (event ids, impression ids) of the parts read so far, as 128-bit hashes (a 64-bit
-    hash of the text and one of the reversed text): 16 bytes a key instead of a Python string, so
-    deduplicating across a whole window costs little memory when it is read day by day. Two
-    different keys are taken for one only if both hashes collide (about n^2 / 2^129: never in practice)."""
+    """The keys (event ids, impression ids) of the parts read so far, as 128-bit hashes (two keyed
+    64-bit SipHashes): 16 bytes a key instead of a Python string, so deduplicating across a whole
+    window costs little memory when it is read day by day. Two different keys are taken for one
+    only if both hashes collide (about n^2 / 2^129: never in practice)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # per part: first hashes sorted, second aligned
+        self.first = np.zeros(0, np.uint64)   # sorted
+        self.second = np.zeros(0, np.uint64)  # aligned with ``first``
 
     def seen_before(self, keys: pd.Series) -> np.ndarray:
+        if not len(self.first):
+            return np.zeros(len(keys), bool)
         h1, h2 = _hash128(keys)
-        seen = np.zeros(len(h1), bool)
-        for s1, s2 in self.parts:
-            lo, hi = np.searchsorted(s1, h1, "left"), np.searchsorted(s1, h1, "right")
-            one = np.flatnonzero(hi - lo == 1)
-            seen[one] |= s2[lo[one]] == h2[one]
-            for k in np.flatnonzero(hi - lo > 1):  # the first hash alone collides: compare the second
-                seen[k] |= bool((s2[lo[k]:hi[k]] == h2[k]).any())
+        lo = np.searchsorted(self.first, h1)
+        at = np.minimum(lo, len(self.first) - 1)
+        same_first = (lo < len(self.first)) & (self.first[at] == h1)
+        seen = same_first & (self.second[at] == h2)
+        for k in np.flatnonzero(same_first & ~seen):  # the first hash alone collides: look further
+            hi = np.searchsorted(self.first, h1[k], "right")
+            seen[k] = bool((self.second[lo[k]:hi] == h2[k]).any())
         return seen
 
     def add(self, keys: pd.Series) -> None:
         """Remember ``keys`` (distinct, none seen before)."""
-        if len(keys):
-            h1, h2 = _hash128(keys)
-            order = np.argsort(h1, kind="stable")
-            self.parts.append((h1[order], h2[order]))
+        h1, h2 = _hash128(keys)
+        order = np.argsort(h1)
+        at = np.searchsorted(self.first, h1[order])
+        self.first, self.second = np.insert(self.first, at, h1[order]), np.insert(self.second, at, h2[order])
 
     def __len__(self) -> int:
-        return sum(len(s1) for s1, _ in self.parts)
+        return len(self.first)
 
 
 def _hash128(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    text = pa.array(keys.to_numpy(dtype=object), pa.string())
-    return stable_hash(text), stable_hash(pc.utf8_reverse(text))
+    values = keys.to_numpy(dtype=object)
+    return (pd.util.hash_array(values, hash_key="apem-ingest-key1", categorize=False),
+            pd.util.hash_array(values, hash_key="apem-ingest-key2", categorize=False))
 
 
 def _drop_bad_features(imps: pd.DataFrame, spec: DatasetSpec, quarantine: Quarantine) -> tuple[pd.DataFrame, set]:
@@ -690,8 +694,8 @@ def _screen_day(state: _WindowPass, day: dt.date, frame: pd.DataFrame, key: str,
     state.rejected_ids |= rejected_ids
     dates = imps["t"].to_numpy().astype("datetime64[D]")
     for date in np.unique(dates):
-        path = os.path.join(state.scratch, f"{date}_{day.isoformat()}.parquet")
-        pq.write_table(pa.Table.from_pandas(imps[dates == date], preserve_index=False), path)
+        path = os.path.join(state.scratch, f"{date}_{day.isoformat()}.arrow")
+        feather.write_feather(pa.Table.from_pandas(imps[dates == date], preserve_index=False), path, compression="lz4")
         state.staged.setdefault(str(date), []).append(path)
 
 
@@ -747,7 +751,7 @@ def _write_rows(state: _WindowPass, key: str, spec: DatasetSpec, attribution_win
     claimed = np.zeros(len(follow), bool)
     label_sums, ids = dict.fromkeys(spec.labels, 0), []
     for date in sorted(state.staged):
-        imps = pd.concat([pq.read_table(p).to_pandas() for p in state.staged[date]], ignore_index=True, sort=False)
+        imps = pd.concat([feather.read_table(p).to_pandas() for p in state.staged[date]], ignore_index=True, sort=False)
         theirs = follow["impression_id"].isin(imps["impression_id"]).to_numpy()
         claimed |= theirs
         rows = impression_rows(imps, follow[theirs], spec, attribution_window_days, quarantine)
