@@ -160,3 +160,50 @@ def test_ingest_from_gcs_equals_local(synthetic, gcs_prefix, tmp_path):
     assert remote_frame.reset_index(drop=True).astype(str).equals(_frame(str(tmp_path / "local")).astype(str))
     q_remote = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(remote["quarantine_path"], QUARANTINE_FILE))))
     assert q_remote.num_rows == sum(local["quarantine"].values())
+
+
+def test_events_across_days_are_joined_and_deduplicated_as_over_the_whole_window(tmp_path, monkeypatch):
+    """The ingest reads one day at a time: follow-ups that arrive on later days (even after the
+    attribution window's look-ahead of their impression's day), an impression that arrives after its
+    click, and ids repeated on other days must give what one pass over the whole window gives."""
+    raw, day = str(tmp_path / "raw"), [dt.date(2026, 1, d) for d in range(1, 6)]
+    _write_day(raw, day[0], [
+        _event("a", "impression", "2026-01-01T10:00:00"),
+        _event("dupe", "impression", "2026-01-01T08:00:00"),
+        _event("c", "click", "2026-01-01T09:30:00"),                                      # before its impression arrives
+    ])
+    _write_day(raw, day[1], [
+        _event("a", "click", "2026-01-02T09:00:00"),                                      # day D+1
+        _event("dupe", "impression", "2026-01-01T08:00:00"),                              # same event id, next day
+        _event("dupe", "impression", "2026-01-01T08:00:01", event_id="dupe-again"),      # second impression event
+        _event("c", "impression", "2026-01-01T09:00:00"),                                 # arrives a day late
+    ])
+    _write_day(raw, day[2], [
+        _event("a", "authorize", "2026-01-02T09:30:00"),                                  # happened D+1, arrives D+2
+        _event("b", "impression", "2026-01-03T12:00:00"),
+    ])
+    _write_day(raw, day[3], [
+        _event("a", "convert", "2026-01-02T09:45:00"),                                    # arrives D+3: beyond D+1
+        _event("b", "click", "2026-01-03T12:30:00"),
+        _event("d", "impression", "2026-01-04T07:00:00"),
+    ])
+    _write_day(raw, day[4], [                                                              # look-ahead
+        _event("b", "authorize", "2026-01-04T11:00:00"),
+        _event("b", "click", "2026-01-03T12:30:00"),                                      # redelivered click id
+        _event("next", "impression", "2026-01-05T01:00:00"),                              # the next window's
+    ])
+    monkeypatch.setattr("apem.dataplane.ingest.ROWS_PER_FILE", 3)  # several part files, filled in order
+    out = str(tmp_path / "ds")
+    summary = ingest(raw, day[0], day[3], out, attribution_window_days=1)
+    assert summary["quarantine"] == dict.fromkeys(QUARANTINE_REASONS, 0) | {"duplicate_event": 3}
+    assert summary["out_of_window"] == 1 and summary["rows"] == 5
+    table = read_dataset(out).table
+    labels = {r["impression_id"]: (r["click"], r["authorize"], r["convert"]) for r in table.to_pylist()}
+    assert labels == {"a": (1, 1, 1), "b": (1, 1, 0), "c": (1, 0, 0), "dupe": (0, 0, 0), "d": (0, 0, 0)}
+    assert table.column("impression_id").to_pylist() == ["dupe", "c", "a", "b", "d"]  # by time, across parts
+    assert [pq.read_metadata(f"{out}/part-0000{k}.parquet").num_rows for k in (0, 1)] == [3, 2]
+    q = pq.read_table(storage.join(summary["quarantine_path"], QUARANTINE_FILE)).to_pandas()
+    assert sorted(zip(q["event_id"], q["detail"])) == [
+        ("b-click", "event_id seen before"), ("dupe-again", "second event of this step for the impression"),
+        ("dupe-impression", "event_id seen before")]
+    assert q.set_index("event_id").loc["dupe-impression", "source"].endswith("dt=2026-01-02/events.jsonl")
