@@ -40,6 +40,7 @@ import time
 
 ENGINES = {  # name -> DirectRunner options (None: the single-process ingest)
     "local": None,
+    "local_baseline": None,  # the single-process ingest of another checkout (--baseline-checkout)
     "beam_in_memory": ["--direct_running_mode=in_memory"],
     "beam_multi_processing": ["--direct_running_mode=multi_processing"],
     "beam_multi_threading": ["--direct_running_mode=multi_threading"],
@@ -68,9 +69,10 @@ def _tree_rss_bytes(root: int) -> int:
     return sum(rss.get(pid, 0) for pid in tree)
 
 
-def run_sampled(command: list[str], stderr=subprocess.DEVNULL, every_s: float = 0.1) -> tuple[str, int, int]:
+def run_sampled(command: list[str], stderr=subprocess.DEVNULL, every_s: float = 0.1,
+                env: dict | None = None) -> tuple[str, int, int]:
     """Run ``command``; return its stdout, exit code and the peak summed RSS of its process tree."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     peak = [0]
 
     def sample():
@@ -85,9 +87,11 @@ def run_sampled(command: list[str], stderr=subprocess.DEVNULL, every_s: float = 
     return out, proc.returncode, peak[0]
 
 
-def _run_child(args: list[str]) -> tuple[dict, int]:
-    """Run this script as a child with ``args``; return its JSON answer and its tree's peak RSS."""
-    out, code, peak = run_sampled([sys.executable, __file__, *args])
+def _run_child(args: list[str], pythonpath: str | None = None) -> tuple[dict, int]:
+    """Run this script as a child with ``args`` (importing ``apem`` from ``pythonpath`` first, when
+    given); return its JSON answer and its tree's peak RSS."""
+    env = None if pythonpath is None else {**os.environ, "PYTHONPATH": pythonpath}
+    out, code, peak = run_sampled([sys.executable, __file__, *args], env=env)
     if code:
         raise RuntimeError(f"child {args} failed with code {code}")
     return json.loads(out.strip().splitlines()[-1]), peak
@@ -118,11 +122,12 @@ def _child_ingest(engine: str, raw: str, out: str, start: str, end: str, workers
             "maxrss_largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int) -> dict:
+def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int, baseline: str | None) -> dict:
     results = {}
     for engine in engines:
         answer, peak = _run_child(["--child", "ingest", engine, raw, os.path.join(work, f"out-{engine}"),
-                                   window["start"], window["end"], str(workers)])
+                                   window["start"], window["end"], str(workers)],
+                                  pythonpath=baseline if engine == "local_baseline" else None)
         results[engine] = {
             "seconds": round(answer["seconds"], 2), "rows": answer["rows"], "events_read": answer["events_read"],
             "rows_per_s": round(answer["rows"] / answer["seconds"]),
@@ -153,7 +158,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="--direct_num_workers for the multi-process and multi-thread modes")
     parser.add_argument("--workdir", default=None, help="keep the generated logs here (reused when present)")
+    parser.add_argument("--baseline-checkout", default=None,
+                        help="a checkout of an earlier commit (git worktree add DIR COMMIT): the engine "
+                             "local_baseline runs its single-process ingest, for before/after in one run")
     args = parser.parse_args()
+    if "local_baseline" in args.engines and not args.baseline_checkout:
+        parser.error("the engine local_baseline needs --baseline-checkout")
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-ingest-")
     raw = os.path.join(work, f"raw-{args.impressions}-{args.days}")
@@ -166,7 +176,7 @@ def main() -> None:
     with open(window_file) as fh:
         window = json.load(fh)
     generated_s = time.perf_counter() - began
-    results = _measure(args.engines, raw, work, window, args.workers)
+    results = _measure(args.engines, raw, work, window, args.workers, args.baseline_checkout)
     reference = results.get("local")
     for engine, result in results.items():
         if reference and engine != "local":

@@ -433,10 +433,7 @@ def _repeated(keys: pd.Series, seen: SeenKeys | None) -> np.ndarray:
     """Rows whose key came before: earlier in ``keys`` (in order) or in an earlier part (``seen``)."""
     repeated = keys.duplicated(keep="first").to_numpy()
     if seen is not None and len(keys):
-        first = keys[~repeated]
-        earlier = seen.seen_before(first)
-        repeated[np.flatnonzero(~repeated)[earlier]] = True
-        seen.add(first[~earlier])
+        repeated[np.flatnonzero(~repeated)[seen.remember(keys[~repeated])]] = True
     return repeated
 
 
@@ -450,25 +447,25 @@ class SeenKeys:
         self.first = np.zeros(0, np.uint64)   # sorted
         self.second = np.zeros(0, np.uint64)  # aligned with ``first``
 
-    def seen_before(self, keys: pd.Series) -> np.ndarray:
-        if not len(self.first):
-            return np.zeros(len(keys), bool)
+    def remember(self, keys: pd.Series) -> np.ndarray:
+        """Which of ``keys`` (distinct) came in an earlier part; the others are remembered."""
         h1, h2 = _hash128(keys)
+        order = np.argsort(h1)  # sorted needles: the binary searches walk the array in order
+        h1, h2 = h1[order], h2[order]
         lo = np.searchsorted(self.first, h1)
-        at = np.minimum(lo, len(self.first) - 1)
-        same_first = (lo < len(self.first)) & (self.first[at] == h1)
-        seen = same_first & (self.second[at] == h2)
+        same_first, seen = np.zeros(len(h1), bool), np.zeros(len(h1), bool)
+        if len(self.first):
+            at = np.minimum(lo, len(self.first) - 1)
+            same_first = (lo < len(self.first)) & (self.first[at] == h1)
+            seen = same_first & (self.second[at] == h2)
         for k in np.flatnonzero(same_first & ~seen):  # the first hash alone collides: look further
             hi = np.searchsorted(self.first, h1[k], "right")
             seen[k] = bool((self.second[lo[k]:hi] == h2[k]).any())
-        return seen
-
-    def add(self, keys: pd.Series) -> None:
-        """Remember ``keys`` (distinct, none seen before)."""
-        h1, h2 = _hash128(keys)
-        order = np.argsort(h1)
-        at = np.searchsorted(self.first, h1[order])
-        self.first, self.second = np.insert(self.first, at, h1[order]), np.insert(self.second, at, h2[order])
+        self.first = np.insert(self.first, lo[~seen], h1[~seen])
+        self.second = np.insert(self.second, lo[~seen], h2[~seen])
+        out = np.empty(len(seen), bool)
+        out[order] = seen
+        return out
 
     def __len__(self) -> int:
         return len(self.first)
