@@ -770,7 +770,8 @@ def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSp
     (or anything, with ``overwrite``) are replaced, never the raw input. One process reads the
     window a day at a time, so its memory follows a day's events, not the window's: ids are
     deduplicated across days by hash, the screened impressions wait on disk for the follow-ups of
-    every day, and the dataset is written one event date at a time.
+    every day (an lz4 Arrow copy in the output's staging, removed before publishing), and the
+    dataset is written one event date at a time, in the order and part files of one sort.
     :mod:`apem.dataplane.ingest_beam` applies the same rules on Apache Beam."""
     claim_outputs(raw_uri, out, overwrite)
     spec = spec or default_spec()
