@@ -11,9 +11,9 @@ import torch
 
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2048,
             device: str | torch.device = "cpu") -> np.ndarray:
-    """(n, N) entire-space probabilities in eval mode. Batches of 2048 keep APEM's attention
-    scores (L M K F floats per row) near 64 MB and in cache-friendlier pieces; larger batches only
-    add memory (measured: 512-2048 rows per batch is fastest on CPU)."""
+    """(n, N) entire-space probabilities in eval mode, in batches of ``batch_size`` rows (APEM's
+    lookup-table module splits each batch again into cache-sized chunks, see
+    :class:`apem.models.apem_folded.FoldedAPEM`)."""
     return predict_stream(model, [x], x.shape[0], batch_size, device)
 
 
