@@ -185,6 +185,104 @@ def inducing_point_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.
     return _inducing_point_pool_forward(source, factor, mask, combined, bias, heads)[0]
 
 
+def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sum the (N, C) rows of ``grad`` into (n_rows, C) by ``index`` (N,): a gather's backward.
+    ``scatter_add_`` measured ~3x faster than ``index_add_`` (a tensor op per row on CPU) here."""
+    return grad.new_zeros(n_rows, grad.shape[1]).scatter_add_(0, index.view(-1, 1).expand_as(grad), grad)
+
+
+def _gathered_pool_layer(rows, index, factor, mask, combined, bias, heads):
+    """One layer of :func:`gathered_pool`: returns its output (B, K, d_v) and softmax weights (B, S, M K)."""
+    b, s = index.shape
+    k, m = mask.shape[1], heads
+    dv = combined.shape[1] // m
+    flat_index = index.view(-1)
+    # W^V W^O's folded bias: each head's weights sum to 1 over the fields, so adding bias / M to every
+    # value row adds exactly the bias to the output (as FoldedAPEM's tables do)
+    value_table = torch.addmm(bias.view(1, 1, dv).expand(1, m, dv).reshape(1, m * dv), rows, combined,
+                              alpha=1.0, beta=1.0 / m)
+    raw = (rows @ factor).index_select(0, flat_index).view(b, s, m, k)
+    weights = softmax_over_sources_(torch.mul(raw, mask.view(b, 1, 1, k)).view(b, s, m * k))
+    values = value_table.index_select(0, flat_index).view(b, s * m, dv)
+    return torch.bmm(weights.view(b, s * m, k).transpose(1, 2), values), weights
+
+
+class _GatheredPool(torch.autograd.Function):
+    """Autograd for :func:`gathered_pool`: per layer the saved softmax weights; the score and value
+    rows are re-gathered from the small (U, .) tables in backward, whose gradients are summed
+    back per distinct row (one scatter) before the (U x d) GEMMs."""
+
+    @staticmethod
+    def forward(ctx, rows, index, factor, mask, combined, bias, heads):
+        n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
+        out = rows.new_empty(n, b, k, combined.shape[2] // heads)
+        weights = []
+        for layer in range(n):
+            out[layer], w = _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer],
+                                                 bias[layer], heads)
+            weights.append(w)
+        ctx.heads = heads
+        ctx.save_for_backward(rows, index, factor, mask, combined, *weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, index, factor, mask, combined, *weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_rows = torch.zeros_like(rows)
+        grad_factor, grad_combined = torch.empty_like(factor), torch.empty_like(combined)
+        grad_mask = torch.empty_like(mask) if ctx.needs_input_grad[3] else None
+        for layer in range(factor.shape[0]):
+            grad_scores, grad_values = _gathered_pool_layer_backward(
+                rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out[layer],
+                ctx.heads, None if grad_mask is None else grad_mask[:, layer])
+            grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
+            torch.mm(rows.t(), grad_scores, out=grad_factor[layer])
+            torch.mm(rows.t(), grad_values, out=grad_combined[layer])
+        grad_bias = grad_out.sum(dim=(1, 2)).unsqueeze(1)  # (L', 1, d_v)
+        return grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, None
+
+
+def _gathered_pool_layer_backward(rows, index, factor, mask, combined, weights, grad_out, heads, grad_mask):
+    """One layer's backward: the gradients of its (U, M K) score table and (U, M d_v) value table;
+    writes the mask's gradient (B, K) into ``grad_mask`` when it is given."""
+    b, s = index.shape
+    k, m = mask.shape[1], heads
+    dv = combined.shape[1] // m
+    flat_index = index.view(-1)
+    values = (rows @ combined).index_select(0, flat_index).view(b, s * m, dv)  # the bias does not matter here
+    grad_values = torch.bmm(weights.view(b, s * m, k), grad_out).view(b * s, m * dv)  # through the pooling
+    grad_scores = _softmax_backward_(torch.bmm(values, grad_out.transpose(1, 2)).view(b, s, m * k), weights)
+    if grad_mask is not None:  # d/d mask = sum over fields and heads of grad_scores * raw scores
+        raw = (rows @ factor).index_select(0, flat_index).view(b, s * m, k)
+        torch.sum(raw.mul_(grad_scores.view(b, s * m, k)), dim=1, out=grad_mask)
+    grad_scores = grad_scores.view(b, s, m, k).mul_(mask.view(b, 1, 1, k)).view(b * s, m * k)
+    n_rows = rows.shape[0]
+    return _scatter_rows(grad_scores, flat_index, n_rows), _scatter_rows(grad_values, flat_index, n_rows)
+
+
+def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
+                  combined: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """:func:`inducing_point_pool` over sources that are rows of a small table: source = rows[index].
+
+    APEM's sources are embedding rows, and a batch of B S fields uses far fewer distinct rows U
+    (about 1k of 16k at batch 1024 on the synthetic funnel), so the score and value products are
+    taken once per distinct row ((U, M K) and (U, M d_v) tables) and gathered, and their gradients
+    are summed per row before the GEMMs. The work left per sample is the softmax and the pooling.
+
+    rows (U, d), index (B, S) long into rows, the rest as :func:`inducing_point_pool` -> (L', B, K, d_v).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, factor, mask, combined, bias)):
+        return _GatheredPool.apply(rows, index, factor, mask, combined, bias, heads)
+    n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
+    out = rows.new_empty(n, b, k, combined.shape[2] // heads)
+    for layer in range(n):
+        out[layer] = _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer],
+                                          bias[layer], heads)[0]
+    return out
+
+
 def weighted_softmax(scores: torch.Tensor, row_weights: torch.Tensor, dim: int) -> torch.Tensor:
     """softmax over ``dim`` with a prior weight per entry: w_r = z_r e^{s_r} / sum_j z_j e^{s_j}.
 
@@ -279,10 +377,17 @@ class InducingPointAttention(nn.Module):
         return self.residual_norm(inducing_point_pool(source, factor, mask.contiguous(), combined, bias, self.heads),
                                   mask, layers)
 
-    def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """source (B, S, d) attended by the layers in ``layers``; mask z_K (B, L', K) -> Y (L', B, K, d).
 
-        All layers' scores in one GEMM (:func:`masked_softmax_pool`), then W^V W^O on the pooled heads."""
+        All layers' scores in one GEMM (:func:`masked_softmax_pool`), then W^V W^O on the pooled heads.
+        With ``index`` (B, S), the source is ``source[index]`` over a table of distinct rows (U, d),
+        attended through :func:`gathered_pool` (the same Y, to float rounding)."""
+        if index is not None:
+            factor, combined, bias = self.folded_weights(layers)
+            return self.residual_norm(gathered_pool(source, index, factor, mask.contiguous(), combined, bias,
+                                                    self.heads), mask, layers)
         b, s, d = source.shape
         inducing = self.inducing[layers]
         n, k, m = inducing.shape[0], self.n_points, self.heads
