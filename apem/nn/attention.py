@@ -191,8 +191,9 @@ def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch
     return grad.new_zeros(n_rows, grad.shape[1]).scatter_add_(0, index.view(-1, 1).expand_as(grad), grad)
 
 
-def _gathered_pool_layer(rows, index, factor, mask, combined, bias, heads):
-    """One layer of :func:`gathered_pool`: returns its output (B, K, d_v) and softmax weights (B, S, M K)."""
+def _gathered_pool_layer(rows, index, factor, mask, combined, bias, heads, out):
+    """One layer of :func:`gathered_pool`: writes its output (B, K, d_v) into ``out``, returns the softmax
+    weights (B, S, M K)."""
     b, s = index.shape
     k, m = mask.shape[1], heads
     dv = combined.shape[1] // m
@@ -204,7 +205,8 @@ def _gathered_pool_layer(rows, index, factor, mask, combined, bias, heads):
     raw = (rows @ factor).index_select(0, flat_index).view(b, s, m, k)
     weights = softmax_over_sources_(torch.mul(raw, mask.view(b, 1, 1, k)).view(b, s, m * k))
     values = value_table.index_select(0, flat_index).view(b, s * m, dv)
-    return torch.bmm(weights.view(b, s * m, k).transpose(1, 2), values), weights
+    torch.bmm(weights.view(b, s * m, k).transpose(1, 2), values, out=out)
+    return weights
 
 
 class _GatheredPool(torch.autograd.Function):
@@ -216,11 +218,8 @@ class _GatheredPool(torch.autograd.Function):
     def forward(ctx, rows, index, factor, mask, combined, bias, heads):
         n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
         out = rows.new_empty(n, b, k, combined.shape[2] // heads)
-        weights = []
-        for layer in range(n):
-            out[layer], w = _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer],
-                                                 bias[layer], heads)
-            weights.append(w)
+        weights = [_gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
+                                        heads, out[layer]) for layer in range(n)]
         ctx.heads = heads
         ctx.save_for_backward(rows, index, factor, mask, combined, *weights)
         return out
@@ -278,8 +277,8 @@ def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor,
     n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
     out = rows.new_empty(n, b, k, combined.shape[2] // heads)
     for layer in range(n):
-        out[layer] = _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer],
-                                          bias[layer], heads)[0]
+        _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer], heads,
+                             out[layer])
     return out
 
 

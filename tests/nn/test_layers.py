@@ -130,3 +130,40 @@ def test_field_embedding_and_mlp_shapes():
     assert torch.equal(h[1, 1], emb.embedding.weight[3 + 4])  # field offset 3
     assert MLP(8, [16, 4], out_dim=2)(h.flatten(1)).shape == (2, 2)
     assert math.isfinite(float(h.detach().sum()))
+
+
+def test_field_embedding_distinct_rows_rebuild_the_lookup():
+    emb = FieldEmbedding([FieldSpec("a", 3), FieldSpec("b", 5)], dim=4)
+    x = torch.tensor([[0, 0], [2, 4], [0, 4], [0, 0]])
+    rows, index = emb.distinct_rows(x)
+    assert rows.shape == (4, 4) and index.shape == (4, 2)  # 4 distinct table rows among 8 lookups
+    assert torch.equal(rows[index], emb(x))
+    dense = FieldEmbedding([FieldSpec("a", 3), FieldSpec("v", 5, dense=True)], dim=4)
+    assert dense.distinct_rows(torch.tensor([[0, 1, 100]])) is None  # a dense field's row depends on its value
+
+
+def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path():
+    """``index``: the source is rows[index]; outputs and every gradient equal the direct path's,
+    with repeated rows, a soft mask with exact zeros, and non-zero value/output biases."""
+    torch.manual_seed(3)
+    att = InducingPointAttention(n_layers=3, n_points=5, dim=6, heads=2)
+    with torch.no_grad():
+        for p in att.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    rows, index = torch.randn(9, 6, requires_grad=True), torch.randint(0, 9, (8, 7))
+    mask = torch.rand(8, 3, 5)
+    mask[:, :, 0] = 0.0
+    mask[:, 1, 2] = 1.0
+    mask.requires_grad_(True)
+    upstream = torch.randn(3, 8, 5, 6)
+    grads = []
+    for use_index in (True, False):
+        y = att(rows, mask, index=index) if use_index else att(rows[index], mask)
+        inputs = (rows, mask, *att.parameters())
+        grads.append((y, torch.autograd.grad((y * upstream).sum(), inputs)))
+    (fast, fast_grads), (direct, direct_grads) = grads
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=0)
+    for a, b in zip(fast_grads, direct_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(att(rows, mask, index=index), direct, atol=1e-5, rtol=0)
