@@ -293,6 +293,73 @@ def weighted_softmax(scores: torch.Tensor, row_weights: torch.Tensor, dim: int) 
     return e / e.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
+def _row_attention_pool_forward(shared, factor, row_weights):
+    """The forward of :func:`row_attention_pool`: pooled (L' B, Q, d), the weights (L', Q, B, R) and, with
+    row weights, q = e / sum_r(z e) (so that weights = q z), else None."""
+    n, b, r, d = shared.shape
+    queries = factor.shape[2]
+    scores = torch.bmm(factor.transpose(1, 2), shared.view(n, b * r, d).transpose(1, 2)).view(n, queries, b, r)
+    q = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # in place: measured faster than torch.softmax here
+    if row_weights is None:
+        weights, q = q.div_(q.sum(-1, keepdim=True)), None
+    else:  # weighted_softmax's reading: all-zero row weights give all-zero weights
+        z = row_weights.unsqueeze(1)
+        weights = q.div_(torch.mul(q, z).sum(-1, keepdim=True).clamp_min_(torch.finfo(q.dtype).tiny)) * z
+    pooled = shared.new_empty(n, b, queries, d)
+    for layer in range(n):  # (B, Q, R) x (B, R, d)
+        torch.bmm(weights[layer].transpose(0, 1), shared[layer], out=pooled[layer])
+    return pooled.view(n * b, queries, d), weights, q
+
+
+class _RowAttentionPool(torch.autograd.Function):
+    """Autograd for :func:`row_attention_pool`. Scores are laid out (L', Q, B, R), so the softmax runs
+    over contiguous rows; the pooling and its backward run layer by layer as B-batched products,
+    and the two gradients of the rows (through the scores and through the pooling) are accumulated
+    in one buffer instead of autograd's sum of two. Measured ~1.5x (plain) to ~2x (row weights)
+    faster than the autograd formulation at batch 1024, K = 64 (one thread)."""
+
+    @staticmethod
+    def forward(ctx, shared, factor, row_weights):
+        pooled, weights, q = _row_attention_pool_forward(shared, factor, row_weights)
+        ctx.save_for_backward(shared, factor, weights, q)
+        return pooled
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        shared, factor, weights, q = ctx.saved_tensors
+        n, b, r, d = shared.shape
+        queries = factor.shape[2]
+        grad = grad.contiguous().view(n, b, queries, d)
+        grad_shared, grad_factor = torch.empty_like(shared), torch.empty_like(factor)
+        grad_rw = shared.new_empty(n, b, r) if q is not None and ctx.needs_input_grad[2] else None
+        for layer in range(n):
+            w = weights[layer].transpose(0, 1)  # (B, Q, R)
+            torch.bmm(w.transpose(1, 2), grad[layer], out=grad_shared[layer])  # through the pooling
+            t = torch.bmm(grad[layer], shared[layer].transpose(1, 2))  # d/d weights, (B, Q, R)
+            t.sub_(torch.mul(t, w).sum(-1, keepdim=True))  # softmax backward: w (g - sum_r w g) = w t
+            if grad_rw is not None:  # weights = q z: d/dz_r = q_r t_r, summed over the queries
+                torch.sum(t * q[layer].transpose(0, 1), dim=1, out=grad_rw[layer])
+            grad_scores = t.mul_(w)
+            grad_shared[layer].baddbmm_(grad_scores.transpose(1, 2), factor[layer].t().expand(b, queries, d))
+            grad_factor[layer] = torch.bmm(grad_scores, shared[layer]).sum(0).t()
+        return grad_shared, grad_factor, grad_rw
+
+
+def row_attention_pool(shared: torch.Tensor, factor: torch.Tensor,
+                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 18's attention of Q learnt queries over the R rows of each sample, for L' stacked layers:
+    scores (L', B, R, Q) = shared factor, softmax over R (:func:`weighted_softmax` with ``row_weights``),
+    then the weighted sum of the rows.
+
+    shared (L', B, R, d), factor (L', d, Q) (the scaled query-side factor), row_weights (L', B, R) or
+    None -> pooled (L' B, Q, d).
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (shared, factor, row_weights)):
+        return _RowAttentionPool.apply(shared.contiguous(), factor, row_weights)
+    return _row_attention_pool_forward(shared.contiguous(), factor, row_weights)[0]
+
+
 def _stacked_weight(n_layers: int, in_dim: int, out_dim: int) -> nn.Parameter:
     w = torch.empty(n_layers, in_dim, out_dim)
     nn.init.uniform_(w, -in_dim ** -0.5, in_dim ** -0.5)
@@ -426,10 +493,7 @@ class PatternSelector(nn.Module):
         t_count, m = self.n_tasks, self.heads
         if self.task_indicators:
             factor = self.attention.score_factor(self.indicator, slice(None)).reshape(n, d, t_count * m)
-            scores = torch.bmm(shared.reshape(n, b * r, d), factor).view(n * b, r, t_count * m)
-            weights = torch.softmax(scores, dim=1) if row_weights is None else \
-                weighted_softmax(scores, row_weights.reshape(n * b, r, 1), dim=1)
-            pooled = torch.bmm(weights.transpose(1, 2), shared.reshape(n * b, r, d))  # (L B, N M, d)
+            pooled = row_attention_pool(shared, factor, row_weights)  # (L B, N M, d)
             combined, bias = self.attention.value_out(slice(None))
             task_parts = torch.baddbmm(bias, pooled.view(n, b * t_count, m * d), combined).view(n, b, t_count, d)
         elif row_weights is None:

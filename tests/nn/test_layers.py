@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from apem.nn.layers import MLP, FieldEmbedding, TaskTowers
-from apem.nn.attention import InducingPointAttention, PatternSelector, multihead_attention
+from apem.nn.attention import (InducingPointAttention, PatternSelector, multihead_attention, row_attention_pool,
+                                weighted_softmax)
 from apem.nn.selection import dynamic_activation, gamma_at
 from apem.data.encoding import FieldSpec
 
@@ -167,3 +168,35 @@ def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(att(rows, mask, index=index), direct, atol=1e-5, rtol=0)
+
+
+def _row_attention_pool_autograd(shared, factor, row_weights):
+    """The plain autograd formulation :func:`row_attention_pool` replaces (PatternSelector before it)."""
+    n, b, r, d = shared.shape
+    scores = torch.bmm(shared.reshape(n, b * r, d), factor).view(n * b, r, factor.shape[2])
+    weights = torch.softmax(scores, dim=1) if row_weights is None else \
+        weighted_softmax(scores, row_weights.reshape(n * b, r, 1), dim=1)
+    return torch.bmm(weights.transpose(1, 2), shared.reshape(n * b, r, d))
+
+
+@pytest.mark.parametrize("row_weights", ["none", "soft", "binary"])
+def test_row_attention_pool_matches_autograd_in_outputs_and_gradients(row_weights):
+    torch.manual_seed(4)
+    shared, factor = torch.randn(3, 6, 7, 5, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True)
+    inputs, z = [shared, factor], None
+    if row_weights != "none":
+        z = torch.rand(3, 6, 7)
+        z = (z > 0.4).float() if row_weights == "binary" else z.masked_fill(z < 0.2, 0.0)
+        z[..., 0] = 1.0  # every sample keeps a row (all-zero rows are the reference's NaN-gradient case)
+        inputs.append(z.requires_grad_(True))
+    upstream = torch.randn(18, 4, 5)
+    results = []
+    for pool in (row_attention_pool, _row_attention_pool_autograd):
+        out = pool(shared, factor, z)
+        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
+    (fast, fast_grads), (reference, reference_grads) = results
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    for a, b in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(row_attention_pool(shared, factor, z), reference, atol=1e-5, rtol=0)
