@@ -143,6 +143,22 @@ def test_field_embedding_distinct_rows_rebuild_the_lookup():
     assert dense.distinct_rows(torch.tensor([[0, 1, 100]])) is None  # a dense field's row depends on its value
 
 
+def _assert_same_outputs_and_gradients(fast, reference, inputs) -> None:
+    """fast() and reference() agree to 1e-5 in output and in the gradient of every input (one random
+    upstream gradient), and fast() gives the same output without autograd."""
+    results = []
+    for run in (fast, reference):
+        out = run()
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
+    (fast_out, fast_grads), (reference_out, reference_grads) = results
+    torch.testing.assert_close(fast_out, reference_out, atol=1e-5, rtol=0)
+    for a, b in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(), reference_out, atol=1e-5, rtol=0)
+
+
 def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path():
     """``index``: the source is rows[index]; outputs and every gradient equal the direct path's,
     with repeated rows, a soft mask with exact zeros, and non-zero value/output biases."""
@@ -156,18 +172,8 @@ def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path():
     mask[:, :, 0] = 0.0
     mask[:, 1, 2] = 1.0
     mask.requires_grad_(True)
-    upstream = torch.randn(3, 8, 5, 6)
-    grads = []
-    for use_index in (True, False):
-        y = att(rows, mask, index=index) if use_index else att(rows[index], mask)
-        inputs = (rows, mask, *att.parameters())
-        grads.append((y, torch.autograd.grad((y * upstream).sum(), inputs)))
-    (fast, fast_grads), (direct, direct_grads) = grads
-    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=0)
-    for a, b in zip(fast_grads, direct_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(att(rows, mask, index=index), direct, atol=1e-5, rtol=0)
+    _assert_same_outputs_and_gradients(lambda: att(rows, mask, index=index), lambda: att(rows[index], mask),
+                                       (rows, mask, *att.parameters()))
 
 
 def _row_attention_pool_autograd(shared, factor, row_weights):
@@ -189,14 +195,5 @@ def test_row_attention_pool_matches_autograd_in_outputs_and_gradients(row_weight
         z = (z > 0.4).float() if row_weights == "binary" else z.masked_fill(z < 0.2, 0.0)
         z[..., 0] = 1.0  # every sample keeps a row (all-zero rows are the reference's NaN-gradient case)
         inputs.append(z.requires_grad_(True))
-    upstream = torch.randn(18, 4, 5)
-    results = []
-    for pool in (row_attention_pool, _row_attention_pool_autograd):
-        out = pool(shared, factor, z)
-        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
-    (fast, fast_grads), (reference, reference_grads) = results
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
-    for a, b in zip(fast_grads, reference_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(row_attention_pool(shared, factor, z), reference, atol=1e-5, rtol=0)
+    _assert_same_outputs_and_gradients(lambda: row_attention_pool(shared, factor, z),
+                                       lambda: _row_attention_pool_autograd(shared, factor, z), inputs)
