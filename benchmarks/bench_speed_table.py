@@ -105,7 +105,7 @@ def auc_check(root: str, args) -> dict[str, list[float]]:
     train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
     test = encode_dataset(test_ds, encoder)
     out: dict[str, list[float]] = {}
-    for variant in ("apem_reference", "apem", "apem_nothing"):
+    for variant in ("apem_reference", "apem", "apem_nothing", "apem_direct"):
         for seed in args.auc_seeds:
             model = build(variant, encoder.fields, test.y.shape[1], seed)
             fit(model, train, val, TrainConfig(epochs=2, patience=1, seed=seed, device="cpu", progress=False))

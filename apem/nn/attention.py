@@ -191,9 +191,9 @@ def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch
     return grad.new_zeros(n_rows, grad.shape[1]).scatter_add_(0, index.view(-1, 1).expand_as(grad), grad)
 
 
-def _gathered_pool_layer(rows, index, factor, mask, combined, bias, heads, out):
-    """One layer of :func:`gathered_pool`: writes its output (B, K, d_v) into ``out``, returns the softmax
-    weights (B, S, M K)."""
+def _gathered_pool_layer(rows, index, factor, mask, combined, bias, queries, heads, out):
+    """One layer of :func:`gathered_pool`: writes its output O + Q_hat (B, K, d_v) into ``out``, returns the
+    softmax weights (B, S, M K)."""
     b, s = index.shape
     k, m = mask.shape[1], heads
     dv = combined.shape[1] // m
@@ -206,6 +206,7 @@ def _gathered_pool_layer(rows, index, factor, mask, combined, bias, heads, out):
     weights = softmax_over_sources_(torch.mul(raw, mask.view(b, 1, 1, k)).view(b, s, m * k))
     values = value_table.index_select(0, flat_index).view(b, s * m, dv)
     torch.bmm(weights.view(b, s * m, k).transpose(1, 2), values, out=out)
+    out.addcmul_(queries, mask.unsqueeze(-1))  # eq. 17's residual Q_hat = I (.) z_K, while out is in cache
     return weights
 
 
@@ -215,37 +216,47 @@ class _GatheredPool(torch.autograd.Function):
     back per distinct row (one scatter) before the (U x d) GEMMs."""
 
     @staticmethod
-    def forward(ctx, rows, index, factor, mask, combined, bias, heads):
+    def forward(ctx, rows, index, factor, mask, combined, bias, queries, heads):
         n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
-        out = rows.new_empty(n, b, k, combined.shape[2] // heads)
+        outs = tuple(rows.new_empty(b, k, combined.shape[2] // heads) for _ in range(n))
         weights = [_gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
-                                        heads, out[layer]) for layer in range(n)]
+                                        queries[layer], heads, outs[layer]) for layer in range(n)]
         ctx.heads = heads
-        ctx.save_for_backward(rows, index, factor, mask, combined, *weights)
-        return out
+        ctx.save_for_backward(rows, index, factor, mask, combined, queries, *weights)
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        rows, index, factor, mask, combined, *weights = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+    def backward(ctx, *grad_outs):
+        rows, index, factor, mask, combined, queries, *weights = ctx.saved_tensors
         grad_rows = torch.zeros_like(rows)
         grad_factor, grad_combined = torch.empty_like(factor), torch.empty_like(combined)
-        grad_mask = torch.empty_like(mask) if ctx.needs_input_grad[3] else None
-        for layer in range(factor.shape[0]):
+        grad_queries, grad_mask = torch.empty_like(queries), torch.empty_like(mask)
+        grad_bias = rows.new_empty(factor.shape[0], 1, queries.shape[2])
+        for layer, grad_out in enumerate(grad_outs):  # unused outputs get zeros (materialised grads)
+            grad_out = grad_out.contiguous()
             grad_scores, grad_values = _gathered_pool_layer_backward(
-                rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out[layer],
-                ctx.heads, None if grad_mask is None else grad_mask[:, layer])
+                rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out,
+                ctx.heads, grad_mask[:, layer])
             grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
             torch.mm(rows.t(), grad_scores, out=grad_factor[layer])
             torch.mm(rows.t(), grad_values, out=grad_combined[layer])
-        grad_bias = grad_out.sum(dim=(1, 2)).unsqueeze(1)  # (L', 1, d_v)
-        return grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, None
+            _residual_backward(grad_out, mask[:, layer], queries[layer], grad_mask[:, layer], grad_queries[layer])
+            torch.sum(grad_out, dim=(0, 1), out=grad_bias[layer, 0])
+        return grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, grad_queries, None
+
+
+def _residual_backward(grad_out, mask, queries, grad_mask, grad_queries):
+    """Q_hat = I (.) z_K's gradients for one layer while grad_out (B, K, d) is in cache: adds
+    sum_d grad_out I into grad_mask (B, K) and writes sum_b z grad_out into grad_queries (K, d).
+    (K-batched bmm forms of the two sums measured several times slower.)"""
+    grad_mask.add_(torch.mul(grad_out, queries).sum(-1))
+    torch.sum(torch.mul(grad_out, mask.unsqueeze(-1)), dim=0, out=grad_queries)
 
 
 def _gathered_pool_layer_backward(rows, index, factor, mask, combined, weights, grad_out, heads, grad_mask):
     """One layer's backward: the gradients of its (U, M K) score table and (U, M d_v) value table;
-    writes the mask's gradient (B, K) into ``grad_mask`` when it is given."""
+    writes the mask's gradient through the scores (B, K) into ``grad_mask``."""
     b, s = index.shape
     k, m = mask.shape[1], heads
     dv = combined.shape[1] // m
@@ -253,33 +264,37 @@ def _gathered_pool_layer_backward(rows, index, factor, mask, combined, weights, 
     values = (rows @ combined).index_select(0, flat_index).view(b, s * m, dv)  # the bias does not matter here
     grad_values = torch.bmm(weights.view(b, s * m, k), grad_out).view(b * s, m * dv)  # through the pooling
     grad_scores = _softmax_backward_(torch.bmm(values, grad_out.transpose(1, 2)).view(b, s, m * k), weights)
-    if grad_mask is not None:  # d/d mask = sum over fields and heads of grad_scores * raw scores
-        raw = (rows @ factor).index_select(0, flat_index).view(b, s * m, k)
-        torch.sum(raw.mul_(grad_scores.view(b, s * m, k)), dim=1, out=grad_mask)
+    # d/d mask = sum over fields and heads of grad_scores * raw scores
+    raw = (rows @ factor).index_select(0, flat_index).view(b, s * m, k)
+    torch.sum(raw.mul_(grad_scores.view(b, s * m, k)), dim=1, out=grad_mask)
     grad_scores = grad_scores.view(b, s, m, k).mul_(mask.view(b, 1, 1, k)).view(b * s, m * k)
     n_rows = rows.shape[0]
     return _scatter_rows(grad_scores, flat_index, n_rows), _scatter_rows(grad_values, flat_index, n_rows)
 
 
 def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
-                  combined: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
-    """:func:`inducing_point_pool` over sources that are rows of a small table: source = rows[index].
+                  combined: torch.Tensor, bias: torch.Tensor, queries: torch.Tensor, heads: int
+                  ) -> tuple[torch.Tensor, ...]:
+    """:func:`inducing_point_pool` over sources that are rows of a small table (source = rows[index]),
+    plus eq. 17's residual: per layer O + Q_hat with Q_hat = queries (.) mask (eq. 14).
 
     APEM's sources are embedding rows, and a batch of B S fields uses far fewer distinct rows U
     (about 1k of 16k at batch 1024 on the synthetic funnel), so the score and value products are
     taken once per distinct row ((U, M K) and (U, M d_v) tables) and gathered, and their gradients
     are summed per row before the GEMMs. The work left per sample is the softmax and the pooling.
 
-    rows (U, d), index (B, S) long into rows, the rest as :func:`inducing_point_pool` -> (L', B, K, d_v).
+    rows (U, d), index (B, S) long into rows, queries (L', K, d_v) (the inducing points), the rest as
+    :func:`inducing_point_pool` -> a tuple of L' tensors (B, K, d_v), one per layer (so that each
+    layer's LayerNorm runs on its own contiguous tensor).
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, factor, mask, combined, bias)):
-        return _GatheredPool.apply(rows, index, factor, mask, combined, bias, heads)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, factor, mask, combined, bias, queries)):
+        return _GatheredPool.apply(rows, index, factor, mask, combined, bias, queries, heads)
     n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
-    out = rows.new_empty(n, b, k, combined.shape[2] // heads)
+    outs = tuple(rows.new_empty(b, k, combined.shape[2] // heads) for _ in range(n))
     for layer in range(n):
-        _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer], heads,
-                             out[layer])
-    return out
+        _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
+                             queries[layer], heads, outs[layer])
+    return outs
 
 
 def weighted_softmax(scores: torch.Tensor, row_weights: torch.Tensor, dim: int) -> torch.Tensor:
@@ -450,10 +465,13 @@ class InducingPointAttention(nn.Module):
         All layers' scores in one GEMM (:func:`masked_softmax_pool`), then W^V W^O on the pooled heads.
         With ``index`` (B, S), the source is ``source[index]`` over a table of distinct rows (U, d),
         attended through :func:`gathered_pool` (the same Y, to float rounding)."""
-        if index is not None:
+        if index is not None:  # each layer's LayerNorm with its affine in one native call, then one stack
             factor, combined, bias = self.folded_weights(layers)
-            return self.residual_norm(gathered_pool(source, index, factor, mask.contiguous(), combined, bias,
-                                                    self.heads), mask, layers)
+            outs = gathered_pool(source, index, factor, mask.contiguous(), combined, bias, self.inducing[layers],
+                                 self.heads)
+            gains, shifts = self.norm.weight[layers], self.norm.bias[layers]
+            return torch.stack([nn.functional.layer_norm(out, out.shape[-1:], gains[i], shifts[i])
+                                for i, out in enumerate(outs)])
         b, s, d = source.shape
         inducing = self.inducing[layers]
         n, k, m = inducing.shape[0], self.n_points, self.heads
