@@ -202,7 +202,8 @@ class APEM(MultiTaskModel):
         """Whether :meth:`forward` runs the ASRG over the batch's distinct embedding rows
         (:func:`apem.nn.attention.gathered_pool`); ``gather_fields=False`` keeps the direct path."""
         c = self.config
-        return c.dynamic_activation and c.layer_input == "fields" and c.gather_fields
+        # a traced graph (apem.inference.export) keeps the direct path, whose ops trace for any batch size
+        return c.dynamic_activation and c.layer_input == "fields" and c.gather_fields and not torch.jit.is_tracing()
 
     def inference_module(self, rows: int | None = None) -> nn.Module:
         """Eval-mode prediction through :class:`FoldedAPEM` where it applies (the ASRG selector with
