@@ -13,13 +13,14 @@ Rows printed (goal in brackets):
   day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
 - APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available.
 
-Variants: ``apem`` (the default config, fixed-rate gamma, so z is still soft after these short runs;
-lookup tables at predict time), ``apem_planned`` (planned gamma: at its floor after training, so
-z is binary and predict takes the exp-free path), ``apem_nothing`` (planned, with
-``deselected_point="contributes_nothing"``), ``apem_reference`` (the path before issue 9:
-fixed-rate gamma, no predict-time tables) and, for predict only, ``apem_previous_tables`` and
-``apem_planned_previous_tables`` (the same trained models through the lookup tables as they were
-before the fused path, :mod:`previous_folded_apem`). The machine may be shared, so training is interleaved: the rows are cut
+Variants: ``apem`` (the default config: planned gamma, at its floor after training, so z is binary
+and predict takes the exp-free path), ``apem_fixed_rate`` (fixed-rate gamma, so z is still soft after
+these short runs: predict takes the general path), ``apem_nothing`` (with
+``deselected_point="contributes_nothing"``), ``apem_reference`` (the path before issue 9: fixed-rate
+gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
+row, ``gather_fields=False``, as before the distinct-rows path) and, for predict only,
+``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through the
+lookup tables as they were before the fused path, :mod:`previous_folded_apem`). The machine may be shared, so training is interleaved: the rows are cut
 into ``--rounds`` chunks and each round trains every model on the next chunk, in alternating order.
 """
 
@@ -50,9 +51,10 @@ from apem.research.synth import SynthConfig, write_synthetic_dataset  # noqa: E4
 from apem.train.malloc_tuning import keep_freed_memory_for_reuse  # noqa: E402
 from apem.train.trainer import EncodedData, TrainConfig, encode_dataset, fit  # noqa: E402
 
-VARIANTS = {"apem": ("apem", {}), "apem_planned": ("apem", {"gamma_schedule": "planned"}),
+VARIANTS = {"apem": ("apem", {}), "apem_fixed_rate": ("apem", {"gamma_schedule": "fixed_rate"}),
             "apem_nothing": ("apem", {"deselected_point": "contributes_nothing", "gamma_schedule": "planned"}),
             "apem_reference": ("apem", {"gamma_schedule": "fixed_rate"}),
+            "apem_direct": ("apem", {"gather_fields": False}),
             "shared_bottom": ("shared_bottom", {}), "ple": ("ple", {})}
 
 
@@ -90,7 +92,7 @@ PREVIOUS_TABLES = "_previous_tables"  # suffix of a predict-only variant: the tr
 def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) -> dict[str, float]:
     dirs = {name: save_model(os.path.join(root, f"model-{name}"), model.eval(), encoder, spec)
             for name, model in models.items()}
-    dirs.update({name + PREVIOUS_TABLES: dirs[name] for name in ("apem", "apem_planned")})
+    dirs.update({name + PREVIOUS_TABLES: dirs[name] for name in ("apem", "apem_fixed_rate")})
     seconds = {name: float("inf") for name in dirs}
     for r in range(args.rounds):
         for name in (list(dirs) if r % 2 == 0 else list(dirs)[::-1]):
@@ -115,7 +117,7 @@ def auc_check(root: str, args) -> dict[str, list[float]]:
     train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
     test = encode_dataset(test_ds, encoder)
     out: dict[str, list[float]] = {}
-    for variant in ("apem_reference", "apem", "apem_nothing"):
+    for variant in ("apem_reference", "apem", "apem_nothing", "apem_direct"):
         for seed in args.auc_seeds:
             model = build(variant, encoder.fields, test.y.shape[1], seed)
             fit(model, train, val, TrainConfig(epochs=2, patience=1, seed=seed, device="cpu", progress=False))
@@ -148,7 +150,7 @@ def gpu_samples_per_s(data: EncodedData, fields, n_tasks: int) -> dict[str, floa
 def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict | None) -> list[tuple[str, str, str]]:
     """(figure, measured, goal) for every row of issue 9's table, reference-path figures beside."""
     out = []
-    for variant in ("apem", "apem_previous_tables", "apem_planned", "apem_planned_previous_tables",
+    for variant in ("apem", "apem_previous_tables", "apem_fixed_rate", "apem_fixed_rate_previous_tables",
                     "apem_nothing", "apem_reference"):
         if variant not in train_s:  # a predict-only variant
             out += [(f"predict e2e {variant} / Shared-Bottom", f"{predict_s[variant] / predict_s['shared_bottom']:.2f}",
@@ -160,6 +162,9 @@ def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict 
                 (f"predict e2e {variant} / Shared-Bottom", f"{predict_s[variant] / predict_s['shared_bottom']:.2f}",
                  "<= 2.0 (stretch 1.34)"),
                 (f"predict e2e {variant} rows/s", f"{rows / predict_s[variant]:,.0f}", ">= 100,000 (stretch 190,000)")]
+    direct = train_s["apem_direct"]  # training before the distinct-rows ASRG, same run
+    out += [("train apem_direct / Shared-Bottom", f"{direct / train_s['shared_bottom']:.2f}", "(before: direct path)"),
+            ("train apem_direct / PLE", f"{direct / train_s['ple']:.2f}", "(before: direct path)")]
     for variant, values in aucs.items():
         out.append((f"test AUC {variant}, per seed", " / ".join(f"{v:.4f}" for v in values), "unchanged within seed noise"))
     out.append(("GPU train APEM samples/s", f"{gpu['apem']:,.0f} (Shared-Bottom {gpu['shared_bottom']:,.0f})"
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         models = {name: build(name, encoder.fields, n_tasks) for name in VARIANTS}
         train_s = time_training(models, data, args)
         print(json.dumps({"train_seconds": train_s}), file=sys.stderr, flush=True)  # partial results survive a timeout
-        predict_models = {k: models[k] for k in ("shared_bottom", "apem", "apem_planned", "apem_nothing",
+        predict_models = {k: models[k] for k in ("shared_bottom", "apem", "apem_fixed_rate", "apem_nothing",
                                                 "apem_reference")}
         predict_s = time_predict(predict_models, encoder, dataset.spec, data_dir, root, args)
         print(json.dumps({"predict_end_to_end_seconds": predict_s}), file=sys.stderr, flush=True)

@@ -78,6 +78,9 @@ class APEMConfig(EmbeddingConfig):
     gamma_floor_fraction: float = 0.5  # share of the planned steps at which gamma reaches gamma_min
     deselected_point: str = "uniform_attention"  # or "contributes_nothing", see the module docstring
     layer_input: str = "fields"
+    # "fields" only: take the ASRG's score and value products once per distinct embedding row of the
+    # batch (the same outputs to float rounding, ~1/16 of the rows at batch 1024); False: the direct path
+    gather_fields: bool = True
     dynamic_activation: bool = True
     task_indicators: bool = True
 
@@ -185,11 +188,24 @@ class APEM(MultiTaskModel):
         return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
+        table = self.embedding.distinct_rows(x) if self.gathers_fields() else None
+        if table is not None:  # every layer attends over H = rows[index]: products per distinct row
+            rows, index = table
+            h = nn.functional.embedding(index, rows)
+            mask = self.selector_mask(h)
+            return self.head(self.asrg(rows, mask, index=index), mask)
         h = self.embedding(x)
         if not self.config.dynamic_activation:
             return self.head(self.self_attention_layers(h), None)
         mask = self.selector_mask(h)
         return self.head(self.asrg_layers(h, mask), mask)
+
+    def gathers_fields(self) -> bool:
+        """Whether :meth:`forward` runs the ASRG over the batch's distinct embedding rows
+        (:func:`apem.nn.attention.gathered_pool`); ``gather_fields=False`` keeps the direct path."""
+        c = self.config
+        # a traced graph (apem.inference.export) keeps the direct path, whose ops trace for any batch size
+        return c.dynamic_activation and c.layer_input == "fields" and c.gather_fields and not torch.jit.is_tracing()
 
     def inference_module(self, rows: int | None = None) -> nn.Module:
         """Eval-mode prediction through :class:`FoldedAPEM` where it applies (the ASRG selector with

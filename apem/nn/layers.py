@@ -38,6 +38,14 @@ class FieldEmbedding(nn.Module):
         """The looked-up table rows (B, F, dim) alone, without the dense term."""
         return self.embedding(x[:, :self.n_fields] + self.offsets)
 
+    def distinct_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's distinct table rows (U, dim) and where each field looks (B, F) into them, so
+        that ``self(x) == rows[index]``; None with dense fields (their embedding is not a table row)."""
+        if self.dense_vectors is not None:
+            return None
+        distinct, index = torch.unique(x[:, :self.n_fields] + self.offsets, return_inverse=True)
+        return self.embedding(distinct), index
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.rows(x)
         if self.dense_vectors is None:

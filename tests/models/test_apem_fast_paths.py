@@ -45,6 +45,7 @@ def _use_reference(model: APEM) -> APEM:
 def test_folded_values_training_path_matches_reference(step, overrides):
     model = _model(step, **overrides)
     reference = copy.deepcopy(model)
+    model.config.gather_fields = False  # forward_folded takes the field rows themselves
     model.asrg.forward = model.asrg.forward_folded
     x, labels = _inputs(), (torch.rand(64, 3) < 0.3).float()
     for m in (model, reference):
@@ -52,6 +53,26 @@ def test_folded_values_training_path_matches_reference(step, overrides):
         loss.backward()
     torch.testing.assert_close(model(x).probs, reference(x).probs, atol=1e-5, rtol=0)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("step", [0, 450, 600])  # soft mask (gamma 10, ~1) and the binary floor
+@pytest.mark.parametrize("reading", READINGS)
+def test_distinct_rows_training_path_matches_the_direct_path(step, reading):
+    """The default training forward (ASRG over the batch's distinct embedding rows) against
+    ``gather_fields=False`` (every field row through the GEMMs): outputs and all gradients."""
+    model = _model(step, deselected_point=reading)
+    direct = copy.deepcopy(model)
+    direct.config.gather_fields = False
+    assert model.gathers_fields() and not direct.gathers_fields()
+    x, labels = _inputs(), (torch.rand(64, 3) < 0.3).float()
+    outputs = []
+    for m in (model, direct):
+        output = m(x)
+        m.loss(output, labels)[0].backward()
+        outputs.append(output.probs)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), direct.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -80,6 +101,7 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(reading):
     test_x = _inputs(1000, seed=3)
     fast = predict(model, test_x, batch_size=300)  # through inference_module(): the lookup tables
     reference = predict(_use_reference(model), test_x, batch_size=300)
+    model.config.gather_fields = False  # forward_folded takes the field rows themselves
     model.asrg.forward = model.asrg.forward_folded
     folded_values = predict(model, test_x, batch_size=300)
     assert abs(fast - reference).max() < 1e-5 and abs(folded_values - reference).max() < 1e-5

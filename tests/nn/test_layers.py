@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from apem.nn.layers import MLP, FieldEmbedding, TaskTowers
-from apem.nn.attention import InducingPointAttention, PatternSelector, multihead_attention
+from apem.nn.attention import (InducingPointAttention, PatternSelector, multihead_attention, row_attention_pool,
+                                weighted_softmax)
 from apem.nn.selection import dynamic_activation, gamma_at
 from apem.data.encoding import FieldSpec
 
@@ -130,3 +131,69 @@ def test_field_embedding_and_mlp_shapes():
     assert torch.equal(h[1, 1], emb.embedding.weight[3 + 4])  # field offset 3
     assert MLP(8, [16, 4], out_dim=2)(h.flatten(1)).shape == (2, 2)
     assert math.isfinite(float(h.detach().sum()))
+
+
+def test_field_embedding_distinct_rows_rebuild_the_lookup():
+    emb = FieldEmbedding([FieldSpec("a", 3), FieldSpec("b", 5)], dim=4)
+    x = torch.tensor([[0, 0], [2, 4], [0, 4], [0, 0]])
+    rows, index = emb.distinct_rows(x)
+    assert rows.shape == (4, 4) and index.shape == (4, 2)  # 4 distinct table rows among 8 lookups
+    assert torch.equal(rows[index], emb(x))
+    dense = FieldEmbedding([FieldSpec("a", 3), FieldSpec("v", 5, dense=True)], dim=4)
+    assert dense.distinct_rows(torch.tensor([[0, 1, 100]])) is None  # a dense field's row depends on its value
+
+
+def _assert_same_outputs_and_gradients(fast, reference, inputs) -> None:
+    """fast() and reference() agree to 1e-5 in output and in the gradient of every input (one random
+    upstream gradient), and fast() gives the same output without autograd."""
+    results = []
+    for run in (fast, reference):
+        out = run()
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
+    (fast_out, fast_grads), (reference_out, reference_grads) = results
+    torch.testing.assert_close(fast_out, reference_out, atol=1e-5, rtol=0)
+    for a, b in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(), reference_out, atol=1e-5, rtol=0)
+
+
+def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path():
+    """``index``: the source is rows[index]; outputs and every gradient equal the direct path's,
+    with repeated rows, a soft mask with exact zeros, and non-zero value/output biases."""
+    torch.manual_seed(3)
+    att = InducingPointAttention(n_layers=3, n_points=5, dim=6, heads=2)
+    with torch.no_grad():
+        for p in att.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    rows, index = torch.randn(9, 6, requires_grad=True), torch.randint(0, 9, (8, 7))
+    mask = torch.rand(8, 3, 5)
+    mask[:, :, 0] = 0.0
+    mask[:, 1, 2] = 1.0
+    mask.requires_grad_(True)
+    _assert_same_outputs_and_gradients(lambda: att(rows, mask, index=index), lambda: att(rows[index], mask),
+                                       (rows, mask, *att.parameters()))
+
+
+def _row_attention_pool_autograd(shared, factor, row_weights):
+    """The plain autograd formulation :func:`row_attention_pool` replaces (PatternSelector before it)."""
+    n, b, r, d = shared.shape
+    scores = torch.bmm(shared.reshape(n, b * r, d), factor).view(n * b, r, factor.shape[2])
+    weights = torch.softmax(scores, dim=1) if row_weights is None else \
+        weighted_softmax(scores, row_weights.reshape(n * b, r, 1), dim=1)
+    return torch.bmm(weights.transpose(1, 2), shared.reshape(n * b, r, d))
+
+
+@pytest.mark.parametrize("row_weights", ["none", "soft", "binary"])
+def test_row_attention_pool_matches_autograd_in_outputs_and_gradients(row_weights):
+    torch.manual_seed(4)
+    shared, factor = torch.randn(3, 6, 7, 5, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True)
+    inputs, z = [shared, factor], None
+    if row_weights != "none":
+        z = torch.rand(3, 6, 7)
+        z = (z > 0.4).float() if row_weights == "binary" else z.masked_fill(z < 0.2, 0.0)
+        z[..., 0] = 1.0  # every sample keeps a row (all-zero rows are the reference's NaN-gradient case)
+        inputs.append(z.requires_grad_(True))
+    _assert_same_outputs_and_gradients(lambda: row_attention_pool(shared, factor, z),
+                                       lambda: _row_attention_pool_autograd(shared, factor, z), inputs)
