@@ -3,10 +3,30 @@ Selector (eq. 18-19), and plain multi-head self-attention for the "w/o ASRG" abl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from apem.nn.layers import StackedLayerNorm
+
+
+def float32_outside_autocast(fn):
+    """Run ``fn`` (a pooling with a hand-written autograd) in float32 with autocast off.
+
+    The hand-written forwards and backwards reuse buffers in place and mix saved tensors, which
+    must share one dtype; under bf16 autocast (``TrainConfig.precision="bf16"``) their matmuls
+    would return bf16 beside float32 masks. Floating-point tensor arguments are cast to float32
+    and the region runs without autocast, so the rest of the model keeps its bf16 matmuls.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.is_autocast_enabled(device_type):
+            return fn(*args)
+        with torch.autocast(device_type, enabled=False):
+            return fn(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+    return wrapper
 
 
 def multihead_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
@@ -72,6 +92,7 @@ class _MaskedSoftmaxPool(torch.autograd.Function):
         return grad_source, grad_factor, grad_mask, None
 
 
+@float32_outside_autocast
 def masked_softmax_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
                         columns: tuple[int, ...]) -> torch.Tensor:
     """Eq. 14-15's attention pooling with factored scores: softmax over the S source rows of
@@ -167,6 +188,7 @@ def _inducing_point_pool_forward(source, factor, mask, combined, bias, heads, ke
     return (torch.stack(parts) if tracing else out), raws, weights, values
 
 
+@float32_outside_autocast
 def inducing_point_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, combined: torch.Tensor,
                         bias: torch.Tensor, heads: int) -> torch.Tensor:
     """Eq. 15-16 for L' layers of learnt queries, with the value and output projections folded in.
@@ -272,6 +294,7 @@ def _gathered_pool_layer_backward(rows, index, factor, mask, combined, weights, 
     return _scatter_rows(grad_scores, flat_index, n_rows), _scatter_rows(grad_values, flat_index, n_rows)
 
 
+@float32_outside_autocast
 def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
                   combined: torch.Tensor, bias: torch.Tensor, queries: torch.Tensor, heads: int
                   ) -> tuple[torch.Tensor, ...]:
@@ -361,6 +384,7 @@ class _RowAttentionPool(torch.autograd.Function):
         return grad_shared, grad_factor, grad_rw
 
 
+@float32_outside_autocast
 def row_attention_pool(shared: torch.Tensor, factor: torch.Tensor,
                        row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 18's attention of Q learnt queries over the R rows of each sample, for L' stacked layers:

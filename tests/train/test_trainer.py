@@ -155,3 +155,27 @@ def test_models_without_a_schedule_are_always_settled(encoded):
     _, train, _ = encoded
     model = build_model("shared_bottom", [*encoded[0].fields], 3)
     assert model.schedule_settled()
+
+
+@pytest.mark.parametrize("name", ["apem", "apem_wo_asrg", "shared_bottom", "escm2_dr", "aitm", "ple"])
+def test_bf16_autocast_trains_with_float32_weights_and_loss(encoded, name):
+    """``precision="bf16"`` (the GPU setting): the forward's matmuls run in bf16, APEM's hand-written
+    poolings in float32 outside autocast, the loss in float32; weights stay float32."""
+    from apem.train.trainer import EncodedData
+
+    _, train, _ = encoded
+    small = EncodedData(train.x[:1024], train.y[:1024])
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(name, encoded[0].fields, 3, SMALL if name.startswith("apem") else None)
+        result = fit(model, small, None, TrainConfig(epochs=1, batch_size=256, progress=False, precision=precision))
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+        losses[precision] = result.history[0]["train_loss"]
+    assert np.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]  # autocast took effect
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
