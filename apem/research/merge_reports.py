@@ -24,6 +24,16 @@ from apem.research.experiment import write_report
 SHARED_CONFIG_KEYS = ("train", "val", "test", "rows", "epochs", "batch_size", "patience", "max_rows")
 # top-level keys recomputed from the runs, not carried from a part
 DERIVED_KEYS = ("completed_runs", "models", "selection_rate", "runs", "plots")
+# how long a part took to compute a reference (e.g. the attainable AUC's "seconds"): not part of the result
+TIMING_KEYS = ("seconds",)
+
+
+def _without_timings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
 
 
 def read_report(report_dir: str) -> dict[str, Any]:
@@ -47,7 +57,7 @@ def _check_same_experiment(reports: dict[str, dict]) -> None:
                                  f"{first_dir} has {first['config'].get(key)!r}: not the same experiment")
     for key in (k for k in first if k not in DERIVED_KEYS and k != "config"):
         for other_dir, other in rest:
-            if first.get(key) != other.get(key):
+            if _without_timings(first.get(key)) != _without_timings(other.get(key)):
                 raise ValueError(f"{other_dir}: {key!r} differs from {first_dir}'s: not the same experiment")
 
 

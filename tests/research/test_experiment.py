@@ -215,3 +215,18 @@ def test_merged_parts_give_the_summary_only_the_whole_grid_has(split_dirs, tmp_p
     err = capsys.readouterr().err
     assert "config 'epochs' is 3" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists() and not (tmp_path / "dup").exists()
+
+
+def test_merge_compares_references_but_not_how_long_they_took() -> None:
+    from apem.research.merge_reports import _check_same_experiment
+
+    config = {"train": "t", "val": "v", "test": "s", "rows": {"train": 1}, "epochs": 1, "batch_size": 8,
+              "patience": 1, "max_rows": None}
+
+    def report(click: float, seconds: float) -> dict:
+        return {"config": dict(config), "labels": ["click"], "runs": [],
+                "attainable_auc": {"tasks": {"click": click}, "seconds": seconds}}
+
+    _check_same_experiment({"a": report(0.71, 32.1), "b": report(0.71, 13.0)})  # timing differs: the same
+    with pytest.raises(ValueError, match="'attainable_auc' differs"):
+        _check_same_experiment({"a": report(0.71, 32.1), "b": report(0.72, 32.1)})
