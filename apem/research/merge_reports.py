@@ -43,8 +43,12 @@ def read_report(report_dir: str) -> dict[str, Any]:
             report = json.load(fh)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not readable as an experiment report ({err})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("runs"), list) or "config" not in report:
-        raise ValueError(f"{path}: not an `apem experiment` report (no config or runs)")
+    config = report.get("config") if isinstance(report, dict) else None
+    runs = report.get("runs") if isinstance(report, dict) else None
+    if (not isinstance(config, dict) or not isinstance(config.get("models"), list) or not isinstance(runs, list)
+            or not all(isinstance(run, dict) and {"model", "seed"} <= set(run) for run in runs)):
+        raise ValueError(f"{path}: not an `apem experiment` report (no config with models, or runs "
+                         "without model and seed)")
     return report
 
 

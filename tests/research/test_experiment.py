@@ -230,3 +230,15 @@ def test_merge_compares_references_but_not_how_long_they_took() -> None:
     _check_same_experiment({"a": report(0.71, 32.1), "b": report(0.71, 13.0)})  # timing differs: the same
     with pytest.raises(ValueError, match="'attainable_auc' differs"):
         _check_same_experiment({"a": report(0.71, 32.1), "b": report(0.72, 32.1)})
+
+
+@pytest.mark.parametrize("content", ['{"config": {}, "runs": []}', '{"config": {"models": ["apem"]}, "runs": [{}]}',
+                                     '[1, 2]', 'not json'])
+def test_merge_refuses_a_report_json_it_did_not_write_in_one_line(tmp_path, capsys, content) -> None:
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "report.json").write_text(content)
+    assert main(["experiment-merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report.json" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists()
