@@ -3,6 +3,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
@@ -207,3 +208,29 @@ def test_events_across_days_are_joined_and_deduplicated_as_over_the_whole_window
         ("b-click", "event_id seen before"), ("dupe-again", "second event of this step for the impression"),
         ("dupe-impression", "event_id seen before")]
     assert q.set_index("event_id").loc["dupe-impression", "source"].endswith("dt=2026-01-02/events.jsonl")
+
+
+def test_staged_impressions_spilled_to_disk_give_the_same_output(synthetic, tmp_path, monkeypatch):
+    """The screened impressions wait for the second pass in memory up to a budget, beyond it on
+    disk: all in memory, all on disk and a mix (one event date's impressions in both) must write the
+    same part files, quarantine and summary, byte for byte."""
+    root, config, _ = synthetic
+    monkeypatch.setattr("apem.dataplane.ingest.ROWS_PER_FILE", 700)  # several part files
+    real_write, spilled = feather.write_feather, []
+    monkeypatch.setattr("apem.dataplane.ingest.feather.write_feather",
+                        lambda table, path, **kw: (spilled.append(path), real_write(table, path, **kw)))
+    end = config.start + dt.timedelta(days=config.days - 2)
+    outputs, spills = {}, {}
+    for name, budget in (("memory", 2**30), ("disk", 0), ("mixed", 600_000)):
+        spilled.clear()
+        out = str(tmp_path / name)
+        summary = ingest(str(root / "jsonl"), config.start, end, out, stage_memory_bytes=budget)
+        files = sorted(p.name for p in (tmp_path / name).glob("part-*.parquet"))
+        outputs[name] = ({f: (tmp_path / name / f).read_bytes() for f in files},
+                         (tmp_path / f"{name}_quarantine" / QUARANTINE_FILE).read_bytes(),
+                         {k: v for k, v in summary.items() if k not in ("dataset", "quarantine_path")})
+        spills[name] = len(spilled)
+    assert len(outputs["memory"][0]) == 3  # more than 1,400 rows
+    assert spills["memory"] == 0 < spills["mixed"] < spills["disk"]
+    assert outputs["disk"] == outputs["memory"] and outputs["mixed"] == outputs["memory"]
+    assert not list((tmp_path / "disk").rglob("*.arrow"))  # the staging is gone
