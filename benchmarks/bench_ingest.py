@@ -30,6 +30,17 @@ cbc415e), same run, busy machine (load ~8 on 2 cores), 14 days:
 - 3M impressions: peak RSS 3,958 -> 1,297 MB (0.33x); 354.1 -> 374.0 s (0.95x); the staged
   impressions peaked at ~445 MB of disk. By the same lines, 10M: ~3.4 GB instead of ~13 GB (12.8 GB
   measured in the 10M pipeline run). Speed: about the same (the contention blurs a 20% difference).
+  On a quiet machine the day-by-day version was 1.25x slower at 1M (45.2 vs 36.1 s).
+
+The staged impressions kept in memory up to ``stage_memory_bytes`` (768 MB estimated; 1M impressions
+are estimated at 0.53 GB, so none spill) and presence taken from Arrow in the feature checks, against
+the whole-window version (cbc415e) and the day-by-day one that spilled everything (e03a87e): 1M
+impressions, 14 days, one ingest per checkout, run side by side (``--baseline-checkout`` twice, or one
+bench per checkout at once), under nice 15 on 2 cores that four other jobs kept busy (load 11-15, each
+ingest got ~3-8% of a core: wall times of 9-16 min say nothing, so the figure is CPU seconds, user+sys):
+- this version 45.4 s CPU, peak RSS 1,000 MB; whole-window 47.3 s, 1,468 MB; day-by-day 57.7 s, 596 MB.
+- against the whole-window version: 1.04x the speed (CPU), 0.68x the peak; against the day-by-day
+  version: 1.27x the speed, 1.68x the peak (the 0.39 GB of staged impressions now held in memory).
 """
 
 from __future__ import annotations

@@ -666,8 +666,9 @@ def check_usable(summary: dict, raw_uri: str, window: list[dt.date]) -> None:
 ROWS_PER_FILE = 1_000_000  # rows per part file of the dataset, as apem.data.spec.write_dataset lays them out
 STAGED_DIR = "_impressions"  # inside the dataset's staging: the screened impressions beyond the memory budget
 # The screened impressions held in memory between the two passes, at most (estimated, _estimated_bytes).
-# 1M impressions take ~0.45 GB: they stay in memory, which saves their Arrow round trip through disk
-# (~20% of the ingest's time); a larger window spills the rest, so its memory stays bounded.
+# 1M impressions (14 days) are estimated at 0.53 GB: they stay in memory, which saves their round trip
+# through disk (from_pandas, lz4 write, read, to_pandas: ~7 s of ~45 s CPU); a larger window spills
+# the rest, so its memory stays bounded (benchmarks/bench_ingest.py has the figures).
 STAGE_MEMORY_BYTES = 768 * 2**20
 _NOT_STAGED = ["row", "partition"]  # bookkeeping that only the first pass needs (arrival order)
 
