@@ -41,7 +41,10 @@ ingest got 3-20% of a core, so wall times of 4-34 min say nothing: the figure is
 - 1M: this version 45.4 s CPU, peak RSS 1,000 MB; whole-window 47.2 s (47.3 s in the bench beside),
   1,470 MB; day-by-day 55.6 s (57.7 s beside), 597 MB. Against the whole-window version: 1.04x the
   speed, 0.68x the peak; against the day-by-day one: 1.22x the speed, 1.68x the peak (the staged
-  impressions now held in memory). Output byte-identical to the day-by-day version's.
+  impressions now held in memory). Repeated alone later (``ingest`` timed in-process, load ~7):
+  50.0 s, 981 MB; with ``stage_memory_bytes`` 200 MB (part spilled) beside it: 54.2 s, 761 MB. Both
+  byte-identical to the day-by-day version's output (part file, quarantine, summary, oracle). So: the
+  whole-window version's speed, within the ~10% that repeats vary by under this load.
 - 3M (2,990,688 rows): this version 151.2 s CPU, peak 1,550 MB; whole-window 155.6 s, 3,968 MB
   (run alongside): 1.03x the speed, 0.39x the peak. Day-by-day, earlier run above: 1,297 MB.
 """
