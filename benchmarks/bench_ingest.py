@@ -30,6 +30,23 @@ cbc415e), same run, busy machine (load ~8 on 2 cores), 14 days:
 - 3M impressions: peak RSS 3,958 -> 1,297 MB (0.33x); 354.1 -> 374.0 s (0.95x); the staged
   impressions peaked at ~445 MB of disk. By the same lines, 10M: ~3.4 GB instead of ~13 GB (12.8 GB
   measured in the 10M pipeline run). Speed: about the same (the contention blurs a 20% difference).
+  On a quiet machine the day-by-day version was 1.25x slower at 1M (45.2 vs 36.1 s).
+
+The staged impressions kept in memory up to ``stage_memory_bytes`` (768 MB estimated; 1M impressions
+are estimated at 0.53 GB, so none spill) and presence taken from Arrow in the feature checks, against
+the whole-window version (cbc415e) and the day-by-day one that spilled everything (e03a87e), 14 days,
+``--engines local local_baseline --baseline-checkout WW --baseline-checkout DBD`` (and one bench per
+checkout run alongside), under nice 15 on 2 cores that four other jobs kept busy (load 6-15; each
+ingest got 3-20% of a core, so wall times of 4-34 min say nothing: the figure is CPU seconds, user+sys):
+- 1M: this version 45.4 s CPU, peak RSS 1,000 MB; whole-window 47.2 s (47.3 s in the bench beside),
+  1,470 MB; day-by-day 55.6 s (57.7 s beside), 597 MB. Against the whole-window version: 1.04x the
+  speed, 0.68x the peak; against the day-by-day one: 1.22x the speed, 1.68x the peak (the staged
+  impressions now held in memory). Repeated alone later (``ingest`` timed in-process, load ~7):
+  50.0 s, 981 MB; with ``stage_memory_bytes`` 200 MB (part spilled) beside it: 54.2 s, 761 MB. Both
+  byte-identical to the day-by-day version's output (part file, quarantine, summary, oracle). So: the
+  whole-window version's speed, within the ~10% that repeats vary by under this load.
+- 3M (2,990,688 rows): this version 151.2 s CPU, peak 1,550 MB; whole-window 155.6 s, 3,968 MB
+  (run alongside): 1.03x the speed, 0.39x the peak. Day-by-day, earlier run above: 1,297 MB.
 """
 
 from __future__ import annotations
@@ -121,31 +138,44 @@ def _child_ingest(engine: str, raw: str, out: str, start: str, end: str, workers
     else:
         from apem.dataplane.ingest_beam import ingest_beam as run
         kwargs = {"pipeline_args": ENGINES[engine] + [f"--direct_num_workers={workers}"]}
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), os.times()
     summary = run(raw, dt.date.fromisoformat(start), dt.date.fromisoformat(end), out, overwrite=True, **kwargs)
-    seconds = time.perf_counter() - began
-    return {"seconds": seconds, "rows": summary["rows"], "events_read": summary["events_read"],
+    seconds, cpu = time.perf_counter() - began, os.times()
+    cpu_seconds = sum(getattr(cpu, f) - getattr(cpu_began, f) for f in ("user", "system", "children_user", "children_system"))
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "rows": summary["rows"], "events_read": summary["events_read"],
             "quarantine": summary["quarantine"], "shards": summary.get("shards"),
             "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "maxrss_largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int, baseline: str | None) -> dict:
-    results = {}
+def _runs(engines: list[str], baselines: list[str]) -> list[tuple[str, str, str | None]]:
+    """(result name, engine, checkout to import apem from) for each run: local_baseline once per checkout."""
+    runs = []
     for engine in engines:
-        answer, peak = _run_child(["--child", "ingest", engine, raw, os.path.join(work, f"out-{engine}"),
-                                   window["start"], window["end"], str(workers)],
-                                  pythonpath=baseline if engine == "local_baseline" else None)
-        results[engine] = {
-            "seconds": round(answer["seconds"], 2), "rows": answer["rows"], "events_read": answer["events_read"],
+        if engine != "local_baseline":
+            runs.append((engine, engine, None))
+        for k, checkout in enumerate(baselines if engine == "local_baseline" else []):
+            runs.append((engine if len(baselines) == 1 else f"{engine}_{k + 1}", engine, checkout))
+    return runs
+
+
+def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int, baselines: list[str]) -> dict:
+    results = {}
+    for name, engine, checkout in _runs(engines, baselines):
+        answer, peak = _run_child(["--child", "ingest", engine, raw, os.path.join(work, f"out-{name}"),
+                                   window["start"], window["end"], str(workers)], pythonpath=checkout)
+        results[name] = {
+            "checkout": checkout, "seconds": round(answer["seconds"], 2), "cpu_seconds": round(answer["cpu_seconds"], 1),
+            "rows": answer["rows"], "events_read": answer["events_read"],
             "rows_per_s": round(answer["rows"] / answer["seconds"]),
             "events_per_s": round(answer["events_read"] / answer["seconds"]),
             "peak_tree_rss_mb": round(peak / 2**20), "maxrss_self_mb": round(answer["maxrss_self_mb"]),
             "maxrss_largest_worker_mb": round(answer["maxrss_largest_worker_mb"]),
-            "quarantine": answer["quarantine"], "shards": answer["shards"]}
-        print(json.dumps({engine: results[engine]}), flush=True)
-        shutil.rmtree(os.path.join(work, f"out-{engine}"), ignore_errors=True)
-        shutil.rmtree(os.path.join(work, f"out-{engine}_quarantine"), ignore_errors=True)
+            "quarantine": answer["quarantine"], "shards": answer["shards"],
+            "load_average_after": [round(x, 1) for x in os.getloadavg()]}
+        print(json.dumps({name: results[name]}), flush=True)
+        shutil.rmtree(os.path.join(work, f"out-{name}"), ignore_errors=True)
+        shutil.rmtree(os.path.join(work, f"out-{name}_quarantine"), ignore_errors=True)
     return results
 
 
@@ -166,9 +196,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="--direct_num_workers for the multi-process and multi-thread modes")
     parser.add_argument("--workdir", default=None, help="keep the generated logs here (reused when present)")
-    parser.add_argument("--baseline-checkout", default=None,
+    parser.add_argument("--baseline-checkout", action="append", default=[],
                         help="a checkout of an earlier commit (git worktree add DIR COMMIT): the engine "
-                             "local_baseline runs its single-process ingest, for before/after in one run")
+                             "local_baseline runs its single-process ingest, for before/after in one run; "
+                             "repeat it to compare several (results local_baseline_1, _2, ...)")
     args = parser.parse_args()
     if "local_baseline" in args.engines and not args.baseline_checkout:
         parser.error("the engine local_baseline needs --baseline-checkout")
@@ -190,6 +221,8 @@ def main() -> None:
         if reference and engine != "local":
             assert (result["rows"], result["quarantine"]) == (reference["rows"], reference["quarantine"]), engine
             result["ratio_vs_local"] = round(result["rows_per_s"] / reference["rows_per_s"], 3)
+            result["cpu_ratio_vs_local"] = round(reference["cpu_seconds"] / result["cpu_seconds"], 3)
+            result["peak_ratio_vs_local"] = round(result["peak_tree_rss_mb"] / reference["peak_tree_rss_mb"], 3)
     print(json.dumps({"impressions": args.impressions, "days": args.days, "cpu_count": os.cpu_count(),
                       "workers": args.workers, "generate_s": round(generated_s, 1), "window": window,
                       "results": results}, indent=2))

@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-missing-days", action="store_true", help="skip missing or empty partitions")
     p.add_argument("--file-format", choices=("jsonl", "csv", "parquet"), default=None,
                    help="read only files of this format (default: by file extension)")
+    p.add_argument("--stage-memory-mb", type=int, default=None,
+                   help="--engine local: memory for the checked impressions while the later days are read "
+                        "(estimated; ~530 MB for 1M impressions); beyond it they wait on disk in OUT's "
+                        "staging, slower but bounded (default: 768, STAGE_MEMORY_BYTES in apem.dataplane.ingest)")
     add_engine_flags(p, "ingest")
     add_overwrite_flag(p)
     p.set_defaults(handler=run_ingest, accepts_unknown_args=True)
@@ -101,7 +105,8 @@ def run_ingest(args: argparse.Namespace) -> int:
             summary = ingest_beam(args.raw, args.start, args.end, args.out, runner=args.runner,
                                   pipeline_args=pipeline_args, **options)
         else:
-            summary = ingest(args.raw, args.start, args.end, args.out, **options)
+            staged = {} if args.stage_memory_mb is None else {"stage_memory_bytes": args.stage_memory_mb * 2**20}
+            summary = ingest(args.raw, args.start, args.end, args.out, **options, **staged)
     except IngestError as err:
         raise CommandError(str(err)) from None
     print(json.dumps(summary, indent=2))

@@ -37,6 +37,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,9 +279,19 @@ def _read_partition(raw_uri: str, day: dt.date, file_format: str | None, quarant
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
-def _matches(values: pd.Series, pattern: str) -> np.ndarray:
-    arr = pa.array(values.to_numpy(dtype=object), pa.string())
-    return pc.fill_null(pc.match_substring_regex(arr, pattern), False).to_numpy(zero_copy_only=False)
+def _text(values: pd.Series) -> pa.Array:
+    """A column of text (str or None) as an Arrow string array; a NaN raises (ArrowTypeError)."""
+    return pa.array(values.to_numpy(dtype=object), pa.string())
+
+
+def _matches(values: pd.Series | pa.Array, pattern: str) -> np.ndarray:
+    text = values if isinstance(values, pa.Array) else _text(values)
+    return pc.fill_null(pc.match_substring_regex(text, pattern), False).to_numpy(zero_copy_only=False)
+
+
+def _present(text: pa.Array) -> np.ndarray:
+    """Which values are there: Arrow's validity, cheaper than pandas' notna over Python objects."""
+    return text.is_valid().to_numpy(zero_copy_only=False)
 
 
 def _parse_times(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -294,8 +305,9 @@ def _feature_flags(values: pd.Series) -> tuple[bool, bool, bool]:
     """What the typing rule needs to know of one feature's values: (any present, every present value
     an integer, every value present and an integer). They combine over parts of the data with
     (or, and, and), so the Beam ingest types a column exactly as one pass over all rows would."""
-    present = values.notna().to_numpy()
-    is_int = _matches(values, _INT_RE)
+    text = _text(values)
+    present = _present(text)
+    is_int = _matches(text, _INT_RE)
     return bool(present.any()), bool(is_int[present].all()), bool(is_int.all())
 
 
@@ -318,20 +330,20 @@ def _as_int64(flags: tuple[bool, bool, bool], categorical: bool) -> bool:
 
 def _bad_feature(values: pd.Series, categorical: bool) -> np.ndarray:
     """Rows whose feature value cannot be used: a missing categorical, a numerical that does not parse."""
-    present = values.notna().to_numpy()
     if categorical:
-        return ~present
-    return present & ~_matches(values, _FLOAT_RE)
+        return ~values.notna().to_numpy()
+    text = _text(values)
+    return _present(text) & ~_matches(text, _FLOAT_RE)
 
 
 def _typed_feature(values: pd.Series, categorical: bool, as_int64: bool) -> pa.Array:
-    """The typed column of checked values (no bad ones left), following the typing rule."""
-    present = values.notna().to_numpy()
+    """The typed column of checked values (no bad ones left), following the typing rule. Missing
+    values are None here, never NaN (:func:`feature_kinds` converted every value with :func:`_text`)."""
     if as_int64:
-        return pa.array(values.where(present, None).to_numpy(dtype=object), pa.string()).cast(pa.int64())
+        return _text(values).cast(pa.int64())
     if categorical:
-        return pa.array(values.to_numpy(dtype=object), pa.string())
-    return pa.array(pd.to_numeric(values.where(present, None), errors="coerce").to_numpy(np.float64))
+        return _text(values)
+    return pa.array(pd.to_numeric(values, errors="coerce").to_numpy(np.float64))
 
 
 def _checked_arguments(start: dt.date | str, end: dt.date | str, attribution_window_days: int,
@@ -652,23 +664,32 @@ def check_usable(summary: dict, raw_uri: str, window: list[dt.date]) -> None:
 
 
 ROWS_PER_FILE = 1_000_000  # rows per part file of the dataset, as apem.data.spec.write_dataset lays them out
-STAGED_DIR = "_impressions"  # inside the dataset's staging: the window's screened impressions, by event date
+STAGED_DIR = "_impressions"  # inside the dataset's staging: the screened impressions beyond the memory budget
+# The screened impressions held in memory between the two passes, at most (estimated, _estimated_bytes).
+# 1M impressions (14 days) are estimated at 0.53 GB: they stay in memory, which saves their round trip
+# through disk (from_pandas, lz4 write, read, to_pandas: ~7 s of ~45 s CPU); a larger window spills
+# the rest, so its memory stays bounded (benchmarks/bench_ingest.py has the figures).
+STAGE_MEMORY_BYTES = 768 * 2**20
+_NOT_STAGED = ["row", "partition"]  # bookkeeping that only the first pass needs (arrival order)
 
 
 @dataclass
 class _WindowPass:
     """What the day-by-day pass carries from one day to the next. Small next to a day's events:
     hashed ids, the follow-up events (a few percent of all), the quarantined impressions' ids, and
-    where the screened impressions were staged on disk, by the date of their event time."""
+    the screened impressions by the date of their event time: frames in memory up to
+    ``memory_budget`` bytes (estimated), beyond it lz4 Arrow files in ``scratch``."""
 
     window: list[dt.date]
     scratch: str
+    memory_budget: int = STAGE_MEMORY_BYTES
     event_ids: SeenKeys = field(default_factory=SeenKeys)
     impression_ids: SeenKeys = field(default_factory=SeenKeys)
     follow: list = field(default_factory=list)
     rejected_ids: set = field(default_factory=set)
     kinds: dict = field(default_factory=dict)  # the typing flags, merged over the days
-    staged: dict = field(default_factory=dict)  # event date -> staged files, in order of arrival
+    staged: dict = field(default_factory=dict)  # event date -> frames or files, in order of arrival
+    staged_bytes: int = 0  # of the frames held in memory
     missing_days: list = field(default_factory=list)
     empty_days: list = field(default_factory=list)
     events_read: int = 0
@@ -678,7 +699,7 @@ class _WindowPass:
 def _screen_day(state: _WindowPass, day: dt.date, frame: pd.DataFrame, key: str, spec: DatasetSpec,
                 quarantine: Quarantine) -> None:
     """Rules 2, 3 and 2's feature part for one day's events, deduplicated against the earlier days
-    (hashed ids). Follow-ups are kept for later; the window's screened impressions go to disk."""
+    (hashed ids). Follow-ups are kept for later; the window's screened impressions are staged."""
     events = drop_duplicate_ids(prepare_events(frame, key, spec, quarantine), quarantine, state.event_ids)
     is_imp = (events["event_type"] == IMPRESSION).to_numpy()
     state.follow.append(events[~is_imp])
@@ -689,11 +710,51 @@ def _screen_day(state: _WindowPass, day: dt.date, frame: pd.DataFrame, key: str,
     kinds, imps, rejected_ids = screen_impressions(imps, spec, quarantine)
     state.kinds = merge_feature_kinds(state.kinds, kinds) if state.kinds else kinds
     state.rejected_ids |= rejected_ids
+    _stage(state, day, imps.drop(columns=_NOT_STAGED))
+
+
+def _stage(state: _WindowPass, day: dt.date, imps: pd.DataFrame) -> None:
+    """Keep one arrival day's screened impressions for the second pass, split by event date: in
+    memory while the budget allows, else on disk (the same rows either way: the output does not
+    depend on the budget)."""
     dates = imps["t"].to_numpy().astype("datetime64[D]")
+    row_bytes = _estimated_bytes(imps) / max(1, len(imps))
     for date in np.unique(dates):
-        path = os.path.join(state.scratch, f"{date}_{day.isoformat()}.arrow")
-        feather.write_feather(pa.Table.from_pandas(imps[dates == date], preserve_index=False), path, compression="lz4")
-        state.staged.setdefault(str(date), []).append(path)
+        part = imps[dates == date]
+        size = int(row_bytes * len(part))
+        if state.staged_bytes + size <= state.memory_budget:
+            state.staged_bytes += size
+        else:
+            path = os.path.join(state.scratch, f"{date}_{day.isoformat()}.arrow")
+            feather.write_feather(pa.Table.from_pandas(part, preserve_index=False), path, compression="lz4")
+            part = path
+        state.staged.setdefault(str(date), []).append(part)
+
+
+def _unstaged(entries: list) -> pd.DataFrame:
+    """The staged impressions of one event date, in order of arrival, as one frame."""
+    frames = [e if isinstance(e, pd.DataFrame) else feather.read_table(e).to_pandas() for e in entries]
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def _estimated_bytes(frame: pd.DataFrame, sample_rows: int = 500) -> int:
+    """Memory a frame holds, estimated from an evenly spaced sample of its rows: 8 bytes a cell,
+    plus the Python objects of each object column: scaled to the frame where most of the sample's
+    objects are distinct (ids, times, numbers as text), counted once where they repeat (a small
+    vocabulary: Arrow's to_pandas makes equal strings one object). Cheap and deterministic."""
+    rows = len(frame)
+    if rows == 0:
+        return 0
+    sample = frame.iloc[::max(1, rows // sample_rows)]
+    total = 8 * rows * frame.shape[1]
+    for column in frame.columns:
+        values = sample[column].to_numpy()
+        if values.dtype != object:
+            continue
+        distinct = {id(v): sys.getsizeof(v) for v in values}
+        held = sum(distinct.values())
+        total += held * rows / len(values) if 2 * len(distinct) > len(values) else held
+    return int(total)
 
 
 def _read_days(raw_uri: str, days: list[dt.date], file_format: str | None, key: str, spec: DatasetSpec,
@@ -748,7 +809,7 @@ def _write_rows(state: _WindowPass, key: str, spec: DatasetSpec, attribution_win
     claimed = np.zeros(len(follow), bool)
     label_sums, ids = dict.fromkeys(spec.labels, 0), []
     for date in sorted(state.staged):
-        imps = pd.concat([feather.read_table(p).to_pandas() for p in state.staged[date]], ignore_index=True, sort=False)
+        imps = _unstaged(state.staged.pop(date))  # popped: the memory of the dates done is freed as we go
         theirs = follow["impression_id"].isin(imps["impression_id"]).to_numpy()
         claimed |= theirs
         rows = impression_rows(imps, follow[theirs], spec, attribution_window_days, quarantine)
@@ -763,15 +824,17 @@ def _write_rows(state: _WindowPass, key: str, spec: DatasetSpec, attribution_win
 
 def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSpec | None = None,
            attribution_window_days: int = 3, allow_missing_days: bool = False,
-           file_format: str | None = None, overwrite: bool = False) -> dict:
+           file_format: str | None = None, overwrite: bool = False,
+           stage_memory_bytes: int = STAGE_MEMORY_BYTES) -> dict:
     """Ingest the partitions ``[start, end]`` of ``raw_uri`` into a dataset at ``out`` (local or gs://);
     the quarantine goes to :func:`quarantine_path` (``out + "_quarantine"``). Returns the summary.
     The stages follow the rules of the module docstring; only an earlier dataset and quarantine
     (or anything, with ``overwrite``) are replaced, never the raw input. One process reads the
     window a day at a time, so its memory follows a day's events, not the window's: ids are
-    deduplicated across days by hash, the screened impressions wait on disk for the follow-ups of
-    every day (an lz4 Arrow copy in the output's staging, removed before publishing), and the
-    dataset is written one event date at a time, in the order and part files of one sort.
+    deduplicated across days by hash, the screened impressions wait for the follow-ups of every day
+    (in memory up to ``stage_memory_bytes``, beyond it as lz4 Arrow files in the output's staging,
+    removed before publishing), and the dataset is written one event date at a time, in the order
+    and part files of one sort.
     :mod:`apem.dataplane.ingest_beam` applies the same rules on Apache Beam."""
     claim_outputs(raw_uri, out, overwrite)
     spec = spec or default_spec()
@@ -779,9 +842,10 @@ def ingest(raw_uri: str, start: dt.date, end: dt.date, out: str, spec: DatasetSp
     window, lookahead = window_days(start, end, attribution_window_days, file_format)
     quarantine, ignored = Quarantine(), []
     with storage.local_output(out) as staging:
-        state = _WindowPass(window, os.path.join(staging, STAGED_DIR))
+        state = _WindowPass(window, os.path.join(staging, STAGED_DIR), stage_memory_bytes)
         os.makedirs(state.scratch)
         _read_days(raw_uri, window + lookahead, file_format, key, spec, quarantine, ignored, state)
+        state.event_ids = state.impression_ids = None  # every day is read: the seen ids are done with
         check_window(raw_uri, window, state.missing_days, state.empty_days, allow_missing_days, state.events_read)
         writer = _PartWriter(staging, spec)
         unclaimed, label_sums, ids = _write_rows(state, key, spec, attribution_window_days, quarantine, writer)

@@ -3,6 +3,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
@@ -207,3 +208,45 @@ def test_events_across_days_are_joined_and_deduplicated_as_over_the_whole_window
         ("b-click", "event_id seen before"), ("dupe-again", "second event of this step for the impression"),
         ("dupe-impression", "event_id seen before")]
     assert q.set_index("event_id").loc["dupe-impression", "source"].endswith("dt=2026-01-02/events.jsonl")
+
+
+def _written(out, summary: dict) -> tuple:
+    """What an ingest wrote, as bytes: its part files, its quarantine, and its summary (less its paths)."""
+    parts = {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
+    quarantine = (out.parent / f"{out.name}_quarantine" / QUARANTINE_FILE).read_bytes()
+    return parts, quarantine, {k: v for k, v in summary.items() if k not in ("dataset", "quarantine_path")}
+
+
+def _ingest_on_disk(raw: str, start: dt.date, end: dt.date, out, *options: str) -> dict:
+    """Ingest through the command with no memory for the staged impressions: every one spills."""
+    assert apem_main(["ingest", "--raw", raw, "--start", start.isoformat(), "--end", end.isoformat(),
+                      "--out", str(out), "--stage-memory-mb", "0", *options]) == 0
+    return json.loads((out.parent / f"{out.name}_quarantine" / "ingest.json").read_text())
+
+
+def test_staged_impressions_spilled_to_disk_give_the_same_output(handmade, synthetic, tmp_path, monkeypatch):
+    """The screened impressions wait for the second pass in memory up to a budget, beyond it on disk:
+    all in memory, all on disk and a mix must write the same part files, quarantine and summary,
+    byte for byte. The handmade days' funnel-order quarantine is made in the second pass, from the
+    staged rows (so every column must come back from disk); the synthetic days fill several parts."""
+    real_write, spilled = feather.write_feather, []
+    monkeypatch.setattr("apem.dataplane.ingest.feather.write_feather",
+                        lambda table, path, **kw: (spilled.append(path), real_write(table, path, **kw)))
+    memory = _written(tmp_path / "h1", ingest(handmade, DAY1, DAY2, str(tmp_path / "h1"), attribution_window_days=1))
+    assert not spilled and memory[2]["quarantine"]["out_of_order_steps"] == 2
+    disk = _written(tmp_path / "h2", _ingest_on_disk(handmade, DAY1, DAY2, tmp_path / "h2", "--attribution-days", "1"))
+    assert spilled and disk == memory
+
+    root, config, _ = synthetic
+    monkeypatch.setattr("apem.dataplane.ingest.ROWS_PER_FILE", 700)  # several part files
+    end = config.start + dt.timedelta(days=config.days - 2)
+    spilled.clear()
+    memory = _written(tmp_path / "s1", ingest(str(root / "jsonl"), config.start, end, str(tmp_path / "s1")))
+    mixed = _written(tmp_path / "s2", ingest(str(root / "jsonl"), config.start, end, str(tmp_path / "s2"),
+                                             stage_memory_bytes=600_000))
+    spilled_mixed = len(spilled)
+    disk = _written(tmp_path / "s3", _ingest_on_disk(str(root / "jsonl"), config.start, end, tmp_path / "s3"))
+    assert len(memory[0]) == 3  # more than 1,400 rows
+    assert 0 < spilled_mixed < len(spilled) - spilled_mixed
+    assert disk == memory and mixed == memory
+    assert not list(tmp_path.rglob("*.arrow"))  # the staging is gone
