@@ -20,7 +20,9 @@ these short runs: predict takes the general path), ``apem_nothing`` (with
 gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
 row, ``gather_fields=False``, as before the distinct-rows path) and, for predict only,
 ``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through the
-lookup tables as they were before the fused path, :mod:`previous_folded_apem`). The machine may be shared, so training is interleaved: the rows are cut
+lookup tables as they were before the fused path, :mod:`previous_folded_apem`) and
+``apem_all_points`` and ``apem_nothing_all_points`` (the same trained models through the fused path as
+it was before it skipped the points no row of a chunk selects, :mod:`all_points_folded_apem`). The machine may be shared, so training is interleaved: the rows are cut
 into ``--rounds`` chunks and each round trains every model on the next chunk, in alternating order.
 """
 
@@ -39,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from all_points_folded_apem import AllPointsFoldedAPEM  # noqa: E402
 from bench_model import day_split  # noqa: E402
 from previous_folded_apem import PreviousFoldedAPEM  # noqa: E402
 
@@ -87,12 +90,14 @@ def time_training(models: dict, data: EncodedData, args) -> dict[str, float]:
 
 
 PREVIOUS_TABLES = "_previous_tables"  # suffix of a predict-only variant: the trained model, the tables before
+ALL_POINTS = "_all_points"  # suffix of a predict-only variant: the trained model, every point of every chunk
 
 
 def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) -> dict[str, float]:
     dirs = {name: save_model(os.path.join(root, f"model-{name}"), model.eval(), encoder, spec)
             for name, model in models.items()}
     dirs.update({name + PREVIOUS_TABLES: dirs[name] for name in ("apem", "apem_fixed_rate")})
+    dirs.update({name + ALL_POINTS: dirs[name] for name in ("apem", "apem_nothing")})
     seconds = {name: float("inf") for name in dirs}
     for r in range(args.rounds):
         for name in (list(dirs) if r % 2 == 0 else list(dirs)[::-1]):
@@ -102,6 +107,8 @@ def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) ->
                 as_reference(loaded.model)
             if name.endswith(PREVIOUS_TABLES):
                 loaded.model.inference_module = lambda rows=None, m=loaded.model: PreviousFoldedAPEM(m)
+            if name.endswith(ALL_POINTS):
+                loaded.model.inference_module = lambda rows=None, m=loaded.model: AllPointsFoldedAPEM(m)
             loaded.predict_table(read_dataset(data_dir).table, batch_size=args.predict_batch_size)
             seconds[name] = min(seconds[name], time.perf_counter() - started)
     return seconds
@@ -150,8 +157,8 @@ def gpu_samples_per_s(data: EncodedData, fields, n_tasks: int) -> dict[str, floa
 def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict | None) -> list[tuple[str, str, str]]:
     """(figure, measured, goal) for every row of issue 9's table, reference-path figures beside."""
     out = []
-    for variant in ("apem", "apem_previous_tables", "apem_fixed_rate", "apem_fixed_rate_previous_tables",
-                    "apem_nothing", "apem_reference"):
+    for variant in ("apem", "apem_all_points", "apem_previous_tables", "apem_fixed_rate",
+                    "apem_fixed_rate_previous_tables", "apem_nothing", "apem_nothing_all_points", "apem_reference"):
         if variant not in train_s:  # a predict-only variant
             out += [(f"predict e2e {variant} / Shared-Bottom", f"{predict_s[variant] / predict_s['shared_bottom']:.2f}",
                      "<= 2.0 (stretch 1.34)"),

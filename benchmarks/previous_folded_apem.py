@@ -16,7 +16,7 @@ class PreviousFoldedAPEM(nn.Module):
 
     Every ASRG layer attends over the field embeddings H, whose rows are rows of the one embedding
     table E (C x d, C = sum of field cardinalities). So eq. 15's factored scores S_b (W^K_m I_m^T)
-    and the folded values S_b (W^V_m W^O_m) (:func:`apem.nn.attention.inducing_point_pool`) are
+    and the folded values S_b (W^V_m W^O_m) (:meth:`apem.nn.attention.InducingPointAttention.folded_weights`) are
     lookups into per-layer tables E (W^K_m I_m^T) (C x M K) and E (W^V_m W^O_m) (C x M d), computed
     once from the frozen weights: per batch the two GEMMs over B F rows become gathers. The
     selector, eq. 17, the Pattern Selector and the towers are the model's own code. Agrees with

@@ -7,16 +7,22 @@ with a frozen weight is a lookup into a table computed once:
 - the selector MLP's first layer (eq. 11): flatten(H) W_1 = sum_f E[x_f] W_1^(f), one C x hidden table
   summed per row (``embedding_bag``) instead of a (F d x hidden) product;
 - eq. 15's scores E (W^K_m I_m^T) (C x M K) and the folded values E (W^V_m W^O_m) + bias / M (C x M d)
-  (:func:`apem.nn.attention.inducing_point_pool`).
+  (:meth:`apem.nn.attention.InducingPointAttention.folded_weights`).
 
 Binary z_K (gamma at its floor: f_D gives exact 0s and 1s). Where z_k = 1 the scores are the table
 entries themselves, so the softmax weights are exp(T[x]) / sum_s exp(T[x_s]); a constant shift per
 column cancels, so a table of exp(T - column max) removes every exp at run time (kept only when every
 column's range stays far from float32 underflow). Where z_k = 0 the scores are 0: under
-``"uniform_attention"`` the point outputs mean_s sum_m V[x_s, m] (one more table, averaged per row);
+``"uniform_attention"`` the point outputs mean_s sum_m V[x_s, m] (weight 1 / S on every value row);
 under ``"contributes_nothing"`` its row gets weight 0 in the Pattern Selector, so its value is never
 used. The rare entries with a fractional z (|logit| < gamma / 2) are recomputed exactly, and a batch
 with many of them (gamma not annealed) takes the general path, which keeps the exp.
+
+Skipped points (binary path). A trained selector's choices are shared by most rows (on the synthetic funnel
+at Table 2's sizes about half of a layer's points are selected in every row, a third in none), so a chunk of rows
+computes only the points some row selects (:meth:`FoldedAPEM._chunk_points`), with no per-(row, point)
+gather. The others weigh 0 in eq. 18 under "contributes_nothing"; under "uniform_attention" they all
+equal the row's mean value row, so one slot weighted by their count stands for them all.
 
 Eq. 17 and the Pattern Selector are fused: with X = O + z I and Y = LayerNorm(X) = (X - mu) / sigma * w + b,
 the selector's scores Y W = ((X W') - mu 1^T W') / sigma + const (W' = diag(w) W, the constant
@@ -84,7 +90,6 @@ class FoldedAPEM(nn.Module):
         # each head's weights sum to 1 over the fields, so the folded bias enters as bias / M per value row
         values = torch.matmul(table, combined).view(n, -1, m, d) + bias.unsqueeze(1) / m
         self.register_buffer("value_tables", values.reshape(n, -1, m * d).contiguous())  # (L, C, M d)
-        self.register_buffer("head_sum_tables", values.sum(dim=2).contiguous())  # (L, C, d): uniform attention
         top, bottom = scores.amax(dim=1, keepdim=True), scores.amin(dim=1, keepdim=True)
         usable = float((top - bottom).max()) <= MAX_EXP_RANGE
         self.register_buffer("exp_tables", torch.exp(scores - top).contiguous() if usable else None)
@@ -117,26 +122,63 @@ class FoldedAPEM(nn.Module):
         logits = torch.cat([p.aux["logits"] for p in parts])
         return ModelOutput(probs=torch.cat([p.probs for p in parts]), aux={"logits": logits})
 
-    def _forward_chunk(self, x: torch.Tensor) -> ModelOutput:
-        model = self.model
-        idx = x + model.embedding.offsets
+    def _selection(self, x: torch.Tensor) -> tuple:
+        """(table rows idx (B, S), z_K (B, L, K), whether the binary path applies, the per-layer fix-ups)."""
+        idx = x + self.model.embedding.offsets
         hidden = functional.embedding_bag(idx, self.selector_table, mode="sum") + self.selector_bias
-        z = dynamic_activation(self.selector_rest(hidden), model.gamma).view(-1, self.layers, self.points)
+        z = dynamic_activation(self.selector_rest(hidden), self.model.gamma).view(-1, self.layers, self.points)
         z_by_layer = z.transpose(0, 1)  # (L, B, K)
         fractional = (z_by_layer > 0) & (z_by_layer < 1)
         binary = self.exp_tables is not None and int(fractional.sum()) <= MAX_FRACTIONAL_SHARE * z.numel()
         fixes = self._exact_points(idx, z_by_layer, fractional) if binary else [None] * self.layers
+        return idx, z, binary, fixes
+
+    def _forward_chunk(self, x: torch.Tensor) -> ModelOutput:
+        model = self.model
+        idx, z, binary, fixes = self._selection(x)
+        used = (z > 0).any(dim=0) if binary else None  # (L, K): points some row of the chunk selects
         t = None
         for layer in range(self.layers):
             z_l = z[:, layer]
-            pre_norm = self._binary_pool(idx, z_l, layer) if binary else self._general_pool(idx, z_l, layer)
+            if binary:
+                columns, z_l, row_weights = self._chunk_points(z_l, used[layer])
+                pre_norm = self._binary_pool(idx, z_l, columns, layer)
+            else:
+                row_weights = None if self.uniform else z_l
+                pre_norm = self._general_pool(idx, z_l, layer)
             if fixes[layer] is not None:
                 rows, points, exact = fixes[layer]
-                pre_norm[rows, points] = exact
-            task_part = self._task_part(pre_norm, z_l, layer)
+                pre_norm[rows, self._positions(columns)[points]] = exact
+            task_part = self._task_part(pre_norm, row_weights, layer)
             t = model.pattern_selector.norm(task_part if t is None else t + task_part, layer)
         logits = model.towers(t)
         return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
+
+    def _chunk_points(self, z: torch.Tensor, used: torch.Tensor) -> tuple:
+        """The points one layer computes for a chunk, (columns, their z (B, P), eq. 18's row weights).
+
+        The selector's choices are shared by most rows (points almost always or almost never
+        selected), so the points no row of the chunk selects are skipped for the whole chunk: no
+        (row, point) gather. Under "contributes_nothing" they have weight 0 in eq. 18; under
+        "uniform_attention" they all equal the row's mean value row, so one extra slot (a de-selected
+        column, z = 0) stands for them with their count as its row weight (None: a plain softmax)."""
+        columns = used.nonzero().view(-1)
+        if columns.numel() == 0:  # keep one (de-selected) column so every shape stays non-empty
+            columns = used.new_zeros(1, dtype=torch.long)
+        chosen = z.index_select(1, columns)
+        if not self.uniform:
+            return columns, chosen, chosen
+        rest = self.points - columns.numel()
+        if rest == 0:
+            return columns, chosen, None
+        row_weights = torch.ones(1, columns.numel() + 1)
+        row_weights[0, -1] = rest
+        return torch.cat([columns, columns[:1]]), functional.pad(chosen, (0, 1)), row_weights
+
+    def _positions(self, columns: torch.Tensor) -> torch.Tensor:
+        """Where each of the K points sits among ``columns`` (the first occurrence; -1 if absent)."""
+        positions = torch.full((self.points,), -1, dtype=torch.long)
+        return positions.index_put_((columns.flip(0),), torch.arange(columns.numel() - 1, -1, -1))
 
     def _general_pool(self, idx: torch.Tensor, z: torch.Tensor, layer: int) -> torch.Tensor:
         """X = O + z I of one layer for any z (eq. 14-17 before the norm), (B, K, d), with run-time exps."""
@@ -147,22 +189,36 @@ class FoldedAPEM(nn.Module):
         values = functional.embedding(idx, self.value_tables[layer]).view(b, s * m, d)
         return (z.unsqueeze(-1) * self.inducing[layer]).baddbmm_(weights.view(b, s * m, k).transpose(1, 2), values)
 
-    def _binary_pool(self, idx: torch.Tensor, z: torch.Tensor, layer: int) -> torch.Tensor:
-        """X = O + z I of one layer where z is 0 or 1, without exps; fractional entries are left to fix-ups."""
+    def _binary_pool(self, idx: torch.Tensor, z: torch.Tensor, columns: torch.Tensor, layer: int) -> torch.Tensor:
+        """X = O + z I of one layer at the points ``columns`` (z (B, P) there is 0 or 1), (B, P, d),
+        without exps; fractional entries are left to fix-ups."""
         b, s = idx.shape
-        m, k, d = self.heads, self.points, self.dim
-        weights = functional.embedding(idx, self.exp_tables[layer])  # (B, S, M K)
-        scale = weights.sum(dim=1).reciprocal_().view(b, m, k)
+        m, k, d, p = self.heads, self.points, self.dim, columns.numel()
+        weights = self._exp_weights(idx, columns, layer)  # (B, S, M P)
+        scale = weights.sum(dim=1).reciprocal_().view(b, m, p)
         selected = z == 1
-        if self.uniform:  # a de-selected point attends uniformly: its output is the mean of the value rows
+        inducing = self.inducing[layer].index_select(0, columns)
+        if self.uniform:  # a de-selected point attends uniformly (weight 1 / S): its output is the mean value row
             scale.mul_(selected.unsqueeze(1))
-            mean_values = functional.embedding_bag(idx, self.head_sum_tables[layer], mode="mean")
-            start = torch.lerp(mean_values.unsqueeze(1), self.inducing[layer], selected.unsqueeze(-1).to(scale.dtype))
+            uniform = (~selected).to(scale.dtype).div_(s).unsqueeze(1).expand(b, m, p)
+            torch.addcmul(uniform.reshape(b, 1, m * p), weights, scale.view(b, 1, m * p), out=weights)
+            start = inducing * selected.unsqueeze(-1)
         else:  # "contributes_nothing": a de-selected row has weight 0 downstream, any finite value will do
-            start = self.inducing[layer].expand(b, k, d).clone()
-        weights.mul_(scale.view(b, 1, m * k))
+            weights.mul_(scale.view(b, 1, m * p))
+            start = inducing.expand(b, p, d).clone()
         values = functional.embedding(idx, self.value_tables[layer]).view(b, s * m, d)
-        return start.baddbmm_(weights.view(b, s * m, k).transpose(1, 2), values)
+        return start.baddbmm_(weights.view(b, s * m, p).transpose(1, 2), values)
+
+    def _exp_weights(self, idx: torch.Tensor, columns: torch.Tensor, layer: int) -> torch.Tensor:
+        """exp(scores - column max) of the rows' fields at the points ``columns``, (B, S, M P)."""
+        table = self.exp_tables[layer]  # (C, M K)
+        b, s = idx.shape
+        m, k, p = self.heads, self.points, columns.numel()
+        if p == k and bool((columns == torch.arange(k)).all()):
+            return functional.embedding(idx, table)
+        if table.shape[0] <= idx.numel():  # copying the table's columns is cheaper than compacting the lookups
+            return functional.embedding(idx, table.view(-1, k).index_select(1, columns).view(-1, m * p))
+        return functional.embedding(idx, table).view(b * s * m, k).index_select(1, columns).view(b, s, m * p)
 
     def _exact_points(self, idx: torch.Tensor, z: torch.Tensor, fractional: torch.Tensor) -> list:
         """X = O + z I for the entries with a fractional z (all layers in one pass); per layer
@@ -184,15 +240,16 @@ class FoldedAPEM(nn.Module):
         return [None if not c else parts for c, parts in
                 zip(counts, zip(rows.split(counts), points.split(counts), exact.split(counts)))]
 
-    def _task_part(self, pre_norm: torch.Tensor, z: torch.Tensor, layer: int) -> torch.Tensor:
-        """F^k (B, N, d) of eq. 18 from X = O + z I (B, K, d), eq. 17's LayerNorm fused in."""
+    def _task_part(self, pre_norm: torch.Tensor, row_weights: torch.Tensor | None, layer: int) -> torch.Tensor:
+        """F^k (B, N, d) of eq. 18 from X = O + z I (B, P, d), eq. 17's LayerNorm fused in; ``row_weights``
+        ((B or 1, P), None: all 1) weigh each row in the selector's softmax (see :meth:`_selector_weights`)."""
         b, k, d = pre_norm.shape
         flat = pre_norm.view(b * k, d)
         projected = self.score_rows[layer] @ flat.t()  # (NM + 1, B K): X W' and the row sums
         mean = projected[-1] / d
         variance = (flat.square() @ self.ones).view(-1) / d - mean.square()
         inv_std = variance.clamp_min_(0).add_(self.eps).rsqrt_()
-        weights = self._selector_weights(projected[:-1], mean, inv_std, z, layer)  # (Q, B, K)
+        weights = self._selector_weights(projected[:-1], mean, inv_std, row_weights, (b, k), layer)  # (Q, B, P)
         scaled = weights * inv_std.view(1, b, k)
         pooled = torch.bmm(scaled.transpose(0, 1), pre_norm)  # (B, Q, d)
         centre = (scaled * mean.view(1, b, k)).sum(dim=-1).t().unsqueeze(-1)  # (B, Q, 1)
@@ -204,16 +261,17 @@ class FoldedAPEM(nn.Module):
         return parts.view(b, self.model.n_tasks, d)
 
     def _selector_weights(self, raw: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
-                          z: torch.Tensor, layer: int) -> torch.Tensor:
-        """Eq. 18's attention weights over the K rows per (task, head), (Q, B, K); Q = 1 for the mean
-        of "w/o PS". Under "contributes_nothing" a row weighs z_k (:func:`apem.nn.attention.weighted_softmax`)."""
-        b, k = z.shape
+                          row_weights: torch.Tensor | None, shape: tuple[int, int], layer: int) -> torch.Tensor:
+        """Eq. 18's attention weights over the P rows per (task, head), (Q, B, P); Q = 1 for the mean
+        of "w/o PS". A row weighs ``row_weights`` (:func:`apem.nn.attention.weighted_softmax`): z_k under
+        "contributes_nothing", the number of points a row stands for under "uniform_attention"."""
+        b, k = shape
         if not self.task_indicators:
-            weights = torch.ones(1, b, k) if self.uniform else z.unsqueeze(0).clone()
+            weights = torch.ones(1, b, k) if row_weights is None else row_weights.expand(b, k).unsqueeze(0)
             return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         scores = raw.addcmul(self.score_shift[layer], mean.view(1, -1), value=-1.0)
         scores = scores.mul_(inv_std.view(1, -1)).view(-1, b, k)
-        if self.uniform:
+        if row_weights is None:
             return torch.softmax(scores, dim=-1)
-        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * z.unsqueeze(0)
+        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * row_weights.unsqueeze(0)
         return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)

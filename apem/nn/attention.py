@@ -120,93 +120,6 @@ def _softmax_backward_(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return grad.addcmul_(weights, grad.sum(dim=1, keepdim=True), value=-1.0)
 
 
-class _InducingPointPool(torch.autograd.Function):
-    """Autograd for :func:`inducing_point_pool`, layer by layer with a hand-written backward.
-
-    Saves per layer the raw scores, the softmax weights and the folded values; backward reuses
-    them in place (one GEMM per factor), as :class:`_MaskedSoftmaxPool` does for the unfolded form.
-    """
-
-    @staticmethod
-    def forward(ctx, source, factor, mask, combined, bias, heads):
-        out, raws, weights, values = _inducing_point_pool_forward(source, factor, mask, combined, bias, heads,
-                                                                  keep=True)
-        ctx.heads = heads
-        ctx.save_for_backward(source, factor, mask, combined, *raws, *weights, *values)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        source, factor, mask, combined, *rest = ctx.saved_tensors
-        n = factor.shape[0]
-        raws, weights, values = rest[:n], rest[n:2 * n], rest[2 * n:]
-        b, s, d = source.shape
-        m, k = ctx.heads, mask.shape[2]
-        dv = combined.shape[2] // m
-        flat = source.reshape(b * s, d)
-        grad_out = grad_out.contiguous()
-        grad_flat = torch.zeros_like(flat)
-        grad_factor, grad_combined = torch.empty_like(factor), torch.empty_like(combined)
-        grad_mask = torch.empty_like(mask)
-        grad_bias = grad_out.sum(dim=(1, 2)).unsqueeze(1)  # (L', 1, dv)
-        for layer in range(n):
-            g = grad_out[layer]  # (B, K, dv)
-            grad_values = torch.bmm(weights[layer].view(b, s * m, k), g).view(b * s, m * dv)  # through the pooling
-            grad_w = _softmax_backward_(torch.bmm(values[layer], g.transpose(1, 2)).view(b, s, m * k), weights[layer])
-            grad_mask[:, layer] = raws[layer].mul_(grad_w).view(b, s * m, k).sum(dim=1)  # raw is not needed again
-            grad_raw = grad_w.view(b, s, m, k).mul_(mask[:, layer].reshape(b, 1, 1, k)).view(b * s, m * k)
-            grad_flat.addmm_(grad_raw, factor[layer].t()).addmm_(grad_values, combined[layer].t())
-            torch.mm(flat.t(), grad_raw, out=grad_factor[layer])
-            torch.mm(flat.t(), grad_values, out=grad_combined[layer])
-        return grad_flat.view(b, s, d), grad_factor, grad_mask, grad_combined, grad_bias, None
-
-
-def _inducing_point_pool_forward(source, factor, mask, combined, bias, heads, keep=False):
-    """The forward of :func:`inducing_point_pool`; with ``keep`` also the per-layer tensors backward needs."""
-    b, s, d = source.shape
-    n, m, k = factor.shape[0], heads, mask.shape[2]
-    dv = combined.shape[2] // m
-    flat = source.reshape(b * s, d)
-    tracing = torch.jit.is_tracing()  # a traced graph gets out-of-place ops and no preallocated output
-    out = None if tracing else source.new_empty(n, b, k, dv)
-    parts, raws, weights, values = [], [], [], []
-    for layer in range(n):
-        raw = (flat @ factor[layer]).view(b, s, m, k)
-        scores = (raw * mask[:, layer].reshape(b, 1, 1, k)).view(b, s, m * k)
-        scores = torch.softmax(scores, dim=1) if tracing else softmax_over_sources_(scores)
-        value = (flat @ combined[layer]).view(b, s * m, dv)  # S_b W^V_m W^O_m, rows (field, head)
-        pooled_t = scores.view(b, s * m, k).transpose(1, 2)  # (B, K, S M): the sum runs over fields and heads
-        if tracing:
-            parts.append(torch.baddbmm(bias[layer], pooled_t, value))
-        else:
-            torch.baddbmm(bias[layer].expand(b, k, dv), pooled_t, value, out=out[layer])
-        if keep:
-            raws.append(raw.view(b, s, m * k))
-            weights.append(scores)
-            values.append(value)
-    return (torch.stack(parts) if tracing else out), raws, weights, values
-
-
-@float32_outside_autocast
-def inducing_point_pool(source: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor, combined: torch.Tensor,
-                        bias: torch.Tensor, heads: int) -> torch.Tensor:
-    """Eq. 15-16 for L' layers of learnt queries, with the value and output projections folded in.
-
-    Per layer l, sample b and query k: O[l, b, k] = bias_l + sum_{m, s} A[b, s, m, k] (S_b[s] C_{l, m}), with
-    A = softmax over the S source rows of mask[b, l, k] * (S_b factor_l)[:, m, k] and C_{l, m} = W^V_m W^O_m.
-    Pooling the d-wide value rows S_b C_{l,m} directly (instead of pooling S_b, then multiplying
-    the (L, B K, M d) pooled heads by the stacked W^V W^O blocks) drops that product and its
-    permute copies: per layer one score GEMM, one (S M)-deep bmm and one small value GEMM.
-
-    source (B, S, d), factor (L', d, M K) with columns (head, query), mask (B, L', K) contiguous,
-    combined (L', d, M d_v) with column blocks C_{l, m}, bias (L', 1, d_v) -> (L', B, K, d_v).
-    """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (source, factor, mask, combined, bias)):
-        return _InducingPointPool.apply(source, factor, mask, combined, bias, heads)
-    return _inducing_point_pool_forward(source, factor, mask, combined, bias, heads)[0]
-
-
 def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Sum the (N, C) rows of ``grad`` into (n_rows, C) by ``index`` (N,): a gather's backward.
     ``scatter_add_`` measured ~3x faster than ``index_add_`` (a tensor op per row on CPU) here."""
@@ -298,17 +211,23 @@ def _gathered_pool_layer_backward(rows, index, factor, mask, combined, weights, 
 def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
                   combined: torch.Tensor, bias: torch.Tensor, queries: torch.Tensor, heads: int
                   ) -> tuple[torch.Tensor, ...]:
-    """:func:`inducing_point_pool` over sources that are rows of a small table (source = rows[index]),
-    plus eq. 17's residual: per layer O + Q_hat with Q_hat = queries (.) mask (eq. 14).
+    """Eq. 15-16 for L' layers of learnt queries, with the value and output projections folded in, over
+    sources that are rows of a small table (source = rows[index]), plus eq. 17's residual: per layer
+    O + Q_hat with Q_hat = queries (.) mask (eq. 14).
 
-    APEM's sources are embedding rows, and a batch of B S fields uses far fewer distinct rows U
-    (about 1k of 16k at batch 1024 on the synthetic funnel), so the score and value products are
-    taken once per distinct row ((U, M K) and (U, M d_v) tables) and gathered, and their gradients
-    are summed per row before the GEMMs. The work left per sample is the softmax and the pooling.
+    Per layer l, sample b and query k: O[l, b, k] = bias_l + sum_{m, s} A[b, s, m, k] (S_b[s] C_{l, m}), with
+    A = softmax over the S source rows of mask[b, l, k] * (S_b factor_l)[:, m, k] and C_{l, m} = W^V_m W^O_m:
+    pooling the d-wide value rows S_b C_{l, m} directly drops the product of the pooled heads with
+    the stacked W^V W^O blocks. APEM's sources are embedding rows, and a batch of B S fields uses far
+    fewer distinct rows U (about 1k of 16k at batch 1024 on the synthetic funnel), so the score and
+    value products are taken once per distinct row ((U, M K) and (U, M d_v) tables) and gathered, and
+    their gradients are summed per row before the GEMMs. The work left per sample is the softmax and
+    the pooling.
 
-    rows (U, d), index (B, S) long into rows, queries (L', K, d_v) (the inducing points), the rest as
-    :func:`inducing_point_pool` -> a tuple of L' tensors (B, K, d_v), one per layer (so that each
-    layer's LayerNorm runs on its own contiguous tensor).
+    rows (U, d), index (B, S) long into rows, factor (L', d, M K) with columns (head, query), mask
+    (B, L', K) contiguous, combined (L', d, M d_v) with column blocks C_{l, m}, bias (L', 1, d_v),
+    queries (L', K, d_v) (the inducing points) -> a tuple of L' tensors (B, K, d_v), one per layer (so
+    that each layer's LayerNorm runs on its own contiguous tensor).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, factor, mask, combined, bias, queries)):
         return _GatheredPool.apply(rows, index, factor, mask, combined, bias, queries, heads)
@@ -461,8 +380,9 @@ class InducingPointAttention(nn.Module):
         self.n_points, self.heads = n_points, heads
 
     def folded_weights(self, layers: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The per-layer factors of :func:`inducing_point_pool`: score factor W^K_m I_m^T (L', d, M K),
-        columns (head, point); value-output blocks W^V_m W^O_m (L', d, M d), columns (head, out); bias (L', 1, d)."""
+        """The per-layer factors of :func:`gathered_pool` (and of the predict-time tables of
+        :mod:`apem.models.apem_folded`): score factor W^K_m I_m^T (L', d, M K), columns (head, point);
+        value-output blocks W^V_m W^O_m (L', d, M d), columns (head, out); bias (L', 1, d)."""
         n, k, m, d = self.inducing[layers].shape[0], self.n_points, self.heads, self.attention.dim
         factor = self.attention.score_factor(self.inducing[layers], layers).permute(0, 1, 3, 2).reshape(n, d, m * k)
         combined, bias = self.attention.value_out(layers)  # (L', M d, d): rows (head, in)
@@ -472,15 +392,6 @@ class InducingPointAttention(nn.Module):
         """Eq. 17's Y = LayerNorm(Q_hat + O) with Q_hat = I (.) z_K (eq. 14) fused into one pass, (L', B, K, d)."""
         return self.norm(torch.addcmul(out, self.inducing[layers].unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)),
                          layers)
-
-    def forward_folded(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        """The same as :meth:`forward`, layer by layer with W^V W^O folded into the pooled values
-        (:func:`inducing_point_pool`). Not the default: measured 1.37x slower in training than
-        :meth:`forward` on this 2-core AVX2 machine (bench_speed_table, 20k rows, 2 threads); kept,
-        pinned to :meth:`forward` by tests, for re-measurement on other hardware."""
-        factor, combined, bias = self.folded_weights(layers)
-        return self.residual_norm(inducing_point_pool(source, factor, mask.contiguous(), combined, bias, self.heads),
-                                  mask, layers)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
                 index: torch.Tensor | None = None) -> torch.Tensor:

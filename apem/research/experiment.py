@@ -297,7 +297,9 @@ def summarize(runs: list[dict], labels: list[str], models: list[str], oracle: di
     return summary
 
 
-def _fmt(value, spec: str = ".4f", missing: str = "–") -> str:
+def format_cell(value, spec: str = ".4f", missing: str = "–") -> str:
+    """A number for a Markdown table cell; ``missing`` for None, NaN or infinity (a model without a
+    result, a one-seed std), so a report never shows "nan"."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return missing
     return format(value, spec)
@@ -320,23 +322,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     oracle = report.get("oracle_auc")
     if oracle and oracle.get("tasks"):
-        row = ["oracle (true probabilities)"] + [_fmt(oracle["tasks"].get(l)) for l in labels]
+        row = ["oracle (true probabilities)"] + [format_cell(oracle["tasks"].get(l)) for l in labels]
         row += [""] * (2 * len(labels) + 5)
         lines.append("| " + " | ".join(row) + " |")
     attainable = report.get("attainable_auc")
     if attainable and attainable.get("tasks"):
         row = ["attainable (generator known, user vectors estimated)"]
-        row += [_fmt(attainable["tasks"].get(l)) for l in labels] + [""] * (2 * len(labels) + 5)
+        row += [format_cell(attainable["tasks"].get(l)) for l in labels] + [""] * (2 * len(labels) + 5)
         lines.append("| " + " | ".join(row) + " |")
     for name, entry in models.items():
         row = [name]
-        row += [f"{_fmt(entry['auc_mean'][l])} ± {_fmt(entry['auc_std'][l])}" for l in labels]
+        row += [f"{format_cell(entry['auc_mean'][l])} ± {format_cell(entry['auc_std'][l])}" for l in labels]
         gains = [entry["gain_over_single_task"][l] for l in labels]
         row += ["–" if g is None else f"{100 * g:+.2f}%" for g in gains]
-        row += [_fmt(entry["p_value_vs_apem"][l], ".3g") for l in labels]
+        row += [format_cell(entry["p_value_vs_apem"][l], ".3g") for l in labels]
         size = entry["model_bytes"] / 1e6 if entry["model_bytes"] else None
-        row += [_fmt(entry["seconds_per_epoch"], ".2f"), _fmt(entry["inference_seconds"], ".3f"),
-                str(entry["parameters"] or "–"), _fmt(size, ".2f"), str(len(entry["errors"]))]
+        row += [format_cell(entry["seconds_per_epoch"], ".2f"), format_cell(entry["inference_seconds"], ".3f"),
+                str(entry["parameters"] or "–"), format_cell(size, ".2f"), str(len(entry["errors"]))]
         lines.append("| " + " | ".join(row) + " |")
     failed = [(n, e) for n, entry in models.items() for e in entry["errors"]]
     if failed:
@@ -355,7 +357,7 @@ def _reference_lines(report: dict[str, Any]) -> list[str]:
     attainable = report.get("attainable_auc")
     if not attainable or not attainable.get("tasks"):
         return []
-    plug_in = ", ".join(f"{l} {_fmt((attainable.get('map_tasks') or {}).get(l))}" for l in labels)
+    plug_in = ", ".join(f"{l} {format_cell((attainable.get('map_tasks') or {}).get(l))}" for l in labels)
     lines = ["", "## Against the references", "",
              f"Attainable: the generator known except the user vectors, which are estimated from each user's "
              f"training rows ({attainable['train_rows']} rows, {attainable['users_with_training_rows']} of "
@@ -367,7 +369,8 @@ def _reference_lines(report: dict[str, Any]) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in models.items():
         closed, captured = entry.get("reachable_gap_closed") or {}, entry.get("captured_fraction") or {}
-        row = [name] + [_fmt(closed.get(l), ".3f") for l in labels] + [_fmt(captured.get(l), ".3f") for l in labels]
+        row = ([name] + [format_cell(closed.get(l), ".3f") for l in labels]
+               + [format_cell(captured.get(l), ".3f") for l in labels])
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

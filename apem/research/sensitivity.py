@@ -23,7 +23,7 @@ from apem.data.atomic import write_text_atomic
 from apem.data.encoding import parse_numerical_encoding
 from apem.data.ownership import SENSITIVITY_DIR, claim_output
 from apem.models.registry import resolve_configs
-from apem.research.experiment import parameter_count, resolve_model_names
+from apem.research.experiment import format_cell, parameter_count, resolve_model_names
 from apem.research.tuning import EncodedSplits, fit_on_validation
 from apem.train.trainer import TrainConfig
 
@@ -103,10 +103,6 @@ def summarize_cells(runs: list[dict], labels: list[str], config: SensitivityConf
     return cells
 
 
-def _fmt(value, spec: str = ".4f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def _settings(cfg: dict[str, Any]) -> str:
     """The training settings every cell shares, tuned ones marked."""
     tuned = {k: v for k, v in cfg.get("tuned", {}).items() if k not in (K_KNOB, L_KNOB)}
@@ -127,15 +123,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
         row = [str(c["k"]), str(c["l"])]
-        row += [f"{_fmt(c['val_auc_mean'][l])} ± {_fmt(c['val_auc_std'][l])}" for l in labels]
-        row += [f"{_fmt(c['val_auc_task_mean'])} ± {_fmt(c['val_auc_task_mean_std'])}",
-                _fmt(c["seconds_per_epoch"], ".2f"), str(c["parameters"] or "–"), str(len(c["seeds_done"]))]
+        row += [f"{format_cell(c['val_auc_mean'][l])} ± {format_cell(c['val_auc_std'][l])}" for l in labels]
+        row += [f"{format_cell(c['val_auc_task_mean'])} ± {format_cell(c['val_auc_task_mean_std'])}",
+                format_cell(c["seconds_per_epoch"], ".2f"), str(c["parameters"] or "–"), str(len(c["seeds_done"]))]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Mean validation AUC over tasks (rows K, columns L):", "",
               "| K \\ L | " + " | ".join(str(l) for l in cfg["layers"]) + " |",
               "|" + "---|" * (len(cfg["layers"]) + 1)]
     for k in cfg["inducing_points"]:
-        lines.append(f"| {k} | " + " | ".join(_fmt(c["val_auc_task_mean"]) for c in cells if c["k"] == k) + " |")
+        lines.append(f"| {k} | " + " | ".join(format_cell(c["val_auc_task_mean"]) for c in cells if c["k"] == k) + " |")
     return "\n".join(lines) + "\n"
 
 

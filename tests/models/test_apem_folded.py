@@ -1,7 +1,8 @@
 """Each path of :class:`apem.models.apem_folded.FoldedAPEM` predicts what ``APEM.forward`` predicts, to 1e-5:
 the exp-free binary path (z exactly 0/1), its exact fix-ups of fractional z entries, the general path
 (gamma not annealed, or exp tables refused), both ``deselected_point`` readings, with and without task
-indicators, on random weights and on a model trained to gamma's floor, through predict() and a model dir."""
+indicators, on random weights and on a model trained to gamma's floor, through predict() and a model dir;
+and the skipping of points no row of a chunk selects, with rows that select none or all K points."""
 
 import pytest
 import torch
@@ -75,6 +76,39 @@ def test_every_path_matches_the_reference_on_random_weights(reading, task_indica
     assert (measured == 0) == (share == 0) and (measured > MAX_FRACTIONAL_SHARE) == (share > MAX_FRACTIONAL_SHARE)
     fast = _assert_matches_reference(model, x, chunk_rows=256)  # 700 rows: three chunks, the last short
     assert fast.exp_tables is not None
+
+
+def _select_by_rule(model: APEM, x: torch.Tensor) -> torch.Tensor:
+    """Rewrite the selector's last layer: in layer 0 a row selects all K points or none (about half each),
+    layer 1 selects every point in every row, layer 2 none in any row; returns layer 0's selection per row."""
+    final, k = model.selector.net[-1], model.config.inducing_points
+    with torch.no_grad():
+        hidden = model.selector.net[:-1](model.embedding(x).flatten(1))
+        unit = int(hidden.std(dim=0).argmax())
+        ordered = hidden[:, unit].sort().values
+        split = float(ordered[len(x) // 2:].unique()[:2].mean())  # between two distinct values: no logit is 0
+        final.weight.zero_()
+        final.weight[:k, unit] = 1.0
+        final.bias[:k], final.bias[k:2 * k], final.bias[2 * k:] = -split, 1.0, -1.0
+        model.gamma.fill_(1e-12)
+        return hidden[:, unit] > split
+
+
+@pytest.mark.parametrize("reading", READINGS)
+@pytest.mark.parametrize("task_indicators", [True, False])
+@pytest.mark.parametrize("chunk_rows", [8, 256])  # 8: lookups compacted (6 x 8 < 75 table rows); 256: table columns
+def test_rows_with_no_or_every_point_selected_and_skipped_points_match_the_reference(reading, task_indicators,
+                                                                                     chunk_rows):
+    model, x = _model(reading, task_indicators), _inputs(240)
+    all_selected = _select_by_rule(model, x)
+    assert 0.3 < float(all_selected.float().mean()) < 0.7 and _fractional_share(model, x) == 0
+    fast = _assert_matches_reference(model, x, chunk_rows=chunk_rows)
+    nothing_used = torch.zeros(model.config.inducing_points, dtype=torch.bool)  # layer 2: no row selects a point
+    columns, z, row_weights = fast._chunk_points(torch.zeros(4, model.config.inducing_points), nothing_used)
+    if reading == "uniform_attention":  # one de-selected point and the slot standing for the other K - 1
+        assert columns.tolist() == [0, 0] and row_weights.tolist() == [[1.0, model.config.inducing_points - 1]]
+    else:
+        assert columns.tolist() == [0] and not z.any()
 
 
 @pytest.mark.parametrize("reading", READINGS)

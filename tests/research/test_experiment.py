@@ -13,7 +13,7 @@ from scipy import stats
 
 from apem.cli.main import main
 from apem.models.registry import list_models
-from apem.research.experiment import paired_t_test, resolve_model_names
+from apem.research.experiment import format_cell, paired_t_test, resolve_model_names
 from apem.data.spec import write_dataset
 from apem.data.features import default_spec
 from apem.data.oracle import GENERATOR_FILE, ORACLE_DIR, ORACLE_FILE
@@ -242,3 +242,10 @@ def test_merge_refuses_a_report_json_it_did_not_write_in_one_line(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report.json" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_format_cell_shows_missing_and_non_finite_values_as_a_dash() -> None:
+    """The report tables of ``apem experiment`` and ``apem sensitivity`` share this formatter."""
+    assert [format_cell(v) for v in (None, float("nan"), float("inf"), np.float64("nan"))] == ["–"] * 4
+    assert format_cell(0.123456) == "0.1235" and format_cell(2.5, ".2f") == "2.50"
+    assert format_cell(None, missing="n/a") == "n/a"
