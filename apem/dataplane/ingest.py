@@ -11,7 +11,8 @@ events that belong to the next window, in the ``out_of_window`` count of the sum
 
 1. Lines that are not a JSON object / a CSV row of the header's width -> ``unparsable_line``.
 2. Events lacking ``event_id``, ``event_type``, ``event_time`` or the impression key, and
-   impressions lacking a categorical feature -> ``missing_field``. A value that does not parse
+   impressions lacking a categorical feature (null, absent from the line, or a column its file
+   lacks, whatever the other files of the day have) -> ``missing_field``. A value that does not parse
    (time, number, unknown event type) -> ``bad_value``. Null numericals are kept as NaN (the
    validation step checks their presence against the schema).
 3. A repeated ``event_id``, or a second event of the same step for one impression ->
@@ -276,7 +277,17 @@ def _read_partition(raw_uri: str, day: dt.date, file_format: str | None, quarant
     if not readable:
         return None
     frames = [read_events_file(uri, storage.read_bytes(uri), kind, day, quarantine) for uri, kind in readable]
-    return pd.concat(frames, ignore_index=True, sort=False)
+    return pd.concat(_with_columns_of_all(frames), ignore_index=True, sort=False)
+
+
+def _with_columns_of_all(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """Each file's events with the columns of every file of the day, those it lacks as nulls (None),
+    as a field absent from some lines of one file reads: pandas' concat would fill them with NaN,
+    which the text checks (:func:`_text`) cannot take, so a file without a feature column would
+    break the ingest instead of its rows being quarantined (``missing_field``) like any other."""
+    columns = list(dict.fromkeys(column for frame in frames for column in frame.columns))
+    return [frame.assign(**{c: None for c in columns if c not in frame}) if len(frame.columns) < len(columns)
+            else frame for frame in frames]
 
 
 def _text(values: pd.Series) -> pa.Array:

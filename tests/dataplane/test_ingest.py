@@ -14,7 +14,7 @@ from apem.data.spec import read_dataset
 from apem.data.oracle import read_generator, read_oracle
 from apem.research.synth import SynthConfig, generate
 from apem.research.synth_events import write_synthetic_events
-from raw_events import event, write_day
+from raw_events import event, write_day, write_files_lacking_a_feature
 
 DAY1, DAY2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
 _event, _write_day = event, write_day
@@ -250,3 +250,23 @@ def test_staged_impressions_spilled_to_disk_give_the_same_output(handmade, synth
     assert 0 < spilled_mixed < len(spilled) - spilled_mixed
     assert disk == memory and mixed == memory
     assert not list(tmp_path.rglob("*.arrow"))  # the staging is gone
+
+
+def test_files_of_a_day_lacking_a_feature_column_quarantine_their_rows(tmp_path):
+    """Files of one day with different columns: the rows of a file without a categorical column go
+    to the quarantine as ``missing_field``, as a row without it in a single file does, and the rows
+    without a numerical column keep NaN; never a traceback (the command exits 0)."""
+    raw, out = str(tmp_path / "raw"), tmp_path / "ds"
+    write_files_lacking_a_feature(raw, DAY1)
+    assert apem_main(["ingest", "--raw", raw, "--start", "2026-01-01", "--end", "2026-01-01",
+                      "--out", str(out), "--attribution-days", "1"]) == 0
+    summary = json.loads((tmp_path / "ds_quarantine" / "ingest.json").read_text())
+    assert summary["quarantine"] == dict.fromkeys(QUARANTINE_REASONS, 0) | {"missing_field": 3, "unknown_impression": 2}
+    rows = {r["impression_id"]: r for r in read_dataset(str(out)).table.to_pylist()}
+    assert set(rows) == {"full", "noincome"} and rows["noincome"]["channel"] == "app"
+    assert np.isnan(rows["noincome"]["income"]) and np.isnan(rows["noincome"]["balance"])
+    q = pq.read_table(out.parent / "ds_quarantine" / QUARANTINE_FILE).to_pandas()
+    missing = q[q.reason == "missing_field"].sort_values("impression_id")
+    assert missing["impression_id"].tolist() == ["csvnochan", "jsonnochan", "pqnochan"]
+    assert (missing["detail"] == "missing channel").all()
+    assert [s.rsplit("/", 1)[1] for s in missing["source"]] == ["c.csv", "b.jsonl", "d.parquet"]

@@ -16,7 +16,7 @@ from apem.dataplane.ingest import QUARANTINE_FILE, IngestError, ingest, quaranti
 from apem.dataplane.ingest_beam import ingest_beam
 from apem.research.synth import SynthConfig
 from apem.research.synth_events import write_synthetic_events
-from raw_events import event, write_day
+from raw_events import event, write_day, write_files_lacking_a_feature
 
 DAY1, DAY2, DAY3 = dt.date(2026, 1, 1), dt.date(2026, 1, 2), dt.date(2026, 1, 3)
 IN_MEMORY = ["--direct_running_mode=in_memory"]
@@ -146,3 +146,14 @@ def test_cli_ingest_on_beam_to_gcs(messy, tmp_path, gcs_prefix):
     assert apem_main(missing + ["--engine", "beam"]) == 2 and not (tmp_path / "m").exists()
     assert apem_main(args[:-2] + ["--attribution-days", "1", "--out", str(tmp_path / "x"),
                                   "--direct_num_workers=2"]) == 2
+
+
+def test_beam_ingest_equals_the_reference_on_files_lacking_a_feature_column(tmp_path):
+    """Files of one day with different columns (one lacks a feature): the same quarantined and kept
+    rows on Beam, each file read by its own worker, as in the single-process ingest."""
+    raw = str(tmp_path / "raw")
+    write_files_lacking_a_feature(raw, DAY1)
+    reference = ingest(raw, DAY1, DAY1, str(tmp_path / "reference"))
+    assert reference["quarantine"]["missing_field"] == 3 and reference["rows"] == 2
+    beam = ingest_beam(raw, DAY1, DAY1, str(tmp_path / "beam"), shards=2, pipeline_args=IN_MEMORY)
+    _assert_same_ingest(str(tmp_path / "reference"), str(tmp_path / "beam"), reference, beam)
