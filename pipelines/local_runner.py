@@ -41,6 +41,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 from apem.data import storage
+from apem.data.atomic import remove_stale_staging_under
 from apem.release import reports
 from apem_kfp.pipelines.kfp_local_compat import resolve_schedule_time_locally
 
@@ -166,6 +167,8 @@ def _run_locked(config: LocalRunConfig) -> dict:
     generated = time.monotonic()
     arguments = pipeline_arguments(config, synth)
     pointer_before = reports.read_latest(where["output"])
+    # an earlier run killed mid-task left staging in its own artifact folder, which no run writes again
+    remove_stale_staging_under(where["pipeline_root"])
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=where["pipeline_root"])
     resolve_schedule_time_locally()
     with warnings.catch_warnings():

@@ -71,6 +71,25 @@ def remove_stale_staging(path: str) -> list[str]:
     return removed
 
 
+_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.\d+-[^/]*" + re.escape(STAGING_SUFFIX) + r"(\.old)?$")
+
+
+def remove_stale_staging_under(root: str) -> list[str]:
+    """:func:`remove_stale_staging` for every output under ``root`` that has staging beside it.
+
+    For trees whose outputs are never written again, such as kfp.local's per-run artifact folders:
+    a run killed mid-write leaves its staging in its own folder, which no later run revisits. Only
+    staging whose writer process is gone is removed, so a live writer's is kept."""
+    removed: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            match = _STAGING_NAME.match(name)
+            if match:
+                removed += remove_stale_staging(os.path.join(folder, match.group("name")))
+        dirs[:] = [d for d in dirs if os.path.join(folder, d) not in removed]
+    return sorted(set(removed))
+
+
 def make_staging_dir(path: str) -> str:
     """A fresh staging directory beside ``path``, with the permissions of an ordinary ``mkdir``."""
     tmp = tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=_parent_of(path))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from apem.cli.main import main
-from apem.data.atomic import atomic_file, remove_stale_staging, staged_dir
+from apem.data.atomic import atomic_file, remove_stale_staging, remove_stale_staging_under, staged_dir
 from apem.research.synth import SynthConfig
 from apem.research.synth_events import write_synthetic_events
 from cli_data import write_train_val
@@ -111,3 +111,20 @@ def test_outputs_honour_the_umask_and_stale_staging_is_removed(tmp_path):
     live.mkdir()
     assert remove_stale_staging(str(tmp_path / "d")) == [str(dead)]
     assert live.exists() and (tmp_path / "d" / "x").exists()
+
+
+def test_stale_staging_is_removed_anywhere_under_a_tree_and_live_staging_and_outputs_stay(tmp_path):
+    """kfp.local's per-run folders: a killed run's staging sits where no later run writes again."""
+    killed = tmp_path / "run-a" / "split"
+    dead_dir = killed / ".splits.999999999-abc.tmp"  # a pid no process has: a killed writer's
+    (dead_dir / "train").mkdir(parents=True)
+    dead_file = tmp_path / "run-b" / "train" / ".model.999999999-x.tmp.old"
+    dead_file.parent.mkdir(parents=True)
+    dead_file.write_text("partial")
+    live = tmp_path / "run-c" / "split" / f".splits.{os.getppid()}-abc.tmp"  # a live writer's stays
+    live.mkdir(parents=True)
+    finished = killed / "splits"
+    finished.mkdir()
+    assert remove_stale_staging_under(str(tmp_path)) == sorted([str(dead_dir), str(dead_file)])
+    assert live.exists() and finished.exists() and not dead_dir.exists() and not dead_file.exists()
+    assert remove_stale_staging_under(str(tmp_path)) == []

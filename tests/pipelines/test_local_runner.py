@@ -56,11 +56,16 @@ def test_first_run_promotes_and_a_worse_second_run_does_not(tmp_path, capsys):
     with open(os.path.join(serving, "champion.json")) as fh:
         assert json.load(fh)["version"] == "1"
     serving_before = sorted(os.listdir(serving))
+    # what a run killed during its split leaves in its own artifact folder, which no run writes again
+    killed_split = os.path.join(workdir, "pipeline_root", "apem-daily-retrain-killed", "split")
+    stale = os.path.join(killed_split, ".splits.999999999-abc.tmp")  # a pid no process has
+    os.makedirs(os.path.join(stale, "train"))
 
     assert main(["pipeline", "run-local", "--workdir", workdir, "--epochs", "1", "--lr", "1e-6",
                  "--window-days", "3", *FIRST_RUN]) == 0
     note = capsys.readouterr().out
     assert "candidate NOT promoted" in note, note
+    assert not os.path.exists(stale) and os.path.isdir(killed_split)
     second_dir = reports.read_latest(output)["report_dir"]
     assert second_dir != first_dir and os.path.dirname(second_dir) == os.path.dirname(first_dir)
     assert sorted(os.listdir(first_dir)) == ["evaluation.json", "push.json", "push.md", "status.md"]  # kept
