@@ -344,10 +344,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     if failed:
         lines += ["", "## Errors", ""] + [f"- {n} seed {e['seed']}: {e['error']}" for n, e in failed]
     lines += _reference_lines(report)
+    lines += _tuned_lines(cfg)
     lines += _selection_lines(report.get("selection_rate"))
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"])]
     return "\n".join(lines) + "\n"
+
+
+def _tuned_lines(cfg: dict[str, Any]) -> list[str]:
+    """Each model's hyperparameters from ``--tuned`` (the rest run with the settings above)."""
+    tuned = cfg.get("tuned") or {}
+    if not tuned:
+        return []
+    lines = ["", "## Tuned hyperparameters (`--tuned`)", ""]
+    for name in cfg["models"]:
+        chosen = tuned.get(name)
+        text = ", ".join(f"{k} {format_cell(v, '.3g') if isinstance(v, float) else v}"
+                         for k, v in chosen.items()) if chosen else "none: the settings above"
+        lines.append(f"- {name}: {text}")
+    return lines
 
 
 def _reference_lines(report: dict[str, Any]) -> list[str]:

@@ -88,7 +88,9 @@ def merge_experiment_reports(report_dirs: list[str], out_dir: str, overwrite: bo
     runs, models = _merged_runs(reports)
     first = next(iter(reports.values()))
     header = {k: v for k, v in first.items() if k not in DERIVED_KEYS}
-    header["config"] = {**first["config"], "models": models,
+    tuned = {name: chosen for r in reports.values() for name, chosen in (r["config"].get("tuned") or {}).items()
+             if name in r["config"]["models"]}  # each model's from the part that ran it
+    header["config"] = {**first["config"], "models": models, "tuned": tuned,
                         "merged_from": [{"report": d, "config": r["config"]} for d, r in reports.items()]}
     selection = next((r["selection_rate"] for r in reports.values() if r.get("selection_rate")), None)
     os.makedirs(out_dir, exist_ok=True)

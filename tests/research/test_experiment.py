@@ -181,8 +181,12 @@ def test_experiment_cli_rejects_bad_arguments(split_dirs, tmp_path, capsys) -> N
 def test_merged_parts_give_the_summary_only_the_whole_grid_has(split_dirs, tmp_path, capsys) -> None:
     """A grid run as two processes (a baseline, APEM) and merged: every part's runs, and the t-tests
     against APEM that neither part alone can compute."""
+    tuned = tmp_path / "tuned.json"  # one file for the whole grid; each part reads its own models' entries
+    tuned.write_text(json.dumps({"format": "apem-tune/1", "models": {
+        "shared_bottom": {"best": {"lr": 0.003}}, "apem": {"best": {"lr": 0.002, "inducing_points": 8}}}}))
     common = ["--train", split_dirs["train"], "--val", split_dirs["val"], "--test", split_dirs["test"],
-              "--seeds", "2", "--epochs", "1", "--batch-size", "256", "--threads", "1", "--no-progress"]
+              "--seeds", "2", "--epochs", "1", "--batch-size", "256", "--threads", "1", "--no-progress",
+              "--tuned", str(tuned)]
     for name, models in (("part_a", "shared_bottom"), ("part_b", "apem")):
         assert main(["experiment", *common, "--models", models, "--out", str(tmp_path / name)]) == 0
     parts = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("part_a", "part_b")}
@@ -200,7 +204,10 @@ def test_merged_parts_give_the_summary_only_the_whole_grid_has(split_dirs, tmp_p
     assert report["selection_rate"] == parts["part_b"]["selection_rate"]
     assert [part["report"] for part in report["config"]["merged_from"]] == [str(tmp_path / "part_a"),
                                                                            str(tmp_path / "part_b")]
-    assert (merged / "auc_comparison.png").exists() and "| shared_bottom |" in (merged / "report.md").read_text()
+    assert report["config"]["tuned"] == {"shared_bottom": {"lr": 0.003}, "apem": {"lr": 0.002, "inducing_points": 8}}
+    markdown = (merged / "report.md").read_text()
+    assert (merged / "auc_comparison.png").exists() and "| shared_bottom |" in markdown
+    assert "- shared_bottom: lr 0.003" in markdown and "- apem: lr 0.002, inducing_points 8" in markdown
 
     # refused: the same (model, seed) twice, and parts that are not the same experiment; one line, exit 2
     capsys.readouterr()
