@@ -400,13 +400,12 @@ class InducingPointAttention(nn.Module):
         All layers' scores in one GEMM (:func:`masked_softmax_pool`), then W^V W^O on the pooled heads.
         With ``index`` (B, S), the source is ``source[index]`` over a table of distinct rows (U, d),
         attended through :func:`gathered_pool` (the same Y, to float rounding)."""
-        if index is not None:  # each layer's LayerNorm with its affine in one native call, then one stack
+        if index is not None:  # each layer's own LayerNorm (one native call with its affine), then one stack
             factor, combined, bias = self.folded_weights(layers)
             outs = gathered_pool(source, index, factor, mask.contiguous(), combined, bias, self.inducing[layers],
                                  self.heads)
-            gains, shifts = self.norm.weight[layers], self.norm.bias[layers]
-            return torch.stack([nn.functional.layer_norm(out, out.shape[-1:], gains[i], shifts[i])
-                                for i, out in enumerate(outs)])
+            layer_ids = range(self.inducing.shape[0])[layers]
+            return torch.stack([self.norm(out, layer) for layer, out in zip(layer_ids, outs)])
         b, s, d = source.shape
         inducing = self.inducing[layers]
         n, k, m = inducing.shape[0], self.n_points, self.heads

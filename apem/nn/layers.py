@@ -117,12 +117,12 @@ class StackedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, layers: slice | int) -> torch.Tensor:
         """x: (L', ..., d) for the layers selected by a slice, or (..., d) for one layer index."""
+        if not isinstance(layers, slice):  # one layer: its affine inside the one native call
+            return torch.nn.functional.layer_norm(x, (self.dim,), self.weight[layers], self.bias[layers])
         normed = torch.nn.functional.layer_norm(x, (self.dim,))
         w, b = self.weight[layers], self.bias[layers]
-        if isinstance(layers, slice):
-            shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
-            w, b = w.view(shape), b.view(shape)
-        return torch.addcmul(b, normed, w)  # one pass for the affine part
+        shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
+        return torch.addcmul(b.view(shape), normed, w.view(shape))  # one pass for the affine part
 
 
 class TaskTowers(nn.Module):
