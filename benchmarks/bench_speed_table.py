@@ -11,7 +11,10 @@ Rows printed (goal in brackets):
   encode, forward, recalibrate), the fastest of ``--rounds`` passes;
 - test AUC (mean over tasks) of APEM's reference path against the fast paths, trained on the same
   day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
-- APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available.
+- APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available;
+- context, no goal: matrix-product FLOPs per row of APEM and PLE against Shared-Bottom, for a training
+  step and for predict (:func:`matmul_flops_per_row`): a time ratio far above its FLOP ratio is spent
+  outside the matrix products.
 
 Variants: ``apem`` (the default config: planned gamma, at its floor after training, so z is binary
 and predict takes the exp-free path), ``apem_fixed_rate`` (fixed-rate gamma, so z is still soft after
@@ -37,6 +40,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +158,33 @@ def gpu_samples_per_s(data: EncodedData, fields, n_tasks: int) -> dict[str, floa
     return out
 
 
+def matmul_flops_per_row(models: dict, data: EncodedData, batch: int = 1024) -> dict[str, dict[str, float]]:
+    """Matrix-product FLOPs per row (mm, bmm, addmm, baddbmm; ``FlopCounterMode`` counts no elementwise
+    op) of one training step (forward + backward) and of one predict forward (``inference_module``, so
+    FoldedAPEM for APEM). Beside the time ratios, this tells compute from everything else: where the
+    time ratio is far above the FLOP ratio, the gap is elementwise, memory-bound and per-call work."""
+    x = data.x[:batch]
+    out = {}
+    for name in ("shared_bottom", "ple", "apem"):
+        model = models[name].train()
+        with FlopCounterMode(display=False) as train_count:
+            model(x).probs.sum().backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        with FlopCounterMode(display=False) as predict_count, torch.no_grad():
+            model.inference_module(len(x))(x)
+        out[name] = {"train": train_count.get_total_flops() / len(x), "predict": predict_count.get_total_flops() / len(x)}
+    return out
+
+
+def flop_rows(flops: dict) -> list[tuple[str, str, str]]:
+    sb = flops["shared_bottom"]
+    return [(f"matmul FLOPs/row {phase}, APEM / Shared-Bottom (PLE / Shared-Bottom)",
+             f"{flops['apem'][phase] / sb[phase]:.2f} ({flops['ple'][phase] / sb[phase]:.2f}); "
+             f"{flops['apem'][phase] / 1e3:,.0f}k vs {sb[phase] / 1e3:,.0f}k", "(context: compute floor of the time ratio)")
+            for phase in ("train", "predict")]
+
+
 def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict | None) -> list[tuple[str, str, str]]:
     """(figure, measured, goal) for every row of issue 9's table, reference-path figures beside."""
     out = []
@@ -200,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = encode_dataset(dataset, encoder)
         n_tasks = data.y.shape[1]
         models = {name: build(name, encoder.fields, n_tasks) for name in VARIANTS}
+        flops = matmul_flops_per_row(models, data)
         train_s = time_training(models, data, args)
         print(json.dumps({"train_seconds": train_s}), file=sys.stderr, flush=True)  # partial results survive a timeout
         predict_models = {k: models[k] for k in ("shared_bottom", "apem", "apem_fixed_rate", "apem_nothing",
@@ -212,11 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"rows": rows, "threads": args.threads, "train_batch_size": args.batch_size,
               "predict_batch_size": args.predict_batch_size, "rounds": args.rounds, "auc_rows": args.auc_rows,
               "auc_seeds": args.auc_seeds, "load_average": os.getloadavg(), "train_seconds": train_s,
-              "predict_end_to_end_seconds": predict_s, "test_auc_mean": aucs, "gpu_samples_per_s": gpu}
+              "predict_end_to_end_seconds": predict_s, "test_auc_mean": aucs,
+              "matmul_flops_per_row": flops, "gpu_samples_per_s": gpu}
     print(json.dumps(report, indent=2))
     print(f"\n{rows:,} rows, {args.threads} threads, train batch {args.batch_size}, predict batch "
           f"{args.predict_batch_size}, load average {os.getloadavg()[0]:.1f}\n\n| figure | measured | goal |\n|---|---|---|")
-    for figure, measured, goal in table_rows(rows, train_s, predict_s, aucs, gpu):
+    for figure, measured, goal in table_rows(rows, train_s, predict_s, aucs, gpu) + flop_rows(flops):
         print(f"| {figure} | {measured} | {goal} |")
     return report
 
