@@ -72,7 +72,7 @@ ENGINES = {  # name -> DirectRunner options (None: the single-process ingest)
 }
 
 
-def _tree_rss_bytes(root: int) -> int:
+def tree_rss_bytes(root: int) -> int:
     """Summed RSS of ``root`` and all its descendants, from /proc."""
     parents, rss = {}, {}
     page = os.sysconf("SC_PAGE_SIZE")
@@ -102,7 +102,7 @@ def run_sampled(command: list[str], stderr=subprocess.DEVNULL, every_s: float = 
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_bytes(proc.pid))
+            peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
             time.sleep(every_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -159,7 +159,8 @@ def _runs(engines: list[str], baselines: list[str]) -> list[tuple[str, str, str 
     return runs
 
 
-def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int, baselines: list[str]) -> dict:
+def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int, baselines: list[str],
+             keep_outputs: bool = False) -> dict:
     results = {}
     for name, engine, checkout in _runs(engines, baselines):
         answer, peak = _run_child(["--child", "ingest", engine, raw, os.path.join(work, f"out-{name}"),
@@ -174,6 +175,8 @@ def _measure(engines: list[str], raw: str, work: str, window: dict, workers: int
             "quarantine": answer["quarantine"], "shards": answer["shards"],
             "load_average_after": [round(x, 1) for x in os.getloadavg()]}
         print(json.dumps({name: results[name]}), flush=True)
+        if keep_outputs:
+            continue
         shutil.rmtree(os.path.join(work, f"out-{name}"), ignore_errors=True)
         shutil.rmtree(os.path.join(work, f"out-{name}_quarantine"), ignore_errors=True)
     return results
@@ -200,6 +203,8 @@ def main() -> None:
                         help="a checkout of an earlier commit (git worktree add DIR COMMIT): the engine "
                              "local_baseline runs its single-process ingest, for before/after in one run; "
                              "repeat it to compare several (results local_baseline_1, _2, ...)")
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help="keep each engine's dataset (WORKDIR/out-ENGINE) and quarantine, e.g. to validate them next")
     args = parser.parse_args()
     if "local_baseline" in args.engines and not args.baseline_checkout:
         parser.error("the engine local_baseline needs --baseline-checkout")
@@ -215,7 +220,8 @@ def main() -> None:
     with open(window_file) as fh:
         window = json.load(fh)
     generated_s = time.perf_counter() - began
-    results = _measure(args.engines, raw, work, window, args.workers, args.baseline_checkout)
+    results = _measure(args.engines, raw, work, window, args.workers, args.baseline_checkout,
+                       args.keep_outputs)
     reference = results.get("local")
     for engine, result in results.items():
         if reference and engine != "local":

@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/bench_pipeline.py [--rows 1000000] [--days 14] [--workdir runs/bench]
 
 1. Generates the synthetic raw logs once (timed apart: a real run reads existing logs).
-2. Times ``apem pipeline run-local`` as a subprocess, as a user runs it, with its defaults, and
-   reads each task's wall time from kfp.local's log.
+2. Times ``apem pipeline run-local`` as a subprocess, as a user runs it, with its defaults (or
+   ``--param KEY=JSON``), and reads each task's wall time from kfp.local's log. Memory: the summed
+   RSS of run-local's process tree (its task subprocesses and their Beam workers), sampled from
+   /proc every 0.5 s; its peak over the run and over each task's window. The log generator runs
+   before, in this process, and its own peak is reported apart (it is not part of the pipeline).
 3. Reference, measured in the same run on the same logs: the same six component functions called
    one after the other in one Python process (``component.python_func``; no kfp.local, no
    subprocess per task). The ratio pipeline / reference is the cost of running as a pipeline
@@ -23,41 +26,85 @@ import os
 import re
 import shutil
 import subprocess
+import resource
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_ingest import tree_rss_bytes  # noqa: E402
 
 TASK_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - INFO - (Executing task|Task) .*?'(\w+)'")
 
 
-def task_seconds(log: str) -> dict[str, float]:
-    """Per-task wall seconds from kfp.local's 'Executing task' / 'Task ... finished' lines."""
+def task_windows(log: str) -> dict[str, tuple[float, float]]:
+    """Each task's (start, end) in seconds since local midnight, from kfp.local's 'Executing task' /
+    'Task ... finished' lines (an end before its start has crossed midnight: 86400 is added)."""
     started, out = {}, {}
     for line in log.splitlines():
         match = TASK_LINE.match(re.sub(r"\x1b\[[0-9;]*m", "", line))
         if not match:
             continue
-        stamp = dt.datetime.strptime(match.group(1), "%H:%M:%S.%f")
+        clock = dt.datetime.strptime(match.group(1), "%H:%M:%S.%f")
+        stamp = clock.hour * 3600 + clock.minute * 60 + clock.second + clock.microsecond / 1e6
         if match.group(2) == "Executing task":
             started[match.group(3)] = stamp
         elif match.group(3) in started:
-            out[match.group(3)] = round((stamp - started.pop(match.group(3))).total_seconds() % 86400, 1)
+            begin = started.pop(match.group(3))
+            out[match.group(3)] = (begin, stamp if stamp >= begin else stamp + 86400)
     return out
 
 
-def run_pipeline(workdir: str, rows: int, days: int) -> dict:
+def task_seconds(log: str) -> dict[str, float]:
+    """Per-task wall seconds from kfp.local's log."""
+    return {task: round(end - begin, 1) for task, (begin, end) in task_windows(log).items()}
+
+
+def seconds_since_midnight() -> float:
+    now = dt.datetime.now()
+    return now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+
+
+def task_peaks_mb(samples: list[tuple[float, int]], windows: dict[str, tuple[float, float]]) -> dict[str, int | None]:
+    """Peak summed RSS (MB) among the samples taken inside each task's window (None: no sample fell in it)."""
+    first = samples[0][0] if samples else 0.0
+    unwrapped = [(t if t >= first else t + 86400, rss) for t, rss in samples]  # a run across midnight
+    peaks = {}
+    for task, (begin, end) in windows.items():
+        inside = [rss for t, rss in unwrapped if begin <= t <= end]
+        peaks[task] = round(max(inside) / 2**20) if inside else None
+    return peaks
+
+
+def run_pipeline(workdir: str, rows: int, days: int, params: list[str] = ()) -> dict:
     command = [os.path.join(os.path.dirname(sys.executable), "apem"), "pipeline", "run-local",
                "--workdir", workdir, "--rows", str(rows), "--days", str(days)]
+    command += [arg for param in params for arg in ("--param", param)]
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, int]] = []
+
+    def sample():
+        while proc.poll() is None:
+            samples.append((seconds_since_midnight(), tree_rss_bytes(proc.pid)))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        sys.stderr.write(stdout[-5000:] + stderr[-5000:])
         raise SystemExit(f"run-local failed with exit code {proc.returncode}")
-    note = proc.stdout[proc.stdout.rfind("daily_retrain finished"):]
-    return {"wall_seconds": round(wall, 1), "tasks": task_seconds(proc.stdout), "closing_note": note.strip()}
+    note = stdout[stdout.rfind("daily_retrain finished"):]
+    return {"wall_seconds": round(wall, 1), "tasks": task_seconds(stdout),
+            "peak_tree_rss_mb": round(max((rss for _, rss in samples), default=0) / 2**20),
+            "task_peak_tree_rss_mb": task_peaks_mb(samples, task_windows(stdout)), "params": list(params),
+            "closing_note": note.strip()}
 
 
 def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
@@ -126,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench"))
     parser.add_argument("--no-reference", action="store_true", help="only time the pipeline")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                        help="passed to run-local, e.g. --param data_engine='\"beam\"' (repeatable)")
     args = parser.parse_args(argv)
 
     from apem_kfp.pipelines.local_runner import LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
@@ -136,9 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     synth = ensure_raw_events(raw, args.rows, args.days, seed=0)
     generate_seconds = round(time.perf_counter() - start, 1)
+    generate_peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kB; nothing else ran yet
 
     result = {"rows": args.rows, "days": args.days, "cpus": os.cpu_count(), "generate_seconds": generate_seconds,
-              "pipeline": run_pipeline(pipeline_dir, args.rows, args.days)}
+              "generate_peak_rss_mb": generate_peak_mb, "pipeline": run_pipeline(pipeline_dir, args.rows, args.days, args.param)}
     result["goal_met"] = result["pipeline"]["wall_seconds"] <= 600
     if not args.no_reference:
         import torch
