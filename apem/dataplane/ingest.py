@@ -14,7 +14,10 @@ events that belong to the next window, in the ``out_of_window`` count of the sum
    impressions lacking a categorical feature (null, absent from the line, or a column its file
    lacks, whatever the other files of the day have) -> ``missing_field``. A value that does not parse
    (time, number, unknown event type) -> ``bad_value``. Null numericals are kept as NaN (the
-   validation step checks their presence against the schema).
+   validation step checks their presence against the schema). Every value is read as text: a nested
+   one (a JSON object or array, a Parquet list, struct or map) as its JSON text, bytes that are not
+   UTF-8 with replacement characters, in every file format; so a list where a number is expected is a
+   ``bad_value``, and a column no rule reads is ignored whatever its type.
 3. A repeated ``event_id``, or a second event of the same step for one impression ->
    ``duplicate_event``; the first to arrive is kept.
 4. Impressions come from the window's partitions ``[start, end]``. Follow-up events (the spec's
@@ -136,8 +139,27 @@ class Quarantine:
         return out
 
 
+def _nested_as_json_text(column: pa.ChunkedArray) -> pa.Array:
+    """A list, struct or map column as the JSON text of each value (None stays None), as
+    :func:`_json_text` gives for a JSON line whose field types vary."""
+    return pa.array([None if v is None else json.dumps(v, default=str, sort_keys=True)
+                     for v in column.to_pylist()], pa.string())
+
+
+def _binary_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """Bytes as UTF-8 text; bytes that are not UTF-8 are decoded with replacement characters, so they
+    reach the checks (and the quarantine) instead of failing the file."""
+    try:
+        return pc.cast(column, pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in column.to_pylist()], pa.string())
+
+
 def _as_strings(table: pa.Table) -> pa.Table:
-    """Every column as nullable strings: one parse path for JSON, CSV and Parquet inputs."""
+    """Every column as nullable strings: one parse path for JSON, CSV and Parquet inputs. A nested
+    value (a JSON object or array, a Parquet list, struct or map) becomes its JSON text in every
+    format, so it is then checked like any other text (a bad_value where a number, time or event type
+    is expected)."""
     columns = []
     for column in table.columns:
         if pa.types.is_timestamp(column.type):
@@ -146,6 +168,10 @@ def _as_strings(table: pa.Table) -> pa.Table:
             text = pc.cast(column, pa.string())
             whole = pc.fill_null(pc.match_substring_regex(text, _INT_RE), False)
             column = pc.if_else(whole, pc.binary_join_element_wise(text, ".0", ""), text)
+        if pa.types.is_nested(column.type):
+            column = _nested_as_json_text(column)
+        elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            column = _binary_as_text(column)
         columns.append(column if pa.types.is_string(column.type) else pc.cast(column, pa.string()))
     return pa.table(columns, names=table.column_names)
 

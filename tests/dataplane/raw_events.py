@@ -50,3 +50,37 @@ def write_files_lacking_a_feature(root, day):
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({k: [v] for k, v in parquet_row.items()}), sink)
     storage.write_bytes(storage.join(root, f"dt={day.isoformat()}", "d.parquet"), sink.getvalue().to_pybytes())
+
+
+def write_files_with_nested_values(root, day):
+    """One day with values that are not plain text: ``a.parquet``'s ``channel`` is a list column and it
+    has an extra struct column ``meta``; ``b.parquet``'s ``balance`` is a list of numbers;
+    ``c.jsonl``'s lines carry a JSON object ``meta`` (one Arrow struct type for the whole file);
+    ``d.parquet``'s ``region`` is a binary column whose bytes are not UTF-8. Each impression has a click."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def impression(imp, **columns):
+        fields = {"event_id": f"{imp}-impression", "event_type": "impression",
+                  "event_time": f"{day.isoformat()}T10:00:00", "impression_id": imp, **FEATURES}
+        table = pa.table({k: [v] for k, v in fields.items() if k not in columns})
+        for name, array in columns.items():
+            table = table.append_column(name, array)
+        return table
+
+    def write_parquet(name, table):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(storage.join(root, f"dt={day.isoformat()}", name), sink.getvalue().to_pybytes())
+
+    def click(imp):
+        return event(imp, "click", f"{day.isoformat()}T10:05:00")
+
+    write_parquet("a.parquet", impression("pqlist", channel=pa.array([["app"]]), meta=pa.array([{"a": 1}])))
+    write_parquet("b.parquet", impression("pqlistnum", balance=pa.array([[10.5]])))
+    write_day(root, day, [event("jsonmeta", "impression", f"{day.isoformat()}T09:00:00", meta={"a": 1}),
+                          event("pqlist", "click", f"{day.isoformat()}T10:05:00", meta={"a": 2}),
+                          event("pqlistnum", "click", f"{day.isoformat()}T10:05:00", meta={"a": 3}),
+                          event("badutf", "click", f"{day.isoformat()}T10:05:00", meta={"a": 4}),
+                          click("jsonmeta").replace("}", ', "meta": {"a": 5}}')], "c.jsonl")
+    write_parquet("d.parquet", impression("badutf", region=pa.array([b"r\xff1"], pa.binary())))

@@ -14,7 +14,7 @@ from apem.data.spec import read_dataset
 from apem.data.oracle import read_generator, read_oracle
 from apem.research.synth import SynthConfig, generate
 from apem.research.synth_events import write_synthetic_events
-from raw_events import event, write_day, write_files_lacking_a_feature
+from raw_events import event, write_day, write_files_lacking_a_feature, write_files_with_nested_values
 
 DAY1, DAY2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
 _event, _write_day = event, write_day
@@ -270,3 +270,20 @@ def test_files_of_a_day_lacking_a_feature_column_quarantine_their_rows(tmp_path)
     assert missing["impression_id"].tolist() == ["csvnochan", "jsonnochan", "pqnochan"]
     assert (missing["detail"] == "missing channel").all()
     assert [s.rsplit("/", 1)[1] for s in missing["source"]] == ["c.csv", "b.jsonl", "d.parquet"]
+
+
+def test_nested_and_binary_values_are_read_as_text_in_every_format(tmp_path):
+    """A list, struct or JSON-object value is read as its JSON text and checked like any other text (a
+    list where a number is expected is a bad_value; an unused struct column is ignored), and bytes
+    that are not UTF-8 are decoded with replacement characters: never a traceback (exit 0)."""
+    raw, out = str(tmp_path / "raw"), tmp_path / "ds"
+    write_files_with_nested_values(raw, DAY1)
+    assert apem_main(["ingest", "--raw", raw, "--start", "2026-01-01", "--end", "2026-01-01",
+                      "--out", str(out), "--attribution-days", "1"]) == 0
+    summary = json.loads((tmp_path / "ds_quarantine" / "ingest.json").read_text())
+    assert summary["quarantine"] == dict.fromkeys(QUARANTINE_REASONS, 0) | {"bad_value": 1, "unknown_impression": 1}
+    rows = {r["impression_id"]: r for r in read_dataset(str(out)).table.to_pylist()}
+    assert set(rows) == {"pqlist", "jsonmeta", "badutf"} and all(r["click"] == 1 for r in rows.values())
+    assert rows["pqlist"]["channel"] == '["app"]' and rows["badutf"]["region"] == "r\ufffd1"
+    q = pq.read_table(out.parent / "ds_quarantine" / QUARANTINE_FILE).to_pandas()
+    assert q.loc[q.reason == "bad_value", "impression_id"].tolist() == ["pqlistnum"]

@@ -16,7 +16,7 @@ from apem.dataplane.ingest import QUARANTINE_FILE, IngestError, ingest, quaranti
 from apem.dataplane.ingest_beam import ingest_beam
 from apem.research.synth import SynthConfig
 from apem.research.synth_events import write_synthetic_events
-from raw_events import event, write_day, write_files_lacking_a_feature
+from raw_events import event, write_day, write_files_lacking_a_feature, write_files_with_nested_values
 
 DAY1, DAY2, DAY3 = dt.date(2026, 1, 1), dt.date(2026, 1, 2), dt.date(2026, 1, 3)
 IN_MEMORY = ["--direct_running_mode=in_memory"]
@@ -155,5 +155,15 @@ def test_beam_ingest_equals_the_reference_on_files_lacking_a_feature_column(tmp_
     write_files_lacking_a_feature(raw, DAY1)
     reference = ingest(raw, DAY1, DAY1, str(tmp_path / "reference"))
     assert reference["quarantine"]["missing_field"] == 3 and reference["rows"] == 2
+    beam = ingest_beam(raw, DAY1, DAY1, str(tmp_path / "beam"), shards=2, pipeline_args=IN_MEMORY)
+    _assert_same_ingest(str(tmp_path / "reference"), str(tmp_path / "beam"), reference, beam)
+
+
+def test_beam_ingest_equals_the_reference_on_nested_and_binary_values(tmp_path):
+    """List, struct, JSON-object and non-UTF-8 binary values: the same rows and quarantine on Beam."""
+    raw = str(tmp_path / "raw")
+    write_files_with_nested_values(raw, DAY1)
+    reference = ingest(raw, DAY1, DAY1, str(tmp_path / "reference"))
+    assert reference["quarantine"]["bad_value"] == 1 and reference["rows"] == 3
     beam = ingest_beam(raw, DAY1, DAY1, str(tmp_path / "beam"), shards=2, pipeline_args=IN_MEMORY)
     _assert_same_ingest(str(tmp_path / "reference"), str(tmp_path / "beam"), reference, beam)
