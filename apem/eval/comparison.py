@@ -141,8 +141,17 @@ def summary_metrics(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
+def format_cell(value, spec: str = ".4f", missing: str = "–") -> str:
+    """A number for a Markdown table cell (every report's one formatter); ``missing`` for None, NaN or
+    infinity (a model without a result, a one-seed std, a task without positives), so a report never
+    shows "nan"."""
+    if value is None or not math.isfinite(float(value)):
+        return missing
+    return format(float(value), spec)
+
+
 def _fmt(value, spec: str = ".4f") -> str:
-    return "n/a" if value is None or not math.isfinite(float(value)) else format(float(value), spec)
+    return format_cell(value, spec, missing="n/a")
 
 
 def render_report(result: dict) -> str:

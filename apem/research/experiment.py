@@ -24,6 +24,7 @@ from apem.data.oracle import read_generator, read_oracle
 from apem.data.split_record import negative_rate_beside
 from apem.data.ownership import EXPERIMENT_DIR, claim_output
 from apem.data.spec import Dataset, check_same_spec, read_dataset
+from apem.eval.comparison import format_cell
 from apem.eval.metrics import auc, evaluate_predictions
 from apem.inference.predict import predict
 from apem.models import build_model, list_models
@@ -295,14 +296,6 @@ def summarize(runs: list[dict], labels: list[str], models: list[str], oracle: di
             / summary[BASELINE_MODEL]["auc_mean"][label] if baseline else float("nan")
             for label in labels}
     return summary
-
-
-def format_cell(value, spec: str = ".4f", missing: str = "–") -> str:
-    """A number for a Markdown table cell; ``missing`` for None, NaN or infinity (a model without a
-    result, a one-seed std), so a report never shows "nan"."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return missing
-    return format(value, spec)
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -23,7 +23,8 @@ from apem.data.atomic import write_text_atomic
 from apem.data.encoding import parse_numerical_encoding
 from apem.data.ownership import SENSITIVITY_DIR, claim_output
 from apem.models.registry import resolve_configs
-from apem.research.experiment import format_cell, parameter_count, resolve_model_names
+from apem.eval.comparison import format_cell
+from apem.research.experiment import parameter_count, resolve_model_names
 from apem.research.tuning import EncodedSplits, fit_on_validation
 from apem.train.trainer import TrainConfig
 

@@ -13,7 +13,8 @@ from scipy import stats
 
 from apem.cli.main import main
 from apem.models.registry import list_models
-from apem.research.experiment import format_cell, paired_t_test, resolve_model_names
+from apem.eval.comparison import format_cell
+from apem.research.experiment import paired_t_test, resolve_model_names
 from apem.data.spec import write_dataset
 from apem.data.features import default_spec
 from apem.data.oracle import GENERATOR_FILE, ORACLE_DIR, ORACLE_FILE
