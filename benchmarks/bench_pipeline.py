@@ -173,15 +173,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench"))
     parser.add_argument("--no-reference", action="store_true", help="only time the pipeline")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="reuse the raw logs of an earlier run in WORKDIR (regenerated when rows, days or seed differ)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                         help="passed to run-local, e.g. --param data_engine='\"beam\"' (repeatable)")
     args = parser.parse_args(argv)
 
     from apem_kfp.pipelines.local_runner import LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
     pipeline_dir = os.path.join(args.workdir, "pipeline")
     raw = paths(pipeline_dir)["raw"]
+    # a fresh run: this benchmark's own earlier output goes (WORKDIR/reference, WORKDIR/pipeline), the
+    # logs in it too unless --keep-logs; anything else in WORKDIR stays
+    shutil.rmtree(os.path.join(args.workdir, "reference"), ignore_errors=True)
+    for name in os.listdir(pipeline_dir) if os.path.isdir(pipeline_dir) else []:
+        path = os.path.join(pipeline_dir, name)
+        if not (args.keep_logs and path == raw):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     start = time.perf_counter()
     synth = ensure_raw_events(raw, args.rows, args.days, seed=0)
     generate_seconds = round(time.perf_counter() - start, 1)
