@@ -43,6 +43,15 @@ class _WithoutNotice:
             return len(text)
         return self._stream.write(text)
 
+    def close(self) -> None:
+        """Flush only: the stream is not the wrapper's to close. Logging handlers created while TFDV
+        imported (absl's among them) keep this wrapper as their stream, and ``logging.shutdown()``
+        closes them; absl's handler closes any stream that is not ``sys.stderr`` itself and not a
+        terminal, so forwarding ``close`` closed the real stderr (``apem validate --engine beam``, whose
+        exit flushes stderr after ``logging.shutdown()``, then exited 1 with "lost sys.stderr")."""
+        if not self._stream.closed:
+            self._stream.flush()
+
     def __getattr__(self, name):
         return getattr(self._stream, name)
 

@@ -31,3 +31,13 @@ def test_quiet_environment_keeps_what_the_user_set(monkeypatch):
     import os
 
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" and os.environ["GRPC_VERBOSITY"] == "ERROR"
+
+
+def test_closing_the_filter_leaves_the_stream_open():
+    """Handlers created during TFDV's import hold the filter as their stream; closing them (as
+    logging.shutdown() does) must not close the real stderr."""
+    real = io.StringIO()
+    filtered = quiet_tensorflow._WithoutNotice(real)
+    filtered.write("kept\n")
+    filtered.close()
+    assert not real.closed and real.getvalue() == "kept\n"

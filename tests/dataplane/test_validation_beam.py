@@ -1,6 +1,8 @@
 """TFDV statistics on Beam (the Parquet read batch by batch) against the in-memory statistics."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -62,3 +64,17 @@ def test_cli_validate_on_beam_finds_the_same_anomalies(dataset, tmp_path):
     with open(tmp_path / "beam" / "anomalies.json") as fh:
         beam = json.load(fh)
     assert beam["anomalies"] == local["anomalies"] and beam["examples"] == local["examples"]
+
+
+def test_the_apem_command_exits_0_after_clean_beam_statistics_with_stderr_not_a_terminal(tmp_path):
+    """The console script (its exit path after a Beam pipeline flushes stderr after logging.shutdown())
+    with stderr to a pipe, as under cron or CI: a clean dataset exits 0 with the stream still open
+    (absl's logging handler closed the real stderr through TFDV's import-time stderr filter: exit 1)."""
+    table, _ = generate(SynthConfig(rows=600, days=3, seed=3))
+    data = str(tmp_path / "data")
+    write_dataset(table, default_spec(), data)
+    done = subprocess.run([sys.executable, "-m", "apem.cli.main", "validate", "--data", data, "--out",
+                           str(tmp_path / "report"), "--warn-only", "--engine", "beam", *IN_MEMORY],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lost sys.stderr" not in done.stderr and (tmp_path / "report" / "stats.pb").exists()
