@@ -30,11 +30,11 @@ def _ratios(text: str) -> tuple[float, ...]:
     return values
 
 
-def add_engine_flags(p: argparse.ArgumentParser, what: str) -> None:
+def add_engine_flags(p: argparse.ArgumentParser, what: str, memory: str) -> None:
     p.add_argument("--engine", choices=("local", "beam"), default="local",
-                   help=f"local: {what} in this process (the default: faster on one machine, least memory; "
-                        f"see benchmarks/bench_ingest.py); beam: {what} as an Apache Beam pipeline, for "
-                        "windows that outgrow one machine (Dataflow, Flink, Spark by --runner and options)")
+                   help=f"local: {what} in this process (the default: faster on one machine; {memory}); "
+                        f"beam: {what} as an Apache Beam pipeline, for windows that outgrow one machine "
+                        "(Dataflow, Flink, Spark by --runner and options)")
     p.add_argument("--runner", default="DirectRunner", help="Beam runner with --engine beam (DirectRunner, "
                    "DataflowRunner, ...)")
 
@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--engine local: memory for the checked impressions while the later days are read "
                         "(estimated; ~530 MB for 1M impressions); beyond it they wait on disk in OUT's "
                         "staging, slower but bounded (default: 768, STAGE_MEMORY_BYTES in apem.dataplane.ingest)")
-    add_engine_flags(p, "ingest")
+    add_engine_flags(p, "ingest", "memory: a day's events plus --stage-memory-mb, 2.9 GB at 10M impressions, "
+                     "where Beam's DirectRunner outgrew 21 GB: benchmarks/bench_ingest.py")
     add_overwrite_flag(p)
     p.set_defaults(handler=run_ingest, accepts_unknown_args=True)
 
@@ -75,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory: stats.pb, anomalies.md, anomalies.json")
     p.add_argument("--baseline-stats", default=None, help="previous window's stats.pb, for the drift check (default: no drift check)")
     p.add_argument("--warn-only", action="store_true", help="report anomalies but exit 0")
-    add_engine_flags(p, "statistics")
+    add_engine_flags(p, "statistics", "from one DataFrame below 2M rows, batch by batch above: 2.0 GB at 10M "
+                     "rows, where the DataFrame took 6.6 GB")
     add_overwrite_flag(p)
     p.set_defaults(handler=run_validate, accepts_unknown_args=True)
 

@@ -237,8 +237,9 @@ def validate_dataset(data_dir: str, schema_path: str = DEFAULT_SCHEMA, out_dir: 
     """Validate the dataset at ``data_dir`` and write ``out_dir/{stats.pb, anomalies.md, anomalies.json}``.
 
     ``statistics(data_dir, stats_uri)`` computes the statistics: :func:`compute_statistics` (in
-    memory) by default, or :func:`apem.dataplane.validation_beam.beam_statistics` (Apache Beam,
-    batch by batch); the checks below are the same for both.
+    memory) by default; the engines of :func:`apem.dataplane.validation_beam.statistics_for` (``local``:
+    in this process, batch by batch from 2M rows; ``beam``: an Apache Beam job); the checks below are
+    the same for all.
 
     ``baseline_stats`` is a previous run's ``stats.pb``; with it, drift is checked. Raises
     :class:`ValidationFailed` (one-line summary) when there are anomalies, unless ``warn_only``.

@@ -78,3 +78,22 @@ def test_the_apem_command_exits_0_after_clean_beam_statistics_with_stderr_not_a_
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "lost sys.stderr" not in done.stderr and (tmp_path / "report" / "stats.pb").exists()
+
+
+def test_the_local_engine_reads_a_large_dataset_batch_by_batch(dataset, tmp_path, monkeypatch):
+    """From ``BATCHED_STATISTICS_ROWS`` rows the local engine computes the statistics batch by batch
+    in this process (TFDV's PTransform writes them to ``stats_uri``, which the one-DataFrame path
+    never does), with the same results; below it, from one DataFrame."""
+    from apem.dataplane import validation_beam
+
+    want = _by_name(compute_statistics(dataset))
+    small = validation_beam.statistics_for("local")(dataset, str(tmp_path / "small.pb"))
+    assert not (tmp_path / "small.pb").exists() and small.datasets[0].num_examples == 3000
+    monkeypatch.setattr(validation_beam, "BATCHED_STATISTICS_ROWS", 3000)
+    batched = validation_beam.statistics_for("local")(dataset, str(tmp_path / "large.pb"))
+    assert (tmp_path / "large.pb").exists() and batched.datasets[0].num_examples == 3000
+    got = _by_name(batched)
+    assert sorted(got) == sorted(want)
+    for name in ("income", "credit_score"):
+        np.testing.assert_allclose(got[name].num_stats.mean, want[name].num_stats.mean, rtol=1e-6)
+    assert got["channel"].string_stats.unique == want["channel"].string_stats.unique
