@@ -13,8 +13,8 @@ Rows printed (goal in brackets):
   day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
 - APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available;
 - context, no goal: matrix-product FLOPs per row of APEM and PLE against Shared-Bottom, for a training
-  step and for predict (:func:`matmul_flops_per_row`): a time ratio far above its FLOP ratio is spent
-  outside the matrix products.
+  step and for predict (:func:`matmul_flops_per_row`, on the models as built, before training, so every
+  inducing point is in use): a time ratio far above its FLOP ratio is spent outside the matrix products.
 
 Variants: ``apem`` (the default config: planned gamma, at its floor after training, so z is binary
 and predict takes the exp-free path), ``apem_fixed_rate`` (fixed-rate gamma, so z is still soft after
