@@ -252,15 +252,20 @@ def test_staged_impressions_spilled_to_disk_give_the_same_output(handmade, synth
     assert not list(tmp_path.rglob("*.arrow"))  # the staging is gone
 
 
+def _ingest_one_day_by_cli(write_files, tmp_path):
+    """``apem ingest`` of the day ``write_files`` wrote (it must exit 0): the dataset path and the summary."""
+    raw, out = str(tmp_path / "raw"), tmp_path / "ds"
+    write_files(raw, DAY1)
+    assert apem_main(["ingest", "--raw", raw, "--start", "2026-01-01", "--end", "2026-01-01",
+                      "--out", str(out), "--attribution-days", "1"]) == 0
+    return out, json.loads((tmp_path / "ds_quarantine" / "ingest.json").read_text())
+
+
 def test_files_of_a_day_lacking_a_feature_column_quarantine_their_rows(tmp_path):
     """Files of one day with different columns: the rows of a file without a categorical column go
     to the quarantine as ``missing_field``, as a row without it in a single file does, and the rows
     without a numerical column keep NaN; never a traceback (the command exits 0)."""
-    raw, out = str(tmp_path / "raw"), tmp_path / "ds"
-    write_files_lacking_a_feature(raw, DAY1)
-    assert apem_main(["ingest", "--raw", raw, "--start", "2026-01-01", "--end", "2026-01-01",
-                      "--out", str(out), "--attribution-days", "1"]) == 0
-    summary = json.loads((tmp_path / "ds_quarantine" / "ingest.json").read_text())
+    out, summary = _ingest_one_day_by_cli(write_files_lacking_a_feature, tmp_path)
     assert summary["quarantine"] == dict.fromkeys(QUARANTINE_REASONS, 0) | {"missing_field": 3, "unknown_impression": 2}
     rows = {r["impression_id"]: r for r in read_dataset(str(out)).table.to_pylist()}
     assert set(rows) == {"full", "noincome"} and rows["noincome"]["channel"] == "app"
@@ -276,11 +281,7 @@ def test_nested_and_binary_values_are_read_as_text_in_every_format(tmp_path):
     """A list, struct or JSON-object value is read as its JSON text and checked like any other text (a
     list where a number is expected is a bad_value; an unused struct column is ignored), and bytes
     that are not UTF-8 are decoded with replacement characters: never a traceback (exit 0)."""
-    raw, out = str(tmp_path / "raw"), tmp_path / "ds"
-    write_files_with_nested_values(raw, DAY1)
-    assert apem_main(["ingest", "--raw", raw, "--start", "2026-01-01", "--end", "2026-01-01",
-                      "--out", str(out), "--attribution-days", "1"]) == 0
-    summary = json.loads((tmp_path / "ds_quarantine" / "ingest.json").read_text())
+    out, summary = _ingest_one_day_by_cli(write_files_with_nested_values, tmp_path)
     assert summary["quarantine"] == dict.fromkeys(QUARANTINE_REASONS, 0) | {"bad_value": 1, "unknown_impression": 1}
     rows = {r["impression_id"]: r for r in read_dataset(str(out)).table.to_pylist()}
     assert set(rows) == {"pqlist", "jsonmeta", "badutf"} and all(r["click"] == 1 for r in rows.values())

@@ -148,22 +148,17 @@ def test_cli_ingest_on_beam_to_gcs(messy, tmp_path, gcs_prefix):
                                   "--direct_num_workers=2"]) == 2
 
 
-def test_beam_ingest_equals_the_reference_on_files_lacking_a_feature_column(tmp_path):
-    """Files of one day with different columns (one lacks a feature): the same quarantined and kept
-    rows on Beam, each file read by its own worker, as in the single-process ingest."""
+@pytest.mark.parametrize("write_files, reasons, rows", [
+    (write_files_lacking_a_feature, {"missing_field": 3}, 2),
+    (write_files_with_nested_values, {"bad_value": 1}, 3),
+], ids=["lacking_a_feature_column", "nested_and_binary_values"])
+def test_beam_ingest_equals_the_reference_on_files_of_one_day_that_differ(tmp_path, write_files, reasons, rows):
+    """Files of one day with different columns (one lacks a feature), or with list, struct, JSON-object
+    and non-UTF-8 binary values: the same quarantined and kept rows on Beam, each file read by its own
+    worker, as in the single-process ingest."""
     raw = str(tmp_path / "raw")
-    write_files_lacking_a_feature(raw, DAY1)
+    write_files(raw, DAY1)
     reference = ingest(raw, DAY1, DAY1, str(tmp_path / "reference"))
-    assert reference["quarantine"]["missing_field"] == 3 and reference["rows"] == 2
-    beam = ingest_beam(raw, DAY1, DAY1, str(tmp_path / "beam"), shards=2, pipeline_args=IN_MEMORY)
-    _assert_same_ingest(str(tmp_path / "reference"), str(tmp_path / "beam"), reference, beam)
-
-
-def test_beam_ingest_equals_the_reference_on_nested_and_binary_values(tmp_path):
-    """List, struct, JSON-object and non-UTF-8 binary values: the same rows and quarantine on Beam."""
-    raw = str(tmp_path / "raw")
-    write_files_with_nested_values(raw, DAY1)
-    reference = ingest(raw, DAY1, DAY1, str(tmp_path / "reference"))
-    assert reference["quarantine"]["bad_value"] == 1 and reference["rows"] == 3
+    assert {k: reference["quarantine"][k] for k in reasons} == reasons and reference["rows"] == rows
     beam = ingest_beam(raw, DAY1, DAY1, str(tmp_path / "beam"), shards=2, pipeline_args=IN_MEMORY)
     _assert_same_ingest(str(tmp_path / "reference"), str(tmp_path / "beam"), reference, beam)
