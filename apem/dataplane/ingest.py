@@ -140,10 +140,9 @@ class Quarantine:
 
 
 def _nested_as_json_text(column: pa.ChunkedArray) -> pa.Array:
-    """A list, struct or map column as the JSON text of each value (None stays None), as
-    :func:`_json_text` gives for a JSON line whose field types vary."""
-    return pa.array([None if v is None else json.dumps(v, default=str, sort_keys=True)
-                     for v in column.to_pylist()], pa.string())
+    """A list, struct or map column as the text :func:`_json_text` gives each value, as for a JSON line
+    whose field types vary."""
+    return pa.array([_json_text(v) for v in column.to_pylist()], pa.string())
 
 
 def _binary_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
@@ -228,7 +227,9 @@ def _json_text(value) -> str | None:
         return None
     if isinstance(value, float) and value.is_integer():
         return f"{value:.1f}"
-    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    if isinstance(value, (dict, list)):  # a Parquet struct may hold values JSON has no type for (a timestamp)
+        return json.dumps(value, default=str)
+    return value if isinstance(value, str) else str(value)
 
 
 def _read_csv(data: bytes, source: str, quarantine: Quarantine) -> tuple[pa.Table, np.ndarray]:
@@ -367,9 +368,9 @@ def _as_int64(flags: tuple[bool, bool, bool], categorical: bool) -> bool:
 
 def _bad_feature(values: pd.Series, categorical: bool) -> np.ndarray:
     """Rows whose feature value cannot be used: a missing categorical, a numerical that does not parse."""
-    if categorical:
-        return ~values.notna().to_numpy()
     text = _text(values)
+    if categorical:
+        return ~_present(text)
     return _present(text) & ~_matches(text, _FLOAT_RE)
 
 
