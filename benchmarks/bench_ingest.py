@@ -95,14 +95,18 @@ def tree_rss_bytes(root: int) -> int:
 
 
 def run_sampled(command: list[str], stderr=subprocess.DEVNULL, every_s: float = 0.1,
-                env: dict | None = None) -> tuple[str, int, int]:
-    """Run ``command``; return its stdout, exit code and the peak summed RSS of its process tree."""
+                env: dict | None = None, samples: list | None = None) -> tuple[str, int, int]:
+    """Run ``command``; return its stdout, exit code and the peak summed RSS of its process tree.
+    With ``samples``, every sample is appended to it as (``time.time()``, bytes)."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     peak = [0]
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
+            rss = tree_rss_bytes(proc.pid)
+            peak[0] = max(peak[0], rss)
+            if samples is not None:
+                samples.append((time.time(), rss))
             time.sleep(every_s)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -28,14 +28,13 @@ import shutil
 import subprocess
 import resource
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ingest import tree_rss_bytes  # noqa: E402
+from bench_ingest import run_sampled  # noqa: E402
 
 TASK_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - INFO - (Executing task|Task) .*?'(\w+)'")
 
@@ -63,18 +62,17 @@ def task_seconds(log: str) -> dict[str, float]:
     return {task: round(end - begin, 1) for task, (begin, end) in task_windows(log).items()}
 
 
-def seconds_since_midnight() -> float:
-    now = dt.datetime.now()
-    return now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
-
-
 def task_peaks_mb(samples: list[tuple[float, int]], windows: dict[str, tuple[float, float]]) -> dict[str, int | None]:
-    """Peak summed RSS (MB) among the samples taken inside each task's window (None: no sample fell in it)."""
-    first = samples[0][0] if samples else 0.0
-    unwrapped = [(t if t >= first else t + 86400, rss) for t, rss in samples]  # a run across midnight
+    """Peak summed RSS (MB) among the samples (``time.time()``, bytes) taken inside each task's window
+    (seconds since the local midnight of the run's first sample; None: no sample fell in it)."""
+    midnight = dt.datetime.fromtimestamp(samples[0][0]).replace(hour=0, minute=0, second=0, microsecond=0)
+    clock = [(t - midnight.timestamp(), rss) for t, rss in samples]  # past 86400 after midnight, as the windows
+    first = clock[0][0]
     peaks = {}
     for task, (begin, end) in windows.items():
-        inside = [rss for t, rss in unwrapped if begin <= t <= end]
+        if begin < first - 60:  # the task started after the midnight that followed the first sample
+            begin, end = begin + 86400, end + 86400
+        inside = [rss for t, rss in clock if begin <= t <= end]
         peaks[task] = round(max(inside) / 2**20) if inside else None
     return peaks
 
@@ -83,28 +81,17 @@ def run_pipeline(workdir: str, rows: int, days: int, params: list[str] = ()) -> 
     command = [os.path.join(os.path.dirname(sys.executable), "apem"), "pipeline", "run-local",
                "--workdir", workdir, "--rows", str(rows), "--days", str(days)]
     command += [arg for param in params for arg in ("--param", param)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, int]] = []
-
-    def sample():
-        while proc.poll() is None:
-            samples.append((seconds_since_midnight(), tree_rss_bytes(proc.pid)))
-            time.sleep(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = proc.communicate()
-    sampler.join()
+    start = time.perf_counter()
+    log, code, peak = run_sampled(command, stderr=subprocess.STDOUT, every_s=0.5, samples=samples)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.stderr.write(stdout[-5000:] + stderr[-5000:])
-        raise SystemExit(f"run-local failed with exit code {proc.returncode}")
-    note = stdout[stdout.rfind("daily_retrain finished"):]
-    return {"wall_seconds": round(wall, 1), "tasks": task_seconds(stdout),
-            "peak_tree_rss_mb": round(max((rss for _, rss in samples), default=0) / 2**20),
-            "task_peak_tree_rss_mb": task_peaks_mb(samples, task_windows(stdout)), "params": list(params),
-            "closing_note": note.strip()}
+    if code != 0:
+        sys.stderr.write(log[-10000:])
+        raise SystemExit(f"run-local failed with exit code {code}")
+    note = log[log.rfind("daily_retrain finished"):]
+    return {"wall_seconds": round(wall, 1), "tasks": task_seconds(log), "peak_tree_rss_mb": round(peak / 2**20),
+            "task_peak_tree_rss_mb": task_peaks_mb(samples, task_windows(log)) if samples else {},
+            "params": list(params), "closing_note": note.strip()}
 
 
 def run_reference(workdir: str, raw_dir: str, arguments: dict) -> dict:
