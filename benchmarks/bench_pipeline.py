@@ -166,17 +166,19 @@ def main(argv: list[str] | None = None) -> dict:
                         help="passed to run-local, e.g. --param data_engine='\"beam\"' (repeatable)")
     args = parser.parse_args(argv)
 
-    from apem_kfp.pipelines.local_runner import LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
+    from apem_kfp.pipelines.local_runner import LOCK_FILE, LocalRunConfig, ensure_raw_events, paths, pipeline_arguments
 
     pipeline_dir = os.path.join(args.workdir, "pipeline")
     raw = paths(pipeline_dir)["raw"]
-    # a fresh run: this benchmark's own earlier output goes (WORKDIR/reference, WORKDIR/pipeline), the
-    # logs in it too unless --keep-logs; anything else in WORKDIR stays
+    # a fresh run: this benchmark's own earlier output goes (WORKDIR/reference, and in WORKDIR/pipeline
+    # what run-local writes there: its folders and lock; the logs too unless --keep-logs); anything else stays
     shutil.rmtree(os.path.join(args.workdir, "reference"), ignore_errors=True)
-    for name in os.listdir(pipeline_dir) if os.path.isdir(pipeline_dir) else []:
-        path = os.path.join(pipeline_dir, name)
-        if not (args.keep_logs and path == raw):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    own = [p for p in paths(pipeline_dir).values() if not (args.keep_logs and p == raw)]
+    for path in own + [os.path.join(pipeline_dir, LOCK_FILE)]:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     start = time.perf_counter()
     synth = ensure_raw_events(raw, args.rows, args.days, seed=0)
     generate_seconds = round(time.perf_counter() - start, 1)
