@@ -21,7 +21,9 @@ and predict takes the exp-free path), ``apem_fixed_rate`` (fixed-rate gamma, so 
 these short runs: predict takes the general path), ``apem_nothing`` (with
 ``deselected_point="contributes_nothing"``), ``apem_reference`` (the path before issue 9: fixed-rate
 gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
-row, ``gather_fields=False``, as before the distinct-rows path) and, for predict only,
+row, ``gather_fields=False``, as before the distinct-rows path), ``apem_torch_pools`` (training only:
+the default APEM with its attention poolings through torch instead of the C kernels of
+:mod:`apem.nn.native_pools`; ``apem_reference`` and ``apem_direct`` run through torch too) and, for predict only,
 ``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through the
 lookup tables as they were before the fused path, :mod:`previous_folded_apem`) and
 ``apem_all_points`` and ``apem_nothing_all_points`` (the same trained models through the fused path as
@@ -32,6 +34,7 @@ into ``--rounds`` chunks and each round trains every model on the next chunk, in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,6 +57,7 @@ from apem.data.spec import read_dataset  # noqa: E402
 from apem.eval.metrics import auc  # noqa: E402
 from apem.inference.model_dir import load_model, save_model  # noqa: E402
 from apem.models.registry import build_model  # noqa: E402
+from apem.nn.native import DISABLE_ENV  # noqa: E402
 from apem.research.synth import SynthConfig, write_synthetic_dataset  # noqa: E402
 from apem.train.malloc_tuning import keep_freed_memory_for_reuse  # noqa: E402
 from apem.train.trainer import EncodedData, TrainConfig, encode_dataset, fit  # noqa: E402
@@ -62,7 +66,25 @@ VARIANTS = {"apem": ("apem", {}), "apem_fixed_rate": ("apem", {"gamma_schedule":
             "apem_nothing": ("apem", {"deselected_point": "contributes_nothing", "gamma_schedule": "planned"}),
             "apem_reference": ("apem", {"gamma_schedule": "fixed_rate"}),
             "apem_direct": ("apem", {"gather_fields": False}),
+            "apem_torch_pools": ("apem", {}),
             "shared_bottom": ("shared_bottom", {}), "ple": ("ple", {})}
+# variants that run their attention poolings through torch, not the C kernels (apem.nn.native_pools):
+# the paths before them, and the default APEM with only the kernels taken away
+TORCH_POOLS = {"apem_reference", "apem_direct", "apem_torch_pools"}
+
+
+@contextlib.contextmanager
+def pools_of(variant: str):
+    """Within: ``variant``'s attention poolings (the torch path for :data:`TORCH_POOLS`, else the kernels)."""
+    previous = os.environ.get(DISABLE_ENV)
+    os.environ[DISABLE_ENV] = "0" if variant in TORCH_POOLS else "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[DISABLE_ENV]
+        else:
+            os.environ[DISABLE_ENV] = previous
 
 
 def as_reference(model):
@@ -81,15 +103,17 @@ def build(variant: str, fields, n_tasks: int, seed: int = 0):
 def time_training(models: dict, data: EncodedData, args) -> dict[str, float]:
     config = TrainConfig(epochs=1, batch_size=args.batch_size, seed=0, device="cpu", progress=False)
     warmup = EncodedData(x=data.x[: 3 * args.batch_size], y=data.y[: 3 * args.batch_size])
-    for model in models.values():
-        fit(model, warmup, None, config)
+    for name, model in models.items():
+        with pools_of(name):
+            fit(model, warmup, None, config)
     seconds, chunk, names = dict.fromkeys(models, 0.0), -(-len(data) // args.rounds), list(models)
     for r in range(args.rounds):
         part = EncodedData(x=data.x[r * chunk:(r + 1) * chunk], y=data.y[r * chunk:(r + 1) * chunk])
         for name in (names if r % 2 == 0 else names[::-1]):
-            started = time.perf_counter()
-            fit(models[name], part, None, config)
-            seconds[name] += time.perf_counter() - started
+            with pools_of(name):
+                started = time.perf_counter()
+                fit(models[name], part, None, config)
+                seconds[name] += time.perf_counter() - started
     return seconds
 
 
@@ -105,17 +129,22 @@ def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) ->
     seconds = {name: float("inf") for name in dirs}
     for r in range(args.rounds):
         for name in (list(dirs) if r % 2 == 0 else list(dirs)[::-1]):
-            started = time.perf_counter()
-            loaded = load_model(dirs[name])
-            if name == "apem_reference":
-                as_reference(loaded.model)
-            if name.endswith(PREVIOUS_TABLES):
-                loaded.model.inference_module = lambda rows=None, m=loaded.model: PreviousFoldedAPEM(m)
-            if name.endswith(ALL_POINTS):
-                loaded.model.inference_module = lambda rows=None, m=loaded.model: AllPointsFoldedAPEM(m)
-            loaded.predict_table(read_dataset(data_dir).table, batch_size=args.predict_batch_size)
-            seconds[name] = min(seconds[name], time.perf_counter() - started)
+            with pools_of(name):
+                started = time.perf_counter()
+                _predict_once(dirs[name], name, data_dir, args)
+                seconds[name] = min(seconds[name], time.perf_counter() - started)
     return seconds
+
+
+def _predict_once(model_dir: str, name: str, data_dir: str, args) -> None:
+    loaded = load_model(model_dir)
+    if name == "apem_reference":
+        as_reference(loaded.model)
+    if name.endswith(PREVIOUS_TABLES):
+        loaded.model.inference_module = lambda rows=None, m=loaded.model: PreviousFoldedAPEM(m)
+    if name.endswith(ALL_POINTS):
+        loaded.model.inference_module = lambda rows=None, m=loaded.model: AllPointsFoldedAPEM(m)
+    loaded.predict_table(read_dataset(data_dir).table, batch_size=args.predict_batch_size)
 
 
 def auc_check(root: str, args) -> dict[str, list[float]]:
@@ -128,10 +157,11 @@ def auc_check(root: str, args) -> dict[str, list[float]]:
     train, val = encode_dataset(train_ds, encoder), encode_dataset(val_ds, encoder)
     test = encode_dataset(test_ds, encoder)
     out: dict[str, list[float]] = {}
-    for variant in ("apem_reference", "apem", "apem_nothing", "apem_direct"):
+    for variant in ("apem_reference", "apem", "apem_torch_pools", "apem_nothing", "apem_direct"):
         for seed in args.auc_seeds:
             model = build(variant, encoder.fields, test.y.shape[1], seed)
-            fit(model, train, val, TrainConfig(epochs=2, patience=1, seed=seed, device="cpu", progress=False))
+            with pools_of(variant):
+                fit(model, train, val, TrainConfig(epochs=2, patience=1, seed=seed, device="cpu", progress=False))
             probs = load_model(save_model(os.path.join(root, f"auc-{variant}-{seed}"), model.eval(), encoder,
                                           train_ds.spec)).predict_table(test_ds.table, recalibrate=False)
             labels = test.y.numpy()
@@ -162,16 +192,17 @@ def matmul_flops_per_row(models: dict, data: EncodedData, batch: int = 1024) -> 
     """Matrix-product FLOPs per row (mm, bmm, addmm, baddbmm; ``FlopCounterMode`` counts no elementwise
     op) of one training step (forward + backward) and of one predict forward (``inference_module``, so
     FoldedAPEM for APEM). Beside the time ratios, this tells compute from everything else: where the
-    time ratio is far above the FLOP ratio, the gap is elementwise, memory-bound and per-call work."""
+    time ratio is far above the FLOP ratio, the gap is elementwise, memory-bound and per-call work.
+    APEM's poolings are counted through torch: the counter cannot see into the C kernels."""
     x = data.x[:batch]
     out = {}
     for name in ("shared_bottom", "ple", "apem"):
         model = models[name].train()
-        with FlopCounterMode(display=False) as train_count:
+        with FlopCounterMode(display=False) as train_count, pools_of("apem_torch_pools"):
             model(x).probs.sum().backward()
         model.zero_grad(set_to_none=True)
         model.eval()
-        with FlopCounterMode(display=False) as predict_count, torch.no_grad():
+        with FlopCounterMode(display=False) as predict_count, torch.no_grad(), pools_of("apem_torch_pools"):
             model.inference_module(len(x))(x)
         out[name] = {"train": train_count.get_total_flops() / len(x), "predict": predict_count.get_total_flops() / len(x)}
     return out
@@ -200,6 +231,10 @@ def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict 
                 (f"predict e2e {variant} / Shared-Bottom", f"{predict_s[variant] / predict_s['shared_bottom']:.2f}",
                  "<= 2.0 (stretch 1.34)"),
                 (f"predict e2e {variant} rows/s", f"{rows / predict_s[variant]:,.0f}", ">= 100,000 (stretch 190,000)")]
+    torch_pools = train_s["apem_torch_pools"]  # the default APEM without the C kernels, same run
+    out += [("train apem_torch_pools / Shared-Bottom", f"{torch_pools / train_s['shared_bottom']:.2f}",
+             "(before: torch poolings)"),
+            ("train apem_torch_pools / apem (the kernels' speed-up)", f"{torch_pools / train_s['apem']:.2f}", "(context)")]
     direct = train_s["apem_direct"]  # training before the distinct-rows ASRG, same run
     out += [("train apem_direct / Shared-Bottom", f"{direct / train_s['shared_bottom']:.2f}", "(before: direct path)"),
             ("train apem_direct / PLE", f"{direct / train_s['ple']:.2f}", "(before: direct path)")]

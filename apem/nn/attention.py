@@ -8,6 +8,7 @@ import functools
 import torch
 from torch import nn
 
+from apem.nn.native_pools import native_library, pool_backward, pool_forward, row_pool_backward, row_pool_forward
 from apem.nn.layers import StackedLayerNorm
 
 
@@ -133,10 +134,7 @@ def _gathered_pool_layer(rows, index, factor, mask, combined, bias, queries, hea
     k, m = mask.shape[1], heads
     dv = combined.shape[1] // m
     flat_index = index.view(-1)
-    # W^V W^O's folded bias: each head's weights sum to 1 over the fields, so adding bias / M to every
-    # value row adds exactly the bias to the output (as FoldedAPEM's tables do)
-    value_table = torch.addmm(bias.view(1, 1, dv).expand(1, m, dv).reshape(1, m * dv), rows, combined,
-                              alpha=1.0, beta=1.0 / m)
+    value_table = _value_table(rows, combined, bias, m)
     raw = (rows @ factor).index_select(0, flat_index).view(b, s, m, k)
     weights = softmax_over_sources_(torch.mul(raw, mask.view(b, 1, 1, k)).view(b, s, m * k))
     values = value_table.index_select(0, flat_index).view(b, s * m, dv)
@@ -152,11 +150,15 @@ class _GatheredPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, index, factor, mask, combined, bias, queries, heads):
-        n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
-        outs = tuple(rows.new_empty(b, k, combined.shape[2] // heads) for _ in range(n))
-        weights = [_gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
-                                        queries[layer], heads, outs[layer]) for layer in range(n)]
-        ctx.heads = heads
+        outs = _gathered_pool_outputs(rows, index, factor, mask, combined, bias, queries, heads)
+        native = native_library(rows, factor, mask, combined, queries)
+        if native is not None:  # the kernel recomputes each row's weights in backward: none are saved
+            _native_pool_layers(native, rows, index, factor, mask, combined, bias, queries, heads, outs)
+            weights = []
+        else:
+            weights = [_gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
+                                            queries[layer], heads, outs[layer]) for layer in range(factor.shape[0])]
+        ctx.heads, ctx.native = heads, native
         ctx.save_for_backward(rows, index, factor, mask, combined, queries, *weights)
         return outs
 
@@ -170,15 +172,42 @@ class _GatheredPool(torch.autograd.Function):
         grad_bias = rows.new_empty(factor.shape[0], 1, queries.shape[2])
         for layer, grad_out in enumerate(grad_outs):  # unused outputs get zeros (materialised grads)
             grad_out = grad_out.contiguous()
-            grad_scores, grad_values = _gathered_pool_layer_backward(
-                rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out,
-                ctx.heads, grad_mask[:, layer])
+            if ctx.native is not None:  # writes grad_mask and grad_queries, the residual's shares included
+                grad_scores, grad_values, grad_queries[layer] = pool_backward(
+                    ctx.native, rows @ factor[layer], rows @ combined[layer], index, mask[:, layer], queries[layer],
+                    ctx.heads, grad_out, grad_mask[:, layer])
+            else:
+                grad_scores, grad_values = _gathered_pool_layer_backward(
+                    rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out,
+                    ctx.heads, grad_mask[:, layer])
+                _residual_backward(grad_out, mask[:, layer], queries[layer], grad_mask[:, layer], grad_queries[layer])
             grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
             torch.mm(rows.t(), grad_scores, out=grad_factor[layer])
             torch.mm(rows.t(), grad_values, out=grad_combined[layer])
-            _residual_backward(grad_out, mask[:, layer], queries[layer], grad_mask[:, layer], grad_queries[layer])
             torch.sum(grad_out, dim=(0, 1), out=grad_bias[layer, 0])
         return grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, grad_queries, None
+
+
+def _gathered_pool_outputs(rows, index, factor, mask, combined, bias, queries, heads) -> tuple[torch.Tensor, ...]:
+    """The L' empty (B, K, d_v) outputs of :func:`gathered_pool`."""
+    n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
+    return tuple(rows.new_empty(b, k, combined.shape[2] // heads) for _ in range(n))
+
+
+def _value_table(rows, combined, bias, heads):
+    """(U, M d_v) value rows S_u C_{l, m} plus W^V W^O's folded bias / M: each head's weights sum to 1 over
+    the fields, so adding bias / M to every value row adds exactly the bias to the output (as FoldedAPEM's
+    tables do)."""
+    dv = combined.shape[1] // heads
+    return torch.addmm(bias.view(1, 1, dv).expand(1, heads, dv).reshape(1, heads * dv), rows, combined,
+                       alpha=1.0, beta=1.0 / heads)
+
+
+def _native_pool_layers(native, rows, index, factor, mask, combined, bias, queries, heads, outs) -> None:
+    """Every layer through the C kernel (:mod:`apem.nn.gathered_pool_native`), into ``outs``."""
+    for layer, out in enumerate(outs):
+        pool_forward(native, rows @ factor[layer], _value_table(rows, combined[layer], bias[layer], heads), index,
+                     mask[:, layer], queries[layer], heads, out)
 
 
 def _residual_backward(grad_out, mask, queries, grad_mask, grad_queries):
@@ -231,11 +260,14 @@ def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor,
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, factor, mask, combined, bias, queries)):
         return _GatheredPool.apply(rows, index, factor, mask, combined, bias, queries, heads)
-    n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
-    outs = tuple(rows.new_empty(b, k, combined.shape[2] // heads) for _ in range(n))
-    for layer in range(n):
+    outs = _gathered_pool_outputs(rows, index, factor, mask, combined, bias, queries, heads)
+    native = native_library(rows, factor, mask, combined, queries)
+    if native is not None:
+        _native_pool_layers(native, rows, index, factor, mask, combined, bias, queries, heads, outs)
+        return outs
+    for layer, out in enumerate(outs):
         _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
-                             queries[layer], heads, outs[layer])
+                             queries[layer], heads, out)
     return outs
 
 
@@ -256,6 +288,10 @@ def _row_attention_pool_forward(shared, factor, row_weights):
     n, b, r, d = shared.shape
     queries = factor.shape[2]
     scores = torch.bmm(factor.transpose(1, 2), shared.view(n, b * r, d).transpose(1, 2)).view(n, queries, b, r)
+    native = native_library(shared, factor, row_weights)
+    if native is not None:  # the softmax and the per-sample pooling in C (apem.nn.native_pools)
+        pooled, weights, q = row_pool_forward(native, scores, row_weights, shared)
+        return pooled.view(n * b, queries, d), weights, q
     q = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # in place: measured faster than torch.softmax here
     if row_weights is None:
         weights, q = q.div_(q.sum(-1, keepdim=True)), None
@@ -288,6 +324,15 @@ class _RowAttentionPool(torch.autograd.Function):
         n, b, r, d = shared.shape
         queries = factor.shape[2]
         grad = grad.contiguous().view(n, b, queries, d)
+        native = native_library(shared, factor, weights)
+        if native is not None:  # per-sample products in C; the factor's products as one GEMM per layer
+            grad_shared, grad_scores, grad_rw = row_pool_backward(native, weights, q, shared, grad)
+            grad_factor = torch.empty_like(factor)
+            for layer in range(n):  # (the (Q, B R) x (B R, d) orientation measured 8x faster than its transpose)
+                scores = grad_scores[layer].view(queries, b * r)
+                grad_shared[layer].view(b * r, d).addmm_(scores.t(), factor[layer].t())
+                grad_factor[layer] = torch.mm(scores, shared[layer].view(b * r, d)).t()
+            return grad_shared, grad_factor, grad_rw if ctx.needs_input_grad[2] else None
         grad_shared, grad_factor = torch.empty_like(shared), torch.empty_like(factor)
         grad_rw = shared.new_empty(n, b, r) if q is not None and ctx.needs_input_grad[2] else None
         for layer in range(n):

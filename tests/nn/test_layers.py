@@ -159,9 +159,12 @@ def _assert_same_outputs_and_gradients(fast, reference, inputs) -> None:
         torch.testing.assert_close(fast(), reference_out, atol=1e-5, rtol=0)
 
 
-def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path():
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "torch"])
+def test_inducing_point_attention_over_distinct_rows_matches_the_direct_path(monkeypatch, kernels):
     """``index``: the source is rows[index]; outputs and every gradient equal the direct path's,
-    with repeated rows, a soft mask with exact zeros, and non-zero value/output biases."""
+    with repeated rows, a soft mask with exact zeros, and non-zero value/output biases, through the
+    C kernels (apem.nn.native_pools) and through the torch path."""
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
     torch.manual_seed(3)
     att = InducingPointAttention(n_layers=3, n_points=5, dim=6, heads=2)
     with torch.no_grad():
@@ -185,8 +188,10 @@ def _row_attention_pool_autograd(shared, factor, row_weights):
     return torch.bmm(weights.transpose(1, 2), shared.reshape(n * b, r, d))
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "torch"])
 @pytest.mark.parametrize("row_weights", ["none", "soft", "binary"])
-def test_row_attention_pool_matches_autograd_in_outputs_and_gradients(row_weights):
+def test_row_attention_pool_matches_autograd_in_outputs_and_gradients(monkeypatch, row_weights, kernels):
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
     torch.manual_seed(4)
     shared, factor = torch.randn(3, 6, 7, 5, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True)
     inputs, z = [shared, factor], None

@@ -1,0 +1,203 @@
+"""The C kernels of APEM's attention poolings (apem/resources/kernels, apem.nn.native_pools) against
+their torch reference paths (APEM_NATIVE_KERNELS=0): outputs and every gradient to 1e-5, at Table 2's
+sizes (the AVX2 loops) and at odd sizes (the portable loops), on 1 and 2 threads, in the portable
+build, and through a trained APEM; and the fallbacks when no kernel can be built."""
+
+import os
+
+import pytest
+import torch
+
+from apem.models.registry import build_model
+from apem.nn import native
+from apem.nn.attention import gathered_pool, row_attention_pool
+from apem.nn.native_pools import native_library, pool_backward, pool_forward, typed_library
+from apem.research.synth import SynthConfig, write_synthetic_dataset
+from apem.data.spec import read_dataset
+from apem.data.encoding import FeatureEncoder
+from apem.train.trainer import TrainConfig, encode_dataset, fit
+
+pytestmark = pytest.mark.skipif(native.load_kernels() is None, reason="no C compiler to build the kernels")
+
+
+def _both_paths(monkeypatch, run):
+    """run() with the kernels, then with the torch reference path."""
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(native.DISABLE_ENV, enabled)
+        results.append(run())
+    return results
+
+
+def _outputs_and_gradients(fn, inputs, seed=5):
+    outs = fn()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    return [o.detach() for o in outs], torch.autograd.grad(loss, inputs)
+
+
+def _assert_close(fast, reference):
+    (fast_outs, fast_grads), (ref_outs, ref_grads) = fast, reference
+    for a, b in zip(fast_outs, ref_outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, ref_grads):  # sums over the batch: 1e-5 of the gradient's scale
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5)
+
+
+def _gathered_inputs(u, b, s, layers, heads, k, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(u, d, generator=gen).requires_grad_()
+    index = torch.randint(0, u, (b, s), generator=gen)
+    factor = (torch.randn(layers, d, heads * k, generator=gen) * 0.5).requires_grad_()
+    mask = torch.rand(layers, b, k, generator=gen).transpose(0, 1)
+    mask[:, :, 0] = 0.0  # de-selected points (uniform weights) and fully selected ones
+    mask[:, 0, 1] = 1.0
+    mask = mask.contiguous().requires_grad_()
+    combined = (torch.randn(layers, d, heads * d, generator=gen) * 0.3).requires_grad_()
+    bias = torch.randn(layers, 1, d, generator=gen).requires_grad_()
+    queries = torch.randn(layers, k, d, generator=gen).requires_grad_()
+    return rows, index, factor, mask, combined, bias, queries
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sizes", [(300, 200, 16, 4, 2, 64, 18), (40, 70, 5, 2, 3, 12, 7)],
+                         ids=["table2-avx2", "odd-portable"])
+def test_gathered_pool_kernel_matches_the_torch_path(monkeypatch, sizes, threads):
+    rows, index, factor, mask, combined, bias, queries = inputs = _gathered_inputs(*sizes)
+    heads = sizes[4]
+    params = [t for t in inputs if t.requires_grad]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast, reference = _both_paths(monkeypatch, lambda: _outputs_and_gradients(
+            lambda: gathered_pool(rows, index, factor, mask, combined, bias, queries, heads), params))
+        monkeypatch.setenv(native.DISABLE_ENV, "1")
+        with torch.no_grad():  # the inference branch takes the kernel too
+            no_grad = gathered_pool(rows, index, factor, mask, combined, bias, queries, heads)
+    finally:
+        torch.set_num_threads(previous)
+    _assert_close(fast, reference)
+    for a, b in zip(no_grad, reference[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("row_weights", ["none", "binary-with-empty-sample"])
+@pytest.mark.parametrize("sizes", [(4, 130, 64, 6, 18), (2, 9, 7, 4, 5)], ids=["table2-avx2", "odd-portable"])
+def test_row_attention_pool_kernel_matches_the_torch_path(monkeypatch, sizes, row_weights, threads):
+    n, b, r, q, d = sizes
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randn(n, b, r, d, generator=gen).requires_grad_()
+    factor = torch.randn(n, d, q, generator=gen).requires_grad_()
+    inputs, z = [shared, factor], None
+    if row_weights != "none":
+        z = (torch.rand(n, b, r, generator=gen) > 0.4).float()
+        z[:, 0] = 0.0  # a sample with no selected row: an empty message, not NaN
+        inputs.append(z.requires_grad_())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast, reference = _both_paths(monkeypatch, lambda: _outputs_and_gradients(
+            lambda: row_attention_pool(shared, factor, z), inputs))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.isfinite(fast[0][0]).all()
+    _assert_close(fast, reference)
+
+
+def test_portable_build_matches_the_avx2_build():
+    """APEM_GENERIC_KERNEL builds the loops a CPU without AVX2 runs; both builds agree at Table 2's sizes."""
+    generic = native.load_kernels(defines=("APEM_GENERIC_KERNEL",))
+    assert generic is not None
+    builds = [native_library(torch.zeros(1)), typed_library(generic)]
+    assert builds[0]._name != builds[1]._name  # two libraries, two cache entries
+    rows, index, factor, mask, combined, bias, queries = _gathered_inputs(300, 150, 16, 1, 2, 64, 18)
+    with torch.no_grad():
+        tables = rows @ factor[0], rows @ combined[0] + bias[0].repeat(1, 2) / 2
+        grad_out = torch.randn(150, 64, 18, generator=torch.Generator().manual_seed(2))
+        results = []
+        for lib in builds:
+            out, grad_mask = torch.empty(150, 64, 18), torch.empty(150, 64)
+            pool_forward(lib, *tables, index, mask[:, 0], queries[0], 2, out)
+            grads = pool_backward(lib, *tables, index, mask[:, 0], queries[0], 2, grad_out, grad_mask)
+            results.append((out, grad_mask, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5)
+
+
+def test_trained_apem_predicts_and_learns_the_same_through_the_kernels(monkeypatch, tmp_path):
+    """A trained APEM at Table 2's sizes: probabilities and every parameter's gradient agree to 1e-5
+    with and without the kernels."""
+    write_synthetic_dataset(SynthConfig(rows=3000, days=10, seed=0), str(tmp_path / "d"))
+    ds = read_dataset(str(tmp_path / "d"))
+    enc = FeatureEncoder(ds.spec).fit(ds)
+    data = encode_dataset(ds, enc)
+    torch.manual_seed(0)
+    model = build_model("apem", enc.fields, data.y.shape[1])
+    fit(model, data, None, TrainConfig(epochs=1, batch_size=512, seed=0, device="cpu", progress=False))
+    x, y = data.x[:600], data.y[:600]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        probs = model(x).probs
+        return [probs.detach()], torch.autograd.grad(torch.nn.functional.binary_cross_entropy(probs, y), params)
+
+    fast, reference = _both_paths(monkeypatch, step)
+    _assert_close(fast, reference)
+    model.eval()
+    with torch.no_grad():
+        predictions = _both_paths(monkeypatch, lambda: model(x).probs)
+    torch.testing.assert_close(predictions[0], predictions[1], atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache and no loaded library, restored afterwards."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    native._load.cache_clear()
+    yield tmp_path / "cache"
+    native._load.cache_clear()
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"], ids=["missing", "failing"])
+def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, fresh_build, compiler, caplog):
+    monkeypatch.setenv("CC", compiler)
+    rows, index, factor, mask, combined, bias, queries = _gathered_inputs(30, 20, 4, 2, 2, 8, 6)
+    assert native.load_kernels() is None and native_library(rows) is None
+    out = gathered_pool(rows, index, factor, mask, combined, bias, queries, 2)  # the torch path
+    assert len(out) == 2 and all(torch.isfinite(o).all() for o in out)
+    assert "torch path runs instead" in caplog.text
+    assert not any(p.is_file() for p in fresh_build.rglob("*"))  # a failed build leaves nothing behind
+
+
+def test_a_build_writes_only_its_own_library_into_the_cache(fresh_build):
+    fresh_build.mkdir(parents=True)
+    (fresh_build / "users-file.txt").write_text("kept")
+    lib = native.load_kernels()
+    assert lib is not None
+    assert sorted(p.name for p in fresh_build.iterdir()) == sorted(["users-file.txt", os.path.basename(lib._name)])
+    assert (fresh_build / "users-file.txt").read_text() == "kept"
+
+
+def test_disabled_kernels_are_not_loaded(monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert native.load_kernels() is None and native_library(torch.zeros(1)) is None
+
+
+def test_only_float32_cpu_tensors_take_the_kernels():
+    assert native_library(torch.zeros(1)) is not None
+    assert native_library(torch.zeros(1, dtype=torch.float64)) is None
+    assert native_library(torch.zeros(1), None) is not None
+
+
+def test_native_kernels_share_torchs_openmp_runtime():
+    """The kernels' OpenMP threads are torch's own (one libgomp in the process). If a torch build ships
+    its OpenMP runtime under another name, this fails: the kernels still compute the same, but their
+    threads and torch's would then compete for the cores."""
+    assert native_library(torch.zeros(1)) is not None
+    with open("/proc/self/maps") as fh:
+        runtimes = {line.split()[-1] for line in fh if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
+    assert os.path.dirname(torch.__file__) in next(iter(runtimes))
