@@ -52,6 +52,7 @@ from apem.models.registry import register_model
 from apem.nn.attention import InducingPointAttention, PatternSelector, multihead_attention
 from apem.nn.layers import MLP, StackedLayerNorm, TaskTowers
 from apem.nn.losses import LossConfig
+from apem.nn.native_pools import native_library
 from apem.nn.selection import GAMMA_SCHEDULES, dynamic_activation, gamma_at, gamma_planned
 
 LAYER_INPUTS = ("fields", "previous")
@@ -89,6 +90,8 @@ class APEMConfig(EmbeddingConfig):
 class APEM(MultiTaskModel):
     name = "apem"
     Config = APEMConfig
+    # many small ops per batch: apem.inference.predict.predict_stream runs batches side by side on CPU
+    parallel_batches = True
 
     @classmethod
     def default_loss_config(cls) -> LossConfig:
@@ -211,13 +214,17 @@ class APEM(MultiTaskModel):
         """Eval-mode prediction through :class:`FoldedAPEM` where it applies (the ASRG selector with
         the default ``layer_input="fields"``) and pays: its tables cost one product per embedding
         row, the direct path one per (row, field) of the input, so for fewer than
-        (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster."""
+        (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster.
+        Where the C kernels run this model (float32 on CPU, :mod:`apem.nn.native_pools`), the model itself
+        predicts: through them it measured faster than the tables (``benchmarks/bench_speed_table.py``)."""
         c = self.config
         if self.training or not c.dynamic_activation or c.layer_input != "fields":
             return self
         if self.embedding.dense_vectors is not None:  # dense_log: H depends on the value, not only the row
             return self
         if rows is not None and rows * len(self.fields) < self.embedding.embedding.num_embeddings:
+            return self
+        if self.gathers_fields() and native_library(self.embedding.embedding.weight) is not None:
             return self
         return FoldedAPEM(self)
 

@@ -8,7 +8,8 @@ import functools
 import torch
 from torch import nn
 
-from apem.nn.native_pools import native_library, pool_backward, pool_forward, row_pool_backward, row_pool_forward
+from apem.nn.native_pools import (NativeGatheredPoolNorm, gathered_pool_norm_forward, native_library, row_pool_backward,
+                                  row_pool_forward, value_table)
 from apem.nn.layers import StackedLayerNorm
 
 
@@ -134,10 +135,10 @@ def _gathered_pool_layer(rows, index, factor, mask, combined, bias, queries, hea
     k, m = mask.shape[1], heads
     dv = combined.shape[1] // m
     flat_index = index.view(-1)
-    value_table = _value_table(rows, combined, bias, m)
+    table = value_table(rows, combined, bias, m)
     raw = (rows @ factor).index_select(0, flat_index).view(b, s, m, k)
     weights = softmax_over_sources_(torch.mul(raw, mask.view(b, 1, 1, k)).view(b, s, m * k))
-    values = value_table.index_select(0, flat_index).view(b, s * m, dv)
+    values = table.index_select(0, flat_index).view(b, s * m, dv)
     torch.bmm(weights.view(b, s * m, k).transpose(1, 2), values, out=out)
     out.addcmul_(queries, mask.unsqueeze(-1))  # eq. 17's residual Q_hat = I (.) z_K, while out is in cache
     return weights
@@ -150,15 +151,10 @@ class _GatheredPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, index, factor, mask, combined, bias, queries, heads):
-        outs = _gathered_pool_outputs(rows, index, factor, mask, combined, bias, queries, heads)
-        native = native_library(rows, factor, mask, combined, queries)
-        if native is not None:  # the kernel recomputes each row's weights in backward: none are saved
-            _native_pool_layers(native, rows, index, factor, mask, combined, bias, queries, heads, outs)
-            weights = []
-        else:
-            weights = [_gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
-                                            queries[layer], heads, outs[layer]) for layer in range(factor.shape[0])]
-        ctx.heads, ctx.native = heads, native
+        outs = _gathered_pool_outputs(rows, index, factor, mask, combined, heads)
+        weights = [_gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
+                                        queries[layer], heads, outs[layer]) for layer in range(factor.shape[0])]
+        ctx.heads = heads
         ctx.save_for_backward(rows, index, factor, mask, combined, queries, *weights)
         return outs
 
@@ -172,42 +168,21 @@ class _GatheredPool(torch.autograd.Function):
         grad_bias = rows.new_empty(factor.shape[0], 1, queries.shape[2])
         for layer, grad_out in enumerate(grad_outs):  # unused outputs get zeros (materialised grads)
             grad_out = grad_out.contiguous()
-            if ctx.native is not None:  # writes grad_mask and grad_queries, the residual's shares included
-                grad_scores, grad_values, grad_queries[layer] = pool_backward(
-                    ctx.native, rows @ factor[layer], rows @ combined[layer], index, mask[:, layer], queries[layer],
-                    ctx.heads, grad_out, grad_mask[:, layer])
-            else:
-                grad_scores, grad_values = _gathered_pool_layer_backward(
-                    rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out,
-                    ctx.heads, grad_mask[:, layer])
-                _residual_backward(grad_out, mask[:, layer], queries[layer], grad_mask[:, layer], grad_queries[layer])
+            grad_scores, grad_values = _gathered_pool_layer_backward(
+                rows, index, factor[layer], mask[:, layer], combined[layer], weights[layer], grad_out,
+                ctx.heads, grad_mask[:, layer])
             grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
             torch.mm(rows.t(), grad_scores, out=grad_factor[layer])
             torch.mm(rows.t(), grad_values, out=grad_combined[layer])
+            _residual_backward(grad_out, mask[:, layer], queries[layer], grad_mask[:, layer], grad_queries[layer])
             torch.sum(grad_out, dim=(0, 1), out=grad_bias[layer, 0])
         return grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, grad_queries, None
 
 
-def _gathered_pool_outputs(rows, index, factor, mask, combined, bias, queries, heads) -> tuple[torch.Tensor, ...]:
+def _gathered_pool_outputs(rows, index, factor, mask, combined, heads) -> tuple[torch.Tensor, ...]:
     """The L' empty (B, K, d_v) outputs of :func:`gathered_pool`."""
     n, b, k = factor.shape[0], index.shape[0], mask.shape[2]
     return tuple(rows.new_empty(b, k, combined.shape[2] // heads) for _ in range(n))
-
-
-def _value_table(rows, combined, bias, heads):
-    """(U, M d_v) value rows S_u C_{l, m} plus W^V W^O's folded bias / M: each head's weights sum to 1 over
-    the fields, so adding bias / M to every value row adds exactly the bias to the output (as FoldedAPEM's
-    tables do)."""
-    dv = combined.shape[1] // heads
-    return torch.addmm(bias.view(1, 1, dv).expand(1, heads, dv).reshape(1, heads * dv), rows, combined,
-                       alpha=1.0, beta=1.0 / heads)
-
-
-def _native_pool_layers(native, rows, index, factor, mask, combined, bias, queries, heads, outs) -> None:
-    """Every layer through the C kernel (:mod:`apem.nn.gathered_pool_native`), into ``outs``."""
-    for layer, out in enumerate(outs):
-        pool_forward(native, rows @ factor[layer], _value_table(rows, combined[layer], bias[layer], heads), index,
-                     mask[:, layer], queries[layer], heads, out)
 
 
 def _residual_backward(grad_out, mask, queries, grad_mask, grad_queries):
@@ -260,15 +235,31 @@ def gathered_pool(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor,
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, factor, mask, combined, bias, queries)):
         return _GatheredPool.apply(rows, index, factor, mask, combined, bias, queries, heads)
-    outs = _gathered_pool_outputs(rows, index, factor, mask, combined, bias, queries, heads)
-    native = native_library(rows, factor, mask, combined, queries)
-    if native is not None:
-        _native_pool_layers(native, rows, index, factor, mask, combined, bias, queries, heads, outs)
-        return outs
+    outs = _gathered_pool_outputs(rows, index, factor, mask, combined, heads)
     for layer, out in enumerate(outs):
         _gathered_pool_layer(rows, index, factor[layer], mask[:, layer], combined[layer], bias[layer],
                              queries[layer], heads, out)
     return outs
+
+
+@float32_outside_autocast
+def gathered_pool_norm(rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
+                       combined: torch.Tensor, bias: torch.Tensor, queries: torch.Tensor, norm_weight: torch.Tensor,
+                       norm_bias: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """:func:`gathered_pool` and then eq. 17's LayerNorm of each layer (affine ``norm_weight``, ``norm_bias``
+    (L', d_v)), stacked: Y (L', B, K, d_v). On float32 CPU tensors it runs through the C kernel
+    (:class:`apem.nn.native_pools.NativeGatheredPoolNorm`), which keeps each row's softmax weights and
+    LayerNorm in cache; elsewhere (CUDA, float64, no C compiler, ``APEM_NATIVE_KERNELS=0``) through
+    :func:`gathered_pool` and ``layer_norm``, the reference the kernel is tested against."""
+    inputs = (rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias)
+    native = native_library(rows, factor, mask, combined, bias, queries, norm_weight, norm_bias)
+    if native is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return NativeGatheredPoolNorm.apply(native, *inputs, heads, eps)
+    if native is not None:
+        return gathered_pool_norm_forward(native, *inputs, heads, eps)[0]
+    outs = gathered_pool(rows, index, factor, mask, combined, bias, queries, heads)
+    return torch.stack([nn.functional.layer_norm(out, out.shape[-1:], w, b, eps)
+                        for out, w, b in zip(outs, norm_weight, norm_bias)])
 
 
 def weighted_softmax(scores: torch.Tensor, row_weights: torch.Tensor, dim: int) -> torch.Tensor:
@@ -445,12 +436,10 @@ class InducingPointAttention(nn.Module):
         All layers' scores in one GEMM (:func:`masked_softmax_pool`), then W^V W^O on the pooled heads.
         With ``index`` (B, S), the source is ``source[index]`` over a table of distinct rows (U, d),
         attended through :func:`gathered_pool` (the same Y, to float rounding)."""
-        if index is not None:  # each layer's own LayerNorm (one native call with its affine), then one stack
+        if index is not None:
             factor, combined, bias = self.folded_weights(layers)
-            outs = gathered_pool(source, index, factor, mask.contiguous(), combined, bias, self.inducing[layers],
-                                 self.heads)
-            layer_ids = range(self.inducing.shape[0])[layers]
-            return torch.stack([self.norm(out, layer) for layer, out in zip(layer_ids, outs)])
+            return gathered_pool_norm(source, index, factor, mask.contiguous(), combined, bias, self.inducing[layers],
+                                      self.norm.weight[layers], self.norm.bias[layers], self.heads, self.norm.eps)
         b, s, d = source.shape
         inducing = self.inducing[layers]
         n, k, m = inducing.shape[0], self.n_points, self.heads

@@ -113,13 +113,13 @@ class StackedLayerNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_layers, dim))
         self.bias = nn.Parameter(torch.zeros(n_layers, dim))
-        self.dim = dim
+        self.dim, self.eps = dim, 1e-5
 
     def forward(self, x: torch.Tensor, layers: slice | int) -> torch.Tensor:
         """x: (L', ..., d) for the layers selected by a slice, or (..., d) for one layer index."""
         if not isinstance(layers, slice):  # one layer: its affine inside the one native call
-            return torch.nn.functional.layer_norm(x, (self.dim,), self.weight[layers], self.bias[layers])
-        normed = torch.nn.functional.layer_norm(x, (self.dim,))
+            return torch.nn.functional.layer_norm(x, (self.dim,), self.weight[layers], self.bias[layers], self.eps)
+        normed = torch.nn.functional.layer_norm(x, (self.dim,), eps=self.eps)
         w, b = self.weight[layers], self.bias[layers]
         shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
         return torch.addcmul(b.view(shape), normed, w.view(shape))  # one pass for the affine part

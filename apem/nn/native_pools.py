@@ -1,11 +1,11 @@
 """Calls into the C kernels of APEM's two attention poolings (``apem/resources/kernels``, built by
 :mod:`apem.nn.native`); :mod:`apem.nn.attention` holds the torch reference of each.
 
-- One :func:`apem.nn.attention.gathered_pool` layer (``gathered_pool.c``): per sample, the kernel
-  computes the (S, M, K) softmax weights, pools the value rows and adds eq. 17's residual while
-  the weights are in cache; the backward recomputes them (cheaper than writing 32 KB a row per
-  layer out and reading them back). The score and value tables stay torch GEMMs, and so do their
-  gradients' products with the weights.
+- :func:`apem.nn.attention.gathered_pool_norm` (``gathered_pool.c``, :class:`NativeGatheredPoolNorm`):
+  per sample and layer, the kernel computes the (S, M, K) softmax weights, pools the value rows,
+  adds eq. 17's residual and applies its LayerNorm while the weights are in cache; the backward
+  recomputes the weights (cheaper than writing 32 KB a row per layer out and reading them back).
+  The score and value tables stay torch GEMMs, and so do their gradients' products with the rows.
 - :func:`apem.nn.attention.row_attention_pool` (``row_attention_pool.c``): the per-sample softmax,
   pooling and their backward products; the score GEMM and the products with the factor stay in torch.
 
@@ -28,9 +28,10 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 @functools.lru_cache(maxsize=None)
 def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
-        "gathered_pool_work_floats": ([_I64] * 4, _I64),
-        "gathered_pool_forward": ([_I64] * 6 + [_PTR] * 4 + [_I64] + [_PTR] * 3, None),
-        "gathered_pool_backward": ([_I64] * 6 + [_PTR] * 4 + [_I64] + [_PTR] * 2 + [_PTR, _I64] * 4 + [_PTR], None),
+        "gathered_pool_work_floats": ([_PTR], _I64),
+        "gathered_pool_slot_floats": ([_PTR], _I64),
+        "gathered_pool_forward": ([_PTR, _I64, _I64] + [_PTR] * 4, None),
+        "gathered_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
         "row_attention_pool_work_floats": ([_I64] * 2, _I64),
         "row_attention_pool_forward": ([_I64] * 5 + [_PTR] * 5, None),
         "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 8, None),
@@ -63,49 +64,101 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _checked_mask(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.stride(1) == 1 else mask.contiguous()
-
-
-def pool_forward(lib: ctypes.CDLL, score_table: torch.Tensor, value_table: torch.Tensor, index: torch.Tensor,
-                 mask: torch.Tensor, queries: torch.Tensor, heads: int, out: torch.Tensor) -> None:
-    """Writes O + I (.) z_K (B, K, d_v) into ``out``. score_table (U, M K), value_table (U, M d_v) (bias / M
-    included), index (B, S) int64, mask (B, K) with unit column stride, queries (K, d_v)."""
-    b, s = index.shape
-    k, dv = queries.shape
-    mask = _checked_mask(mask)
-    score_table, value_table, index, queries = (t.contiguous() for t in (score_table, value_table, index, queries))
-    threads = _threads(b)
-    work = torch.empty(threads, lib.gathered_pool_work_floats(s, heads, k, dv))
-    lib.gathered_pool_forward(b, threads, s, heads, k, dv, _ptr(score_table), _ptr(value_table), _ptr(index),
-                              _ptr(mask), mask.stride(0), _ptr(queries), _ptr(out), _ptr(work))
-
-
-def pool_backward(lib: ctypes.CDLL, score_table: torch.Tensor, value_table: torch.Tensor, index: torch.Tensor,
-                  mask: torch.Tensor, queries: torch.Tensor, heads: int, grad_out: torch.Tensor,
-                  grad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`pool_forward`'s tables (U, M K), (U, M d_v) and queries (K, d_v); writes
-    d/d mask (B, K) into ``grad_mask`` (unit column stride)."""
-    b, s = index.shape
-    (u, mk), (k, dv) = score_table.shape, queries.shape
-    mask = _checked_mask(mask)
-    score_table, value_table, index, queries, grad_out = (
-        t.contiguous() for t in (score_table, value_table, index, queries, grad_out))
-    threads = _threads(b)
-    grad_scores, grad_values = score_table.new_zeros(threads, u, mk), value_table.new_zeros(threads, u, heads * dv)
-    grad_queries = queries.new_zeros(threads, k, dv)
-    work = torch.empty(threads, lib.gathered_pool_work_floats(s, heads, k, dv))
-    lib.gathered_pool_backward(b, threads, s, heads, k, dv, _ptr(score_table), _ptr(value_table), _ptr(index),
-                               _ptr(mask), mask.stride(0), _ptr(queries), _ptr(grad_out),
-                               _ptr(grad_scores), u * mk, _ptr(grad_values), u * heads * dv, _ptr(grad_mask),
-                               grad_mask.stride(0), _ptr(grad_queries), k * dv, _ptr(work))
-    if threads == 1:
-        return grad_scores[0], grad_values[0], grad_queries[0]
-    return grad_scores.sum(0), grad_values.sum(0), grad_queries.sum(0)
-
-
 def _optional_ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+class PoolLayer(ctypes.Structure):
+    """One layer's inputs to ``gathered_pool.c`` (its ``PoolLayer``); holds the tensors it points into."""
+
+    _fields_ = [("U", _I64), ("S", _I64), ("M", _I64), ("K", _I64), ("D", _I64), ("score_table", _PTR),
+                ("value_table", _PTR), ("index", _PTR), ("mask", _PTR), ("mask_stride", _I64), ("queries", _PTR),
+                ("norm_weight", _PTR), ("norm_bias", _PTR), ("eps", ctypes.c_float)]
+
+    @classmethod
+    def of(cls, score_table, value_table, index, mask, queries, norm_weight, norm_bias, heads, eps) -> "PoolLayer":
+        """score_table (U, M K), value_table (U, M d) (bias / M included), index (B, S) int64, mask (B, K) (unit
+        column stride), queries (K, d), norm_weight and norm_bias (d,)."""
+        mask = mask if mask.stride(1) == 1 else mask.contiguous()
+        tensors = [t.contiguous() for t in (score_table, value_table, index, queries, norm_weight, norm_bias)]
+        score_table, value_table, index, queries, norm_weight, norm_bias = tensors
+        (u, _), (_, s), (k, d) = score_table.shape, index.shape, queries.shape
+        layer = cls(u, s, heads, k, d, _ptr(score_table), _ptr(value_table), _ptr(index), _ptr(mask), mask.stride(0),
+                    _ptr(queries), _ptr(norm_weight), _ptr(norm_bias), eps)
+        layer.keep_alive = (*tensors, mask)
+        return layer
+
+
+def value_table(rows: torch.Tensor, combined: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """(U, M d_v) value rows S_u C_{l, m} plus W^V W^O's folded bias / M: each head's weights sum to 1 over
+    the fields, so adding bias / M to every value row adds exactly the bias to the output (as FoldedAPEM's
+    tables do)."""
+    dv = combined.shape[1] // heads
+    return torch.addmm(bias.view(1, 1, dv).expand(1, heads, dv).reshape(1, heads * dv), rows, combined,
+                       alpha=1.0, beta=1.0 / heads)
+
+
+def gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias,
+                               heads: int, eps: float, for_backward: bool = False):
+    """Y (L', B, K, d_v) of :func:`apem.nn.attention.gathered_pool_norm` through the kernel, and, ``for_backward``,
+    the normalised X (L', B, d_v, K) and 1 / sigma (L', B, K) its backward reads (else None, None)."""
+    n, b, k, dv = factor.shape[0], index.shape[0], mask.shape[2], queries.shape[2]
+    out = rows.new_empty(n, b, k, dv)
+    normalized, rstd = (rows.new_empty(n, b, dv, k), rows.new_empty(n, b, k)) if for_backward else (None, None)
+    threads = _threads(b)
+    for layer in range(n):
+        spec = PoolLayer.of(rows @ factor[layer], value_table(rows, combined[layer], bias[layer], heads), index,
+                            mask[:, layer], queries[layer], norm_weight[layer], norm_bias[layer], heads, eps)
+        work = torch.empty(threads, lib.gathered_pool_work_floats(ctypes.byref(spec)))
+        lib.gathered_pool_forward(ctypes.byref(spec), b, threads, _ptr(out[layer]),
+                                  _optional_ptr(None if normalized is None else normalized[layer]),
+                                  _optional_ptr(None if rstd is None else rstd[layer]), _ptr(work))
+    return out, normalized, rstd
+
+
+class NativeGatheredPoolNorm(torch.autograd.Function):
+    """Autograd for :func:`apem.nn.attention.gathered_pool_norm` through ``gathered_pool.c``: per layer, the
+    score and value tables are torch GEMMs, the rest of the layer (softmax, pooling, residual, LayerNorm) is
+    the kernel's; backward recomputes the tables and each row's weights, and saves only the normalised X and
+    1 / sigma (as torch's LayerNorm would)."""
+
+    @staticmethod
+    def forward(ctx, lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads, eps):
+        out, normalized, rstd = gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, queries,
+                                                           norm_weight, norm_bias, heads, eps, for_backward=True)
+        ctx.lib, ctx.heads, ctx.eps = lib, heads, eps
+        ctx.save_for_backward(rows, index, factor, mask, combined, queries, norm_weight, norm_bias, normalized, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        rows, index, factor, mask, combined, queries, norm_weight, norm_bias, normalized, rstd = ctx.saved_tensors
+        n, b = factor.shape[0], index.shape[0]
+        u, (k, dv), mk = rows.shape[0], queries.shape[1:], factor.shape[2]
+        grad_y, threads = grad_y.contiguous(), _threads(b)
+        grad_rows = torch.zeros_like(rows)
+        grad_factor, grad_combined, grad_queries = (torch.empty_like(t) for t in (factor, combined, queries))
+        grad_mask, grad_nw, grad_nb = torch.empty_like(mask), torch.empty_like(norm_weight), torch.empty_like(norm_bias)
+        grad_bias = rows.new_empty(n, 1, dv)
+        for layer in range(n):  # the value bias does not matter to the scores' gradient: the plain product
+            spec = PoolLayer.of(rows @ factor[layer], rows @ combined[layer], index, mask[:, layer], queries[layer],
+                                norm_weight[layer], norm_bias[layer], ctx.heads, ctx.eps)
+            slots = rows.new_zeros(threads, ctx.lib.gathered_pool_slot_floats(ctypes.byref(spec)))
+            work = torch.empty(threads, ctx.lib.gathered_pool_work_floats(ctypes.byref(spec)))
+            grad_mask_layer = grad_mask[:, layer]
+            ctx.lib.gathered_pool_backward(ctypes.byref(spec), b, threads, _ptr(grad_y[layer]), _ptr(normalized[layer]),
+                                           _ptr(rstd[layer]), _ptr(grad_mask_layer), grad_mask_layer.stride(0),
+                                           _ptr(slots), _ptr(work))
+            grad_scores, grad_values, grad_q, grad_w, grad_b, grad_vb = (slots.sum(0) if threads > 1 else slots[0]).split(
+                [u * mk, u * mk // k * dv, k * dv, dv, dv, dv])
+            grad_scores, grad_values = grad_scores.view(u, mk), grad_values.view(u, -1)
+            grad_queries[layer], grad_nw[layer], grad_nb[layer], grad_bias[layer, 0] = grad_q.view(k, dv), grad_w, grad_b, grad_vb
+            grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
+            torch.mm(rows.t(), grad_scores, out=grad_factor[layer])
+            torch.mm(rows.t(), grad_values, out=grad_combined[layer])
+        return (None, grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, grad_queries, grad_nw, grad_nb,
+                None, None)
 
 
 def row_pool_forward(lib: ctypes.CDLL, scores: torch.Tensor, row_weights: torch.Tensor | None,

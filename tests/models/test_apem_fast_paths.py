@@ -1,6 +1,7 @@
 """Issue 9's fast paths predict what APEM's reference path predicts, to 1e-5: the distinct-rows training
-path (outputs and gradients) and the predict-time lookup tables (:class:`apem.models.apem_model.FoldedAPEM`),
-on random weights and on a trained model."""
+path (outputs and gradients), the C kernels (apem.nn.native_pools) and the predict-time lookup tables
+(:class:`apem.models.apem_model.FoldedAPEM`, which predict takes without the kernels), on random weights and
+on a trained model."""
 
 import copy
 
@@ -62,7 +63,8 @@ def test_distinct_rows_training_path_matches_the_direct_path(step, reading):
 @pytest.mark.parametrize("step", [0, 450, 600])
 @pytest.mark.parametrize("reading", READINGS)
 @pytest.mark.parametrize("task_indicators", [True, False])
-def test_lookup_tables_match_the_reference_on_random_weights(step, reading, task_indicators):
+def test_lookup_tables_match_the_reference_on_random_weights(monkeypatch, step, reading, task_indicators):
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")  # without the C kernels, predict takes the tables
     model = _model(step, task_indicators=task_indicators, deselected_point=reading).eval()
     fast = model.inference_module()
     assert isinstance(fast, FoldedAPEM)
@@ -71,9 +73,11 @@ def test_lookup_tables_match_the_reference_on_random_weights(step, reading, task
         torch.testing.assert_close(fast(x).probs, _use_reference(model)(x).probs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "lookup-tables"])
 @pytest.mark.parametrize("reading", READINGS)
-def test_every_fast_path_matches_the_reference_on_a_trained_model(reading):
-    """Train a tiny APEM a few steps to its binary floor, then predict through the lookup tables."""
+def test_every_fast_path_matches_the_reference_on_a_trained_model(monkeypatch, reading, kernels):
+    """Train a tiny APEM a few steps to its binary floor, then predict through the model's C kernels or,
+    without them, the lookup tables; the reference is the model itself on the torch path."""
     torch.manual_seed(0)
     x = _inputs(2048, seed=2)
     y = (torch.rand(2048, 1) < 0.3 + 0.4 * (x[:, :1] % 2)).float().expand(-1, 3).cumprod(dim=1).contiguous()
@@ -82,17 +86,22 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(reading):
     fit(model, EncodedData(x, y), None, TrainConfig(epochs=2, batch_size=256, lr=1e-2, progress=False, device="cpu"))
     assert model.schedule_settled()
     test_x = _inputs(1000, seed=3)
-    fast = predict(model, test_x, batch_size=300)  # through inference_module(): the lookup tables
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
+    assert type(model.eval().inference_module(len(test_x))) is (APEM if kernels == "1" else FoldedAPEM)
+    fast = predict(model, test_x, batch_size=300)  # through inference_module()
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")
     reference = predict(_use_reference(model), test_x, batch_size=300)
     assert abs(fast - reference).max() < 1e-5
     assert fast.std(axis=0).min() > 1e-3  # the trained model is not constant
 
 
-def test_inference_module_only_in_eval_mode_with_fields_input():
+def test_inference_module_only_in_eval_mode_with_fields_input(monkeypatch):
     assert _model(0).train().inference_module().__class__ is APEM
     assert _model(0, layer_input="previous").eval().inference_module().__class__ is APEM
     few_rows = -(-sum(f.cardinality for f in FIELDS) // len(FIELDS)) - 1  # tables would cost more than they save
     assert _model(0).eval().inference_module(few_rows).__class__ is APEM
+    assert _model(0).eval().inference_module(few_rows + 1).__class__ is APEM  # the C kernels: faster than tables
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")
     assert _model(0).eval().inference_module(few_rows + 1).__class__ is FoldedAPEM
     without_asrg = APEM(FIELDS, 3, APEM.Config(embed_dim=6, inducing_points=8, layers=3, dynamic_activation=False))
     assert without_asrg.eval().inference_module() is without_asrg

@@ -24,6 +24,12 @@ FIELDS = [FieldSpec(f"f{i}", 5 + 3 * i) for i in range(6)]
 READINGS = ["uniform_attention", "contributes_nothing"]
 
 
+@pytest.fixture(autouse=True)
+def _lookup_tables(monkeypatch):
+    """Predict takes the lookup tables only without the C kernels (with them, the model itself is faster)."""
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")
+
+
 def _model(reading: str, task_indicators: bool = True, seed: int = 0) -> APEM:
     torch.manual_seed(seed)
     model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, gamma_schedule="planned",

@@ -10,8 +10,8 @@ import torch
 
 from apem.models.registry import build_model
 from apem.nn import native
-from apem.nn.attention import gathered_pool, row_attention_pool
-from apem.nn.native_pools import native_library, pool_backward, pool_forward, typed_library
+from apem.nn.attention import gathered_pool_norm, row_attention_pool
+from apem.nn.native_pools import NativeGatheredPoolNorm, native_library, row_pool_backward, row_pool_forward, typed_library
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
 from apem.data.encoding import FeatureEncoder
@@ -46,6 +46,7 @@ def _assert_close(fast, reference):
 
 
 def _gathered_inputs(u, b, s, layers, heads, k, d, seed=0):
+    """rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias of :func:`gathered_pool_norm`."""
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(u, d, generator=gen).requires_grad_()
     index = torch.randint(0, u, (b, s), generator=gen)
@@ -57,29 +58,31 @@ def _gathered_inputs(u, b, s, layers, heads, k, d, seed=0):
     combined = (torch.randn(layers, d, heads * d, generator=gen) * 0.3).requires_grad_()
     bias = torch.randn(layers, 1, d, generator=gen).requires_grad_()
     queries = torch.randn(layers, k, d, generator=gen).requires_grad_()
-    return rows, index, factor, mask, combined, bias, queries
+    norm_weight = (1 + 0.3 * torch.randn(layers, d, generator=gen)).requires_grad_()
+    norm_bias = (0.3 * torch.randn(layers, d, generator=gen)).requires_grad_()
+    return rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sizes", [(300, 200, 16, 4, 2, 64, 18), (40, 70, 5, 2, 3, 12, 7)],
                          ids=["table2-avx2", "odd-portable"])
-def test_gathered_pool_kernel_matches_the_torch_path(monkeypatch, sizes, threads):
-    rows, index, factor, mask, combined, bias, queries = inputs = _gathered_inputs(*sizes)
+def test_gathered_pool_norm_kernel_matches_the_torch_path(monkeypatch, sizes, threads):
+    """Eq. 14-17 (the pooling, the residual and the LayerNorm) through the kernel and through torch."""
+    inputs = _gathered_inputs(*sizes)
     heads = sizes[4]
     params = [t for t in inputs if t.requires_grad]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         fast, reference = _both_paths(monkeypatch, lambda: _outputs_and_gradients(
-            lambda: gathered_pool(rows, index, factor, mask, combined, bias, queries, heads), params))
+            lambda: gathered_pool_norm(*inputs, heads, 1e-5), params))
         monkeypatch.setenv(native.DISABLE_ENV, "1")
         with torch.no_grad():  # the inference branch takes the kernel too
-            no_grad = gathered_pool(rows, index, factor, mask, combined, bias, queries, heads)
+            no_grad = gathered_pool_norm(*inputs, heads, 1e-5)
     finally:
         torch.set_num_threads(previous)
     _assert_close(fast, reference)
-    for a, b in zip(no_grad, reference[0]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_grad, reference[0][0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -112,16 +115,18 @@ def test_portable_build_matches_the_avx2_build():
     assert generic is not None
     builds = [native_library(torch.zeros(1)), typed_library(generic)]
     assert builds[0]._name != builds[1]._name  # two libraries, two cache entries
-    rows, index, factor, mask, combined, bias, queries = _gathered_inputs(300, 150, 16, 1, 2, 64, 18)
-    with torch.no_grad():
-        tables = rows @ factor[0], rows @ combined[0] + bias[0].repeat(1, 2) / 2
-        grad_out = torch.randn(150, 64, 18, generator=torch.Generator().manual_seed(2))
-        results = []
-        for lib in builds:
-            out, grad_mask = torch.empty(150, 64, 18), torch.empty(150, 64)
-            pool_forward(lib, *tables, index, mask[:, 0], queries[0], 2, out)
-            grads = pool_backward(lib, *tables, index, mask[:, 0], queries[0], 2, grad_out, grad_mask)
-            results.append((out, grad_mask, *grads))
+    inputs = _gathered_inputs(300, 150, 16, 2, 2, 64, 18)
+    params = [t for t in inputs if t.requires_grad]
+    gen = torch.Generator().manual_seed(3)
+    shared, factor = torch.randn(2, 150, 64, 18, generator=gen), torch.randn(2, 18, 6, generator=gen)
+    row_weights = (torch.rand(2, 150, 64, generator=gen) > 0.4).float()
+    scores = torch.bmm(factor.transpose(1, 2), shared.view(2, -1, 18).transpose(1, 2)).view(2, 6, 150, 64)
+    grad_pooled = torch.randn(2, 150, 6, 18, generator=gen)
+    results = []
+    for lib in builds:
+        pool = _outputs_and_gradients(lambda: NativeGatheredPoolNorm.apply(lib, *inputs, 2, 1e-5), params)
+        pooled, weights, q = row_pool_forward(lib, scores.clone(), row_weights, shared)
+        results.append([*pool[0], *pool[1], pooled, weights, q, *row_pool_backward(lib, weights, q, shared, grad_pooled)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5)
 
@@ -164,10 +169,10 @@ def fresh_build(monkeypatch, tmp_path):
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "false"], ids=["missing", "failing"])
 def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, fresh_build, compiler, caplog):
     monkeypatch.setenv("CC", compiler)
-    rows, index, factor, mask, combined, bias, queries = _gathered_inputs(30, 20, 4, 2, 2, 8, 6)
-    assert native.load_kernels() is None and native_library(rows) is None
-    out = gathered_pool(rows, index, factor, mask, combined, bias, queries, 2)  # the torch path
-    assert len(out) == 2 and all(torch.isfinite(o).all() for o in out)
+    inputs = _gathered_inputs(30, 20, 4, 2, 2, 8, 6)
+    assert native.load_kernels() is None and native_library(inputs[0]) is None
+    out = gathered_pool_norm(*inputs, 2, 1e-5)  # the torch path
+    assert out.shape == (2, 20, 8, 6) and torch.isfinite(out).all()
     assert "torch path runs instead" in caplog.text
     assert not any(p.is_file() for p in fresh_build.rglob("*"))  # a failed build leaves nothing behind
 

@@ -1,23 +1,20 @@
-/* One layer of APEM's inducing-point pooling (paper eq. 14-17) over a table of distinct source rows,
+/* One layer of APEM's inducing-point attention (paper eq. 14-17) over a table of distinct source rows,
  * fused per sample: the (S, M, K) softmax weights of one row are computed, used and dropped while
- * they are in cache, forward and backward (the torch path writes them out per batch, ~32 KB a row
- * per layer, and reads them back a dozen times). Built and loaded by apem/nn/native.py; the torch
- * path (apem.nn.attention.gathered_pool) is the reference, and tests/nn/test_native_pool.py keeps
- * the two equal.
+ * they are in cache, and so is eq. 17's LayerNorm, forward and backward (the torch path writes the
+ * weights out per batch, ~32 KB a row per layer, and reads them back a dozen times). Built and loaded
+ * by apem/nn/native.py and called by apem/nn/native_pools.py; the torch path
+ * (apem.nn.attention.gathered_pool and the layer's StackedLayerNorm) is the reference, and
+ * tests/nn/test_native_pool.py keeps the two equal.
  *
- * Shapes (row-major float32; index int64):
- *   score_table (U, M K)  S_u (W^K_m I_m^T), columns (head m, point k)
- *   value_table (U, M D)  S_u (W^V_m W^O_m) + bias / M, columns (head m, out j)
- *   index (B, S)          the sample's source rows into the tables
- *   mask (B, K)           z_K of this layer, row stride mask_stride
- *   queries (K, D)        the inducing points I
- *   out (B, K, D)         O + I (.) z_K: O[b, k] = sum_{s, m} A[b, s, m, k] value_table[index[b, s], m]
- * with A = softmax over s of mask[b, k] * score_table[index[b, s], (m, k)].
+ * Per sample b and point k (PoolLayer below holds the shapes):
+ *   A[s, m, k] = softmax over s of mask[b, k] * score_table[index[b, s], (m, k)]
+ *   O[k] = sum_{s, m} A[s, m, k] value_table[index[b, s], m]        (eq. 15-16, W^V W^O folded in)
+ *   Y[k] = LayerNorm(O[k] + I[k] mask[b, k]) over the D columns      (eq. 17 with eq. 14's Q_hat)
  *
  * Each call splits the batch into `threads` row ranges run by OpenMP (the runtime torch's CPU build
  * runs its own ops on, so the two never compete for cores); thread t uses `work` + t *
- * gathered_pool_work_floats() floats of scratch, and the backward adds into gradient tables of its own
- * (slot t of each, strides given), which the caller sums.
+ * gathered_pool_work_floats() floats of scratch, and the backward adds into a gradient slot of its
+ * own, which the caller sums.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,8 +22,6 @@
 #include <string.h>
 
 #include "common.h"
-
-i64 gathered_pool_work_floats(i64 S, i64 M, i64 K, i64 D) { return 2 * S * M * K + 2 * M * K + 3 * D * K; }
 
 /* w (S, M K) <- softmax over s of mask[k] * table[idx[s], (m, k)]; uses mx, inv (M K each). */
 static void row_softmax(const float *restrict table, const i64 *restrict idx, const float *restrict mask,
@@ -195,52 +190,125 @@ static void pool_row_backward(const float *restrict value_table, const i64 *rest
 #define pool_row_backward pool_row_backward_generic
 #endif
 
-static void forward_rows(i64 row_begin, i64 row_end, i64 S, i64 M, i64 K, i64 D,
-                         const float *restrict score_table, const float *restrict value_table,
-                         const i64 *restrict index, const float *restrict mask, i64 mask_stride,
-                         const float *restrict queries, float *restrict out, float *restrict work) {
-    const i64 MK = M * K;
-    float *restrict w = work, *restrict mx = w + S * MK, *restrict inv = mx + MK, *restrict acc = inv + MK;
+/* A layer's inputs (apem.nn.native_pools.PoolLayer mirrors this struct). */
+typedef struct {
+    i64 U, S, M, K, D;
+    const float *score_table;  /* (U, M K) */
+    const float *value_table;  /* (U, M D), bias / M included */
+    const i64 *index;          /* (B, S) */
+    const float *mask;         /* (B, K), row stride mask_stride */
+    i64 mask_stride;
+    const float *queries;      /* (K, D) */
+    const float *norm_weight;  /* (D): eq. 17's LayerNorm */
+    const float *norm_bias;    /* (D) */
+    float eps;
+} PoolLayer;
+
+i64 gathered_pool_work_floats(const PoolLayer *L) {
+    const i64 MK = L->M * L->K, DK = L->D * L->K;
+    return 2 * L->S * MK + 2 * MK + 6 * DK + 2 * L->K;
+}
+
+/* Per-thread gradient slot: score table (U, M K) | value table (U, M D) | queries (K, D) | norm weight (D) |
+ * norm bias (D) | the value bias (D). */
+i64 gathered_pool_slot_floats(const PoolLayer *L) {
+    return L->U * L->M * (L->K + L->D) + L->K * L->D + 3 * L->D;
+}
+
+static void transpose(const float *restrict a, i64 rows, i64 cols, float *restrict a_t) {
+    for (i64 c = 0; c < cols; ++c)
+        for (i64 r = 0; r < rows; ++r) a_t[c * rows + r] = a[r * cols + c];
+}
+
+/* Y = LayerNorm(O + I (.) z_K) for rows [row_begin, row_end) into out (B, K, D); with `normalized`, also
+ * the normalised X (B, D, K) (transposed: the backward runs over the points) and 1 / sigma (B, K). */
+static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *restrict out,
+                         float *restrict normalized, float *restrict rstd, float *restrict work) {
+    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K;
+    float *restrict w = work, *restrict mx = w + S * MK, *restrict inv = mx + MK, *restrict x = inv + MK;
+    float *restrict queries_t = x + D * K, *restrict mean = queries_t + D * K, *restrict rs = mean + K;
+    const float *restrict nw = L->norm_weight, *restrict nb = L->norm_bias;
+    transpose(L->queries, K, D, queries_t);
     for (i64 b = row_begin; b < row_end; ++b) {
-        const i64 *restrict idx = index + b * S;
-        const float *restrict z = mask + b * mask_stride;
-        row_softmax(score_table, idx, z, S, M, K, w, mx, inv);
-        pool_row(value_table, idx, w, S, M, K, D, acc);  /* acc (D, K): O transposed */
+        const i64 *restrict idx = L->index + b * S;
+        const float *restrict z = L->mask + b * L->mask_stride;
+        row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
+        pool_row(L->value_table, idx, w, S, M, K, D, x);  /* x (D, K): O transposed */
+        /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
+        for (i64 k = 0; k < K; ++k) mean[k] = rs[k] = 0.0f;
+        for (i64 j = 0; j < D; ++j)
+            for (i64 k = 0; k < K; ++k) {
+                x[j * K + k] += queries_t[j * K + k] * z[k];
+                mean[k] += x[j * K + k];
+            }
+        for (i64 k = 0; k < K; ++k) mean[k] /= (float)D;
+        for (i64 j = 0; j < D; ++j)
+            for (i64 k = 0; k < K; ++k) {
+                const float c = x[j * K + k] - mean[k];
+                x[j * K + k] = c;
+                rs[k] += c * c;
+            }
+        for (i64 k = 0; k < K; ++k) rs[k] = 1.0f / sqrtf(rs[k] / (float)D + L->eps);
+        for (i64 j = 0; j < D; ++j)
+            for (i64 k = 0; k < K; ++k) x[j * K + k] *= rs[k];
+        if (normalized) {
+            memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
+            memcpy(rstd + b * K, rs, sizeof(float) * K);
+        }
         float *restrict o = out + b * K * D;
-        for (i64 k = 0; k < K; ++k)  /* eq. 17's residual Q_hat = I (.) z_K */
-            for (i64 j = 0; j < D; ++j) o[k * D + j] = acc[j * K + k] + queries[k * D + j] * z[k];
+        for (i64 k = 0; k < K; ++k)
+            for (i64 j = 0; j < D; ++j) o[k * D + j] = x[j * K + k] * nw[j] + nb[j];
     }
 }
 
-/* Adds this range's gradients into grad_score_table (U, M K), grad_value_table (U, M D) and
- * grad_queries (K, D); writes grad_mask (B, K) rows (stride grad_mask_stride) for its rows. */
-static void backward_rows(i64 row_begin, i64 row_end, i64 S, i64 M, i64 K, i64 D,
-                          const float *restrict score_table, const float *restrict value_table,
-                          const i64 *restrict index, const float *restrict mask, i64 mask_stride,
-                          const float *restrict queries, const float *restrict grad_out,
-                          float *restrict grad_score_table, float *restrict grad_value_table,
-                          float *restrict grad_mask, i64 grad_mask_stride, float *restrict grad_queries,
-                          float *restrict work) {
-    const i64 MK = M * K;
+/* The backward of forward_rows for rows [row_begin, row_end) from grad_y (B, K, D): adds into the
+ * thread's gradient slot (gathered_pool_slot_floats) and writes grad_mask (B, K) rows. */
+static void backward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, const float *restrict grad_y,
+                          const float *restrict normalized, const float *restrict rstd, float *restrict grad_mask,
+                          i64 grad_mask_stride, float *restrict slot, float *restrict work) {
+    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K, DK = D * K;
+    float *restrict grad_score_table = slot, *restrict grad_value_table = slot + L->U * MK;
+    float *restrict grad_queries = grad_value_table + L->U * M * D, *restrict grad_norm_weight = grad_queries + K * D;
+    float *restrict grad_norm_bias = grad_norm_weight + D, *restrict grad_value_bias = grad_norm_bias + D;
     float *restrict w = work, *restrict gw = w + S * MK, *restrict mx = gw + S * MK, *restrict inv = mx + MK;
-    /* (D, K) each: this row's grad_out, and the range's queries and their gradient, transposed so that
-     * every loop below runs over the K points */
-    float *restrict go_t = inv + MK, *restrict queries_t = go_t + D * K, *restrict grad_queries_t = queries_t + D * K;
+    /* (D, K) each, transposed so that every loop below runs over the K points: this row's gradient of X,
+     * the queries, and the range's running sums for the queries, the norm's weight and bias, and the
+     * value bias */
+    float *restrict go_t = inv + MK, *restrict queries_t = go_t + DK, *restrict grad_queries_t = queries_t + DK;
+    float *restrict sum_nw = grad_queries_t + DK, *restrict sum_nb = sum_nw + DK, *restrict sum_vb = sum_nb + DK;
+    float *restrict m1 = sum_vb + DK, *restrict m2 = m1 + K;
     float *restrict dot = mx;  /* reused once the softmax is done */
-    for (i64 j = 0; j < D; ++j)
-        for (i64 k = 0; k < K; ++k) {
-            queries_t[j * K + k] = queries[k * D + j];
-            grad_queries_t[j * K + k] = 0.0f;
-        }
+    const float *restrict nw = L->norm_weight;
+    transpose(L->queries, K, D, queries_t);
+    memset(grad_queries_t, 0, sizeof(float) * 4 * DK);  /* and sum_nw, sum_nb, sum_vb */
     for (i64 b = row_begin; b < row_end; ++b) {
-        const i64 *restrict idx = index + b * S;
-        const float *restrict z = mask + b * mask_stride;
-        const float *restrict go = grad_out + b * K * D;
+        const i64 *restrict idx = L->index + b * S;
+        const float *restrict z = L->mask + b * L->mask_stride;
+        const float *restrict xh = normalized + b * DK, *restrict r = rstd + b * K;
         float *restrict gm = grad_mask + b * grad_mask_stride;
-        row_softmax(score_table, idx, z, S, M, K, w, mx, inv);
+        row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
+        /* LayerNorm backward: with g = grad_y w, d/dX = (g - mean_j g - xh mean_j(g xh)) / sigma */
+        transpose(grad_y + b * K * D, K, D, go_t);
+        for (i64 k = 0; k < K; ++k) m1[k] = m2[k] = 0.0f;
         for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) go_t[j * K + k] = go[k * D + j];
-        pool_row_backward(value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);
+            for (i64 k = 0; k < K; ++k) {
+                const float gy = go_t[j * K + k], g = gy * nw[j];
+                sum_nw[j * K + k] += gy * xh[j * K + k];
+                sum_nb[j * K + k] += gy;
+                go_t[j * K + k] = g;
+                m1[k] += g;
+                m2[k] += g * xh[j * K + k];
+            }
+        for (i64 k = 0; k < K; ++k) {
+            m1[k] /= (float)D;
+            m2[k] /= (float)D;
+        }
+        for (i64 j = 0; j < D; ++j)
+            for (i64 k = 0; k < K; ++k) {
+                go_t[j * K + k] = r[k] * (go_t[j * K + k] - m1[k] - xh[j * K + k] * m2[k]);
+                sum_vb[j * K + k] += go_t[j * K + k];
+            }
+        pool_row_backward(L->value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);
         for (i64 k = 0; k < K; ++k) gm[k] = 0.0f;
         for (i64 j = 0; j < D; ++j)  /* the residual I (.) z_K: its share of d/d z_K, and d/d I */
             for (i64 k = 0; k < K; ++k) {
@@ -251,7 +319,7 @@ static void backward_rows(i64 row_begin, i64 row_end, i64 S, i64 M, i64 K, i64 D
         for (i64 s = 0; s < S; ++s)
             for (i64 c = 0; c < MK; ++c) dot[c] += w[s * MK + c] * gw[s * MK + c];
         for (i64 s = 0; s < S; ++s) {  /* scores = z * table: d/d z and d/d table rows */
-            const float *restrict t = score_table + idx[s] * MK;
+            const float *restrict t = L->score_table + idx[s] * MK;
             float *restrict gt = grad_score_table + idx[s] * MK;
             const float *restrict ws = w + s * MK, *restrict gws = gw + s * MK;
             for (i64 m = 0; m < M; ++m)
@@ -262,35 +330,39 @@ static void backward_rows(i64 row_begin, i64 row_end, i64 S, i64 M, i64 K, i64 D
                 }
         }
     }
-    for (i64 k = 0; k < K; ++k)
-        for (i64 j = 0; j < D; ++j) grad_queries[k * D + j] += grad_queries_t[j * K + k];
-}
-
-void gathered_pool_forward(i64 B, i64 threads, i64 S, i64 M, i64 K, i64 D, const float *score_table,
-                           const float *value_table, const i64 *index, const float *mask, i64 mask_stride,
-                           const float *queries, float *out, float *work) {
-    const i64 work_floats = gathered_pool_work_floats(S, M, K, D);
-#pragma omp parallel num_threads(threads)
-    {
-        const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
-        forward_rows(B * t / n, B * (t + 1) / n, S, M, K, D, score_table, value_table, index, mask, mask_stride,
-                     queries, out, work + t * work_floats);
+    for (i64 j = 0; j < D; ++j) {
+        float a = 0.0f, c = 0.0f, e = 0.0f;
+        for (i64 k = 0; k < K; ++k) {
+            grad_queries[k * D + j] += grad_queries_t[j * K + k];
+            a += sum_nw[j * K + k];
+            c += sum_nb[j * K + k];
+            e += sum_vb[j * K + k];
+        }
+        grad_norm_weight[j] += a;
+        grad_norm_bias[j] += c;
+        grad_value_bias[j] += e;
     }
 }
 
-/* Thread t adds into grad_score_table + t * score_slot, grad_value_table + t * value_slot and
- * grad_queries + t * queries_slot, which the caller zeroes beforehand and sums afterwards. */
-void gathered_pool_backward(i64 B, i64 threads, i64 S, i64 M, i64 K, i64 D, const float *score_table,
-                            const float *value_table, const i64 *index, const float *mask, i64 mask_stride,
-                            const float *queries, const float *grad_out, float *grad_score_table, i64 score_slot,
-                            float *grad_value_table, i64 value_slot, float *grad_mask, i64 grad_mask_stride,
-                            float *grad_queries, i64 queries_slot, float *work) {
-    const i64 work_floats = gathered_pool_work_floats(S, M, K, D);
+void gathered_pool_forward(const PoolLayer *L, i64 B, i64 threads, float *out, float *normalized, float *rstd,
+                           float *work) {
+    const i64 work_floats = gathered_pool_work_floats(L);
 #pragma omp parallel num_threads(threads)
     {
         const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
-        backward_rows(B * t / n, B * (t + 1) / n, S, M, K, D, score_table, value_table, index, mask, mask_stride,
-                      queries, grad_out, grad_score_table + t * score_slot, grad_value_table + t * value_slot,
-                      grad_mask, grad_mask_stride, grad_queries + t * queries_slot, work + t * work_floats);
+        forward_rows(L, B * t / n, B * (t + 1) / n, out, normalized, rstd, work + t * work_floats);
+    }
+}
+
+/* Thread t adds into slots + t * gathered_pool_slot_floats(L), which the caller zeroes beforehand and
+ * sums afterwards. */
+void gathered_pool_backward(const PoolLayer *L, i64 B, i64 threads, const float *grad_y, const float *normalized,
+                            const float *rstd, float *grad_mask, i64 grad_mask_stride, float *slots, float *work) {
+    const i64 work_floats = gathered_pool_work_floats(L), slot_floats = gathered_pool_slot_floats(L);
+#pragma omp parallel num_threads(threads)
+    {
+        const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
+        backward_rows(L, B * t / n, B * (t + 1) / n, grad_y, normalized, rstd, grad_mask, grad_mask_stride,
+                      slots + t * slot_floats, work + t * work_floats);
     }
 }
