@@ -103,6 +103,9 @@ def gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, q
     """Y (L', B, K, d_v) of :func:`apem.nn.attention.gathered_pool_norm` through the kernel, and, ``for_backward``,
     the normalised X (L', B, d_v, K) and 1 / sigma (L', B, K) its backward reads (else None, None)."""
     n, b, k, dv = factor.shape[0], index.shape[0], mask.shape[2], queries.shape[2]
+    index = index.to(torch.int64)  # the kernel reads int64 and does not bound-check: torch's gather would
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):
+        raise IndexError(f"index out of range for {rows.shape[0]} rows")
     out = rows.new_empty(n, b, k, dv)
     normalized, rstd = (rows.new_empty(n, b, dv, k), rows.new_empty(n, b, k)) if for_backward else (None, None)
     threads = _threads(b)

@@ -3,6 +3,7 @@ their torch reference paths (APEM_NATIVE_KERNELS=0): outputs and every gradient 
 sizes (the AVX2 loops) and at odd sizes (the portable loops), on 1 and 2 threads, in the portable
 build, and through a trained APEM; and the fallbacks when no kernel can be built."""
 
+import ctypes
 import os
 
 import pytest
@@ -186,6 +187,14 @@ def test_a_build_writes_only_its_own_library_into_the_cache(fresh_build):
     assert (fresh_build / "users-file.txt").read_text() == "kept"
 
 
+def test_an_index_outside_the_rows_raises_instead_of_reading_past_them():
+    rows, index, *rest = _gathered_inputs(30, 20, 4, 2, 2, 8, 6)
+    for bad in (30, -1):
+        index[3, 1] = bad
+        with pytest.raises(IndexError, match="out of range"):
+            gathered_pool_norm(rows, index, *rest, 2, 1e-5)
+
+
 def test_disabled_kernels_are_not_loaded(monkeypatch):
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     assert native.load_kernels() is None and native_library(torch.zeros(1)) is None
@@ -198,11 +207,12 @@ def test_only_float32_cpu_tensors_take_the_kernels():
 
 
 def test_native_kernels_share_torchs_openmp_runtime():
-    """The kernels' OpenMP threads are torch's own (one libgomp in the process). If a torch build ships
-    its OpenMP runtime under another name, this fails: the kernels still compute the same, but their
-    threads and torch's would then compete for the cores."""
-    assert native_library(torch.zeros(1)) is not None
-    with open("/proc/self/maps") as fh:
-        runtimes = {line.split()[-1] for line in fh if "libgomp" in line}
-    assert len(runtimes) == 1, runtimes
-    assert os.path.dirname(torch.__file__) in next(iter(runtimes))
+    """The kernels' OpenMP runtime is the one torch's ops run on (their libgomp.so.1 resolves to torch's), so
+    their threads are torch's own. If a torch build ships its OpenMP runtime under another name, this fails:
+    the kernels still compute the same, but their threads and torch's would then compete for the cores.
+    (Other packages may load their own renamed copies, e.g. scikit-learn's; those do not matter here.)"""
+    lib = native_library(torch.zeros(1))
+    assert lib is not None
+    torchs = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1"))
+    address = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value  # resolved through the kernels' dependencies
+    assert address == ctypes.cast(torchs.GOMP_parallel, ctypes.c_void_p).value
