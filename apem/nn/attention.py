@@ -278,11 +278,11 @@ def _row_attention_pool_forward(shared, factor, row_weights):
     row weights, q = e / sum_r(z e) (so that weights = q z), else None."""
     n, b, r, d = shared.shape
     queries = factor.shape[2]
-    scores = torch.bmm(factor.transpose(1, 2), shared.view(n, b * r, d).transpose(1, 2)).view(n, queries, b, r)
     native = native_library(shared, factor, row_weights)
-    if native is not None:  # the softmax and the per-sample pooling in C (apem.nn.native_pools)
-        pooled, weights, q = row_pool_forward(native, scores, row_weights, shared)
+    if native is not None:  # per sample in C (apem.nn.native_pools): the scores, softmax and pooling
+        pooled, weights, q = row_pool_forward(native, factor, row_weights, shared)
         return pooled.view(n * b, queries, d), weights, q
+    scores = torch.bmm(factor.transpose(1, 2), shared.view(n, b * r, d).transpose(1, 2)).view(n, queries, b, r)
     q = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # in place: measured faster than torch.softmax here
     if row_weights is None:
         weights, q = q.div_(q.sum(-1, keepdim=True)), None
@@ -316,13 +316,11 @@ class _RowAttentionPool(torch.autograd.Function):
         queries = factor.shape[2]
         grad = grad.contiguous().view(n, b, queries, d)
         native = native_library(shared, factor, weights)
-        if native is not None:  # per-sample products in C; the factor's products as one GEMM per layer
-            grad_shared, grad_scores, grad_rw = row_pool_backward(native, weights, q, shared, grad)
+        if native is not None:  # per-sample products in C; the factor's gradient as one GEMM per layer
+            grad_shared, grad_scores, grad_rw = row_pool_backward(native, factor, weights, q, shared, grad)
             grad_factor = torch.empty_like(factor)
             for layer in range(n):  # (the (Q, B R) x (B R, d) orientation measured 8x faster than its transpose)
-                scores = grad_scores[layer].view(queries, b * r)
-                grad_shared[layer].view(b * r, d).addmm_(scores.t(), factor[layer].t())
-                grad_factor[layer] = torch.mm(scores, shared[layer].view(b * r, d)).t()
+                grad_factor[layer] = torch.mm(grad_scores[layer].view(queries, b * r), shared[layer].view(b * r, d)).t()
             return grad_shared, grad_factor, grad_rw if ctx.needs_input_grad[2] else None
         grad_shared, grad_factor = torch.empty_like(shared), torch.empty_like(factor)
         grad_rw = shared.new_empty(n, b, r) if q is not None and ctx.needs_input_grad[2] else None

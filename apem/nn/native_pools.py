@@ -6,8 +6,9 @@
   adds eq. 17's residual and applies its LayerNorm while the weights are in cache; the backward
   recomputes the weights (cheaper than writing 32 KB a row per layer out and reading them back).
   The score and value tables stay torch GEMMs, and so do their gradients' products with the rows.
-- :func:`apem.nn.attention.row_attention_pool` (``row_attention_pool.c``): the per-sample softmax,
-  pooling and their backward products; the score GEMM and the products with the factor stay in torch.
+- :func:`apem.nn.attention.row_attention_pool` (``row_attention_pool.c``): per sample, the scores,
+  their softmax, the pooling and every backward product with the sample's rows; the factor's
+  gradient (one GEMM over the batch) stays in torch.
 
 A batch is split into one row range per torch thread, run on the OpenMP pool torch's own ops use;
 in backward each range adds into its own gradient tables, summed here.
@@ -32,9 +33,9 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         "gathered_pool_slot_floats": ([_PTR], _I64),
         "gathered_pool_forward": ([_PTR, _I64, _I64] + [_PTR] * 4, None),
         "gathered_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
-        "row_attention_pool_work_floats": ([_I64] * 2, _I64),
-        "row_attention_pool_forward": ([_I64] * 5 + [_PTR] * 5, None),
-        "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 8, None),
+        "row_attention_pool_work_floats": ([_I64] * 3, _I64),
+        "row_attention_pool_forward": ([_I64] * 5 + [_PTR] * 7, None),
+        "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 9, None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -164,37 +165,45 @@ class NativeGatheredPoolNorm(torch.autograd.Function):
                 None, None)
 
 
-def row_pool_forward(lib: ctypes.CDLL, scores: torch.Tensor, row_weights: torch.Tensor | None,
+def row_pool_forward(lib: ctypes.CDLL, factor: torch.Tensor, row_weights: torch.Tensor | None,
                      shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """scores (L', Q, B, R) (contiguous; replaced by the softmax weights), row_weights (L', B, R) or None,
-    shared (L', B, R, d) contiguous -> pooled (L', B, Q, d), the weights (``scores``) and, with row weights,
-    q = e / sum_r(z e) (L', Q, B, R), else None."""
-    n, queries, b, r = scores.shape
-    d = shared.shape[3]
-    q = torch.empty_like(scores) if row_weights is not None else None
+    """factor (L', d, Q), row_weights (L', B, R) or None, shared (L', B, R, d) -> pooled (L', B, Q, d), the softmax
+    weights (L', Q, B, R) and, with row weights, q = e / sum_r(z e) (L', Q, B, R), else None."""
+    n, b, r, d = shared.shape
+    queries = factor.shape[2]
+    shared, factor = shared.contiguous(), factor.contiguous()
+    weights = shared.new_empty(n, queries, b, r)
+    q = torch.empty_like(weights) if row_weights is not None else None
     row_weights = None if row_weights is None else row_weights.contiguous()
     pooled = shared.new_empty(n, b, queries, d)
+    threads = _threads(b)
+    work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries, d))
     for layer in range(n):
         lib.row_attention_pool_forward(
-            b, _threads(b), r, queries, d, _ptr(scores[layer]), _optional_ptr(None if q is None else q[layer]),
-            _optional_ptr(None if row_weights is None else row_weights[layer]), _ptr(shared[layer]), _ptr(pooled[layer]))
-    return pooled, scores, q
+            b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]),
+            _optional_ptr(None if q is None else q[layer]),
+            _optional_ptr(None if row_weights is None else row_weights[layer]), _ptr(shared[layer]),
+            _ptr(pooled[layer]), _ptr(work))
+    return pooled, weights, q
 
 
-def row_pool_backward(lib: ctypes.CDLL, weights: torch.Tensor, q: torch.Tensor | None, shared: torch.Tensor,
-                      grad_pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The per-sample backward of :func:`row_pool_forward`: grad through the pooling to shared (L', B, R, d),
-    the scores' gradient (L', Q, B, R) and, with q, the row weights' gradient (L', B, R)."""
+def row_pool_backward(lib: ctypes.CDLL, factor: torch.Tensor, weights: torch.Tensor, q: torch.Tensor | None,
+                      shared: torch.Tensor, grad_pooled: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The per-sample backward of :func:`row_pool_forward`: the gradient of shared (L', B, R, d) through the
+    pooling and the scores, the scores' gradient (L', Q, B, R) (for the factor's GEMM) and, with q, the row
+    weights' gradient (L', B, R)."""
     n, queries, b, r = weights.shape
     d = shared.shape[3]
-    grad_pooled = grad_pooled.contiguous()
+    grad_pooled, factor = grad_pooled.contiguous(), factor.contiguous()
     grad_shared, grad_scores = torch.empty_like(shared), torch.empty_like(weights)
     grad_rw = shared.new_empty(n, b, r) if q is not None else None
     threads = _threads(b)
-    work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries))
+    work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries, d))
     for layer in range(n):
         lib.row_attention_pool_backward(
-            b, threads, r, queries, d, _ptr(weights[layer]), _optional_ptr(None if q is None else q[layer]),
-            _ptr(shared[layer]), _ptr(grad_pooled[layer]), _ptr(grad_shared[layer]), _ptr(grad_scores[layer]),
-            _optional_ptr(None if grad_rw is None else grad_rw[layer]), _ptr(work))
+            b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]),
+            _optional_ptr(None if q is None else q[layer]), _ptr(shared[layer]), _ptr(grad_pooled[layer]),
+            _ptr(grad_shared[layer]), _ptr(grad_scores[layer]), _optional_ptr(None if grad_rw is None else grad_rw[layer]),
+            _ptr(work))
     return grad_shared, grad_scores, grad_rw

@@ -1,19 +1,24 @@
-/* The per-sample part of one layer of APEM's Pattern Selector attention (paper eq. 18), fused per
- * sample: the softmax over the R rows, the pooling, and in backward the products with the pooled
- * gradient. Each is a (6 x 64 x 18) product at Table 2's sizes, where torch's batched matmul spends
- * most of its time in per-matrix overhead. The score GEMM and the products with the attention factor
- * stay in torch (one large GEMM per layer). Built and loaded by apem/nn/native.py; the torch path
+/* One layer of APEM's Pattern Selector attention (paper eq. 18) per sample: the scores of the Q
+ * learnt queries over the sample's R rows, their softmax over the rows, and the pooling, and in
+ * backward every product with the sample's rows. Each is a (6 x 64 x 18) product at Table 2's
+ * sizes, where torch's batched matmul spends most of its time in per-matrix overhead. The gradient
+ * of the attention factor (one GEMM over the whole batch) stays in torch. Built and loaded by
+ * apem/nn/native.py and called by apem/nn/native_pools.py; the torch path
  * (apem.nn.attention.row_attention_pool) is the reference, and tests/nn/test_native_pool.py keeps
  * the two equal.
  *
  * Shapes (row-major float32), for one layer:
- *   scores (Q, B, R)   in forward the raw scores, replaced by the softmax weights
- *   q (Q, B, R)        with row weights z (B, R): e / sum_r(z e), so that weights = q z; else unused
+ *   factor (D, Q)      the query-side factor (scaled); scores[q, r] = shared[b, r] . factor[:, q]
+ *   weights (Q, B, R)  the softmax weights over r; with row weights z (B, R): weights = q z with
+ *   q (Q, B, R)        q = e / sum_r(z e) (all-zero row weights give all-zero weights)
  *   shared (B, R, D)   the rows attended over
  *   pooled (B, Q, D)   sum_r weights[q, b, r] shared[b, r]
- * A sample's weights for query q are at weights + (q B + b) R: the per-sample helpers below take
- * w = weights + b R and the query stride B R. Each call splits the batch into `threads` sample ranges
- * run by OpenMP (see gathered_pool.c); thread t uses `work` + t * row_attention_pool_work_floats().
+ * A sample's weights for query q are at weights + (q B + b) R: the per-sample helpers take
+ * w = weights + b R and the query stride B R. They work on copies of the sample's rows padded with
+ * zeros to DP = D rounded up to 8 columns (DP = 24 for D = 18), so that the AVX2 loops have no
+ * scalar tail (a tail of 2 columns cost as much as the 16 before it). Each call splits the batch
+ * into `threads` sample ranges run by OpenMP (see gathered_pool.c); thread t uses `work` + t *
+ * row_attention_pool_work_floats() floats.
  */
 #include <float.h>
 #include <math.h>
@@ -23,119 +28,130 @@
 
 #include "common.h"
 
-i64 row_attention_pool_work_floats(i64 R, i64 Q) { return Q * R; }
+static i64 padded(i64 D) { return (D + 7) / 8 * 8; }
 
-/* out (Q, D) <- sum_r w[q, r] x[r]. */
-static void pool_sample_generic(const float *restrict w, i64 q_stride, const float *restrict x, i64 Q, i64 R, i64 D,
-                                float *restrict out) {
-    memset(out, 0, sizeof(float) * Q * D);
+i64 row_attention_pool_work_floats(i64 R, i64 Q, i64 D) {
+    const i64 DP = padded(D);
+    return 2 * R * DP + 3 * Q * DP + Q * R;
+}
+
+/* a_p (n, DP) <- a (n, D) with zero columns D..DP. */
+static void pad_rows(const float *restrict a, i64 n, i64 D, i64 DP, float *restrict a_p) {
+    for (i64 r = 0; r < n; ++r) {
+        for (i64 j = 0; j < D; ++j) a_p[r * DP + j] = a[r * D + j];
+        for (i64 j = D; j < DP; ++j) a_p[r * DP + j] = 0.0f;
+    }
+}
+
+static void unpad_rows(const float *restrict a_p, i64 n, i64 D, i64 DP, float *restrict a) {
+    for (i64 r = 0; r < n; ++r)
+        for (i64 j = 0; j < D; ++j) a[r * D + j] = a_p[r * DP + j];
+}
+
+/* w[q, r] (query stride q_stride) <- f[q] . x[r]: f (Q, DP), x (R, DP). */
+static void scores_sample_generic(const float *restrict f, const float *restrict x, i64 Q, i64 R, i64 DP,
+                                  float *restrict w, i64 q_stride) {
     for (i64 iq = 0; iq < Q; ++iq)
         for (i64 r = 0; r < R; ++r) {
-            const float wr = w[iq * q_stride + r];
-            for (i64 j = 0; j < D; ++j) out[iq * D + j] += wr * x[r * D + j];
+            float total = 0.0f;
+            for (i64 j = 0; j < DP; ++j) total += f[iq * DP + j] * x[r * DP + j];
+            w[iq * q_stride + r] = total;
         }
 }
 
-/* gx (R, D) <- sum_q w[q, r] g[q] (through the pooling); t (Q, R) <- g[q] . x[r] (d/d weights). */
-static void pool_sample_backward_generic(const float *restrict w, i64 q_stride, const float *restrict x,
-                                         const float *restrict g, i64 Q, i64 R, i64 D, float *restrict gx,
-                                         float *restrict t) {
-    memset(gx, 0, sizeof(float) * R * D);
+/* out (Q, DP) <- sum_r w[q, r] x[r]. */
+static void pool_sample_generic(const float *restrict w, i64 q_stride, const float *restrict x, i64 Q, i64 R,
+                                i64 DP, float *restrict out) {
+    memset(out, 0, sizeof(float) * Q * DP);
     for (i64 iq = 0; iq < Q; ++iq)
         for (i64 r = 0; r < R; ++r) {
             const float wr = w[iq * q_stride + r];
-            float total = 0.0f;
-            for (i64 j = 0; j < D; ++j) {
-                gx[r * D + j] += wr * g[iq * D + j];
-                total += g[iq * D + j] * x[r * D + j];
-            }
-            t[iq * R + r] = total;
+            for (i64 j = 0; j < DP; ++j) out[iq * DP + j] += wr * x[r * DP + j];
+        }
+}
+
+/* gx (R, DP) (+)= sum_q w[q, r] g[q]. */
+static void pool_grad_generic(const float *restrict w, i64 q_stride, const float *restrict g, i64 Q, i64 R, i64 DP,
+                              int accumulate, float *restrict gx) {
+    if (!accumulate) memset(gx, 0, sizeof(float) * R * DP);
+    for (i64 iq = 0; iq < Q; ++iq)
+        for (i64 r = 0; r < R; ++r) {
+            const float wr = w[iq * q_stride + r];
+            for (i64 j = 0; j < DP; ++j) gx[r * DP + j] += wr * g[iq * DP + j];
         }
 }
 
 #if APEM_AVX2
-/* The AVX2 loops run over the full blocks of 8 columns (D8 of them); the rest (D % 8 columns) is a
- * scalar tail: masked loads and stores (vmaskmovps) measured several times slower on AMD Zen. */
-
 /* NQ queries' pooled rows for columns [j0, j0 + 8), in registers; NQ is a constant at each call. */
 static inline __attribute__((always_inline)) void pool_block(const float *restrict w, i64 q_stride,
-                                                             const float *restrict x, i64 R, i64 D, i64 j0,
+                                                             const float *restrict x, i64 R, i64 DP, i64 j0,
                                                              const int NQ, float *restrict out) {
     __m256 acc[6];
     for (int q = 0; q < NQ; ++q) acc[q] = _mm256_setzero_ps();
     for (i64 r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_loadu_ps(x + r * D + j0);
+        const __m256 xv = _mm256_loadu_ps(x + r * DP + j0);
         for (int q = 0; q < NQ; ++q) acc[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + q * q_stride + r), xv, acc[q]);
     }
-    for (int q = 0; q < NQ; ++q) _mm256_storeu_ps(out + q * D + j0, acc[q]);
+    for (int q = 0; q < NQ; ++q) _mm256_storeu_ps(out + q * DP + j0, acc[q]);
 }
 
-static void pool_sample(const float *restrict w, i64 q_stride, const float *restrict x, i64 Q, i64 R, i64 D,
+static void pool_sample(const float *restrict w, i64 q_stride, const float *restrict x, i64 Q, i64 R, i64 DP,
                         float *restrict out) {
-    const i64 d8 = D - D % 8;
-    for (i64 j0 = 0; j0 < d8; j0 += 8) {
+    for (i64 j0 = 0; j0 < DP; j0 += 8) {
         i64 q0 = 0;
-        for (; q0 + 6 <= Q; q0 += 6) pool_block(w + q0 * q_stride, q_stride, x, R, D, j0, 6, out + q0 * D);
-        for (; q0 < Q; ++q0) pool_block(w + q0 * q_stride, q_stride, x, R, D, j0, 1, out + q0 * D);
+        for (; q0 + 6 <= Q; q0 += 6) pool_block(w + q0 * q_stride, q_stride, x, R, DP, j0, 6, out + q0 * DP);
+        for (; q0 < Q; ++q0) pool_block(w + q0 * q_stride, q_stride, x, R, DP, j0, 1, out + q0 * DP);
     }
-    for (i64 iq = 0; iq < Q; ++iq)
-        for (i64 j = d8; j < D; ++j) {
-            float total = 0.0f;
-            for (i64 r = 0; r < R; ++r) total += w[iq * q_stride + r] * x[r * D + j];
-            out[iq * D + j] = total;
-        }
 }
 
 /* gx[r, j0:j0+8] (+)= sum over NQ queries of w[q, r] g[q, j0:j0+8], the g blocks in registers. */
 static inline __attribute__((always_inline)) void pool_grad_block(const float *restrict w, i64 q_stride,
-                                                                  const float *restrict g, i64 R, i64 D, i64 j0,
+                                                                  const float *restrict g, i64 R, i64 DP, i64 j0,
                                                                   const int NQ, int accumulate, float *restrict gx) {
     __m256 gv[6];
-    for (int q = 0; q < NQ; ++q) gv[q] = _mm256_loadu_ps(g + q * D + j0);
+    for (int q = 0; q < NQ; ++q) gv[q] = _mm256_loadu_ps(g + q * DP + j0);
     for (i64 r = 0; r < R; ++r) {
-        __m256 acc = accumulate ? _mm256_loadu_ps(gx + r * D + j0) : _mm256_setzero_ps();
+        __m256 acc = accumulate ? _mm256_loadu_ps(gx + r * DP + j0) : _mm256_setzero_ps();
         for (int q = 0; q < NQ; ++q) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + q * q_stride + r), gv[q], acc);
-        _mm256_storeu_ps(gx + r * D + j0, acc);
+        _mm256_storeu_ps(gx + r * DP + j0, acc);
     }
 }
 
-static void pool_sample_backward(const float *restrict w, i64 q_stride, const float *restrict x,
-                                 const float *restrict g, i64 Q, i64 R, i64 D, float *restrict gx,
-                                 float *restrict t) {
+static void pool_grad(const float *restrict w, i64 q_stride, const float *restrict g, i64 Q, i64 R, i64 DP,
+                      int accumulate, float *restrict gx) {
+    for (i64 j0 = 0; j0 < DP; j0 += 8) {
+        i64 q0 = 0;
+        for (; q0 + 6 <= Q; q0 += 6)
+            pool_grad_block(w + q0 * q_stride, q_stride, g + q0 * DP, R, DP, j0, 6, accumulate || q0 > 0, gx);
+        for (; q0 < Q; ++q0)
+            pool_grad_block(w + q0 * q_stride, q_stride, g + q0 * DP, R, DP, j0, 1, accumulate || q0 > 0, gx);
+    }
+}
+
+/* w[q, r] <- f[q] . x[r], 8 rows' dot products reduced together (lane_sums8). */
+static void scores_sample(const float *restrict f, const float *restrict x, i64 Q, i64 R, i64 DP,
+                          float *restrict w, i64 q_stride) {
     if (R % 8) {
-        pool_sample_backward_generic(w, q_stride, x, g, Q, R, D, gx, t);
+        scores_sample_generic(f, x, Q, R, DP, w, q_stride);
         return;
     }
-    const i64 d8 = D - D % 8;
-    for (i64 j0 = 0; j0 < d8; j0 += 8) {
-        i64 q0 = 0;
-        for (; q0 + 6 <= Q; q0 += 6) pool_grad_block(w + q0 * q_stride, q_stride, g + q0 * D, R, D, j0, 6, q0 > 0, gx);
-        for (; q0 < Q; ++q0) pool_grad_block(w + q0 * q_stride, q_stride, g + q0 * D, R, D, j0, 1, q0 > 0, gx);
-    }
-    for (i64 r = 0; r < R; ++r)
-        for (i64 j = d8; j < D; ++j) {
-            float total = 0.0f;
-            for (i64 iq = 0; iq < Q; ++iq) total += w[iq * q_stride + r] * g[iq * D + j];
-            gx[r * D + j] = total;
-        }
-    for (i64 iq = 0; iq < Q; ++iq)  /* t[q, r] = g[q] . x[r]: 8 rows' dot products reduced together */
+    for (i64 iq = 0; iq < Q; ++iq)
         for (i64 r0 = 0; r0 < R; r0 += 8) {
             __m256 prods[8];
             for (int rr = 0; rr < 8; ++rr) {
-                const float *restrict xr = x + (r0 + rr) * D;
+                const float *restrict xr = x + (r0 + rr) * DP;
                 __m256 p = _mm256_setzero_ps();
-                for (i64 j0 = 0; j0 < d8; j0 += 8)
-                    p = _mm256_fmadd_ps(_mm256_loadu_ps(g + iq * D + j0), _mm256_loadu_ps(xr + j0), p);
-                float tail = 0.0f;
-                for (i64 j = d8; j < D; ++j) tail += g[iq * D + j] * xr[j];
-                prods[rr] = _mm256_add_ps(p, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+                for (i64 j0 = 0; j0 < DP; j0 += 8)
+                    p = _mm256_fmadd_ps(_mm256_loadu_ps(f + iq * DP + j0), _mm256_loadu_ps(xr + j0), p);
+                prods[rr] = p;
             }
-            _mm256_storeu_ps(t + iq * R + r0, lane_sums8(prods));
+            _mm256_storeu_ps(w + iq * q_stride + r0, lane_sums8(prods));
         }
 }
 #else
 #define pool_sample pool_sample_generic
-#define pool_sample_backward pool_sample_backward_generic
+#define pool_grad pool_grad_generic
+#define scores_sample scores_sample_generic
 #endif
 
 /* w[0:R] <- the softmax over r of w; with row weights z, weights = q z with q = e / sum_r(z e) written to qq
@@ -161,28 +177,44 @@ static void softmax_over_rows(float *restrict w, float *restrict qq, const float
     }
 }
 
-static void forward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64 D, float *restrict scores,
-                            float *restrict q_out, const float *restrict row_weights,
-                            const float *restrict shared, float *restrict pooled) {
+/* f_p (Q, DP) <- factor (D, Q) transposed and zero-padded. */
+static void padded_factor(const float *restrict factor, i64 Q, i64 D, i64 DP, float *restrict f_p) {
+    for (i64 iq = 0; iq < Q; ++iq)
+        for (i64 j = 0; j < DP; ++j) f_p[iq * DP + j] = j < D ? factor[j * Q + iq] : 0.0f;
+}
+
+static void forward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64 D, const float *restrict factor,
+                            float *restrict weights, float *restrict q_out, const float *restrict row_weights,
+                            const float *restrict shared, float *restrict pooled, float *restrict work) {
+    const i64 DP = padded(D);
+    float *restrict x_p = work, *restrict f_p = x_p + R * DP, *restrict out_p = f_p + Q * DP;
+    padded_factor(factor, Q, D, DP, f_p);
     for (i64 b = row_begin; b < row_end; ++b) {
+        pad_rows(shared + b * R * D, R, D, DP, x_p);
+        scores_sample(f_p, x_p, Q, R, DP, weights + b * R, B * R);
         for (i64 iq = 0; iq < Q; ++iq)
-            softmax_over_rows(scores + (iq * B + b) * R, q_out ? q_out + (iq * B + b) * R : NULL,
+            softmax_over_rows(weights + (iq * B + b) * R, q_out ? q_out + (iq * B + b) * R : NULL,
                               row_weights ? row_weights + b * R : NULL, R);
-        pool_sample(scores + b * R, B * R, shared + b * R * D, Q, R, D, pooled + b * Q * D);
+        pool_sample(weights + b * R, B * R, x_p, Q, R, DP, out_p);
+        unpad_rows(out_p, Q, D, DP, pooled + b * Q * D);
     }
 }
 
-/* Writes, for its samples: grad_shared (B, R, D) through the pooling, grad_scores (Q, B, R) (the
- * softmax's input gradient) and, with q, grad_row_weights (B, R). */
-static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64 D,
+/* Writes, for its samples: grad_shared (B, R, D) (through the pooling and through the scores),
+ * grad_scores (Q, B, R) (the scores' gradient, for the factor's GEMM) and, with q, grad_row_weights (B, R). */
+static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64 D, const float *restrict factor,
                              const float *restrict weights, const float *restrict q, const float *restrict shared,
                              const float *restrict grad_pooled, float *restrict grad_shared,
-                             float *restrict grad_scores, float *restrict grad_row_weights,
-                             float *restrict work) {
-    float *restrict t = work;  /* (Q, R) */
+                             float *restrict grad_scores, float *restrict grad_row_weights, float *restrict work) {
+    const i64 DP = padded(D);
+    float *restrict x_p = work, *restrict f_p = x_p + R * DP, *restrict g_p = f_p + Q * DP;
+    float *restrict gx_p = g_p + Q * DP + Q * DP, *restrict t = gx_p + R * DP;  /* (R, DP), (Q, R) */
+    padded_factor(factor, Q, D, DP, f_p);
     for (i64 b = row_begin; b < row_end; ++b) {
-        pool_sample_backward(weights + b * R, B * R, shared + b * R * D, grad_pooled + b * Q * D, Q, R, D,
-                             grad_shared + b * R * D, t);
+        pad_rows(shared + b * R * D, R, D, DP, x_p);
+        pad_rows(grad_pooled + b * Q * D, Q, D, DP, g_p);
+        pool_grad(weights + b * R, B * R, g_p, Q, R, DP, 0, gx_p);  /* through the pooling */
+        scores_sample(g_p, x_p, Q, R, DP, t, R);                     /* d/d weights = G x^T */
         for (i64 iq = 0; iq < Q; ++iq) {  /* softmax backward: w (t - sum_r w t) */
             const float *restrict w = weights + (iq * B + b) * R;
             float *restrict tq = t + iq * R, *restrict gs = grad_scores + (iq * B + b) * R;
@@ -194,6 +226,8 @@ static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i6
                 gs[r] = tq[r] * w[r];
             }
         }
+        pool_grad(grad_scores + b * R, B * R, f_p, Q, R, DP, 1, gx_p);  /* through the scores: gs^T factor^T */
+        unpad_rows(gx_p, R, D, DP, grad_shared + b * R * D);
         if (q) {  /* weights = q z: d/d z_r = sum over the queries of q_r t_r */
             float *restrict grw = grad_row_weights + b * R;
             for (i64 r = 0; r < R; ++r) grw[r] = 0.0f;
@@ -205,23 +239,26 @@ static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i6
     }
 }
 
-void row_attention_pool_forward(i64 B, i64 threads, i64 R, i64 Q, i64 D, float *scores, float *q_out,
-                                const float *row_weights, const float *shared, float *pooled) {
+void row_attention_pool_forward(i64 B, i64 threads, i64 R, i64 Q, i64 D, const float *factor, float *weights,
+                                float *q_out, const float *row_weights, const float *shared, float *pooled,
+                                float *work) {
+    const i64 work_floats = row_attention_pool_work_floats(R, Q, D);
 #pragma omp parallel num_threads(threads)
     {
         const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
-        forward_samples(B * t / n, B * (t + 1) / n, B, R, Q, D, scores, q_out, row_weights, shared, pooled);
+        forward_samples(B * t / n, B * (t + 1) / n, B, R, Q, D, factor, weights, q_out, row_weights, shared, pooled,
+                        work + t * work_floats);
     }
 }
 
-void row_attention_pool_backward(i64 B, i64 threads, i64 R, i64 Q, i64 D, const float *weights, const float *q,
-                                 const float *shared, const float *grad_pooled, float *grad_shared,
+void row_attention_pool_backward(i64 B, i64 threads, i64 R, i64 Q, i64 D, const float *factor, const float *weights,
+                                 const float *q, const float *shared, const float *grad_pooled, float *grad_shared,
                                  float *grad_scores, float *grad_row_weights, float *work) {
-    const i64 work_floats = row_attention_pool_work_floats(R, Q);
+    const i64 work_floats = row_attention_pool_work_floats(R, Q, D);
 #pragma omp parallel num_threads(threads)
     {
         const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
-        backward_samples(B * t / n, B * (t + 1) / n, B, R, Q, D, weights, q, shared, grad_pooled, grad_shared,
+        backward_samples(B * t / n, B * (t + 1) / n, B, R, Q, D, factor, weights, q, shared, grad_pooled, grad_shared,
                          grad_scores, grad_row_weights, work + t * work_floats);
     }
 }
