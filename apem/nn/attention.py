@@ -8,9 +8,9 @@ import functools
 import torch
 from torch import nn
 
+from apem.nn.layers import StackedLayerNorm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, gathered_pool_norm_forward, native_library, row_pool_backward,
                                   row_pool_forward, value_table)
-from apem.nn.layers import StackedLayerNorm
 
 
 def float32_outside_autocast(fn):
@@ -433,7 +433,7 @@ class InducingPointAttention(nn.Module):
 
         All layers' scores in one GEMM (:func:`masked_softmax_pool`), then W^V W^O on the pooled heads.
         With ``index`` (B, S), the source is ``source[index]`` over a table of distinct rows (U, d),
-        attended through :func:`gathered_pool` (the same Y, to float rounding)."""
+        attended through :func:`gathered_pool_norm` (the same Y, to float rounding; on CPU its C kernel)."""
         if index is not None:
             factor, combined, bias = self.folded_weights(layers)
             return gathered_pool_norm(source, index, factor, mask.contiguous(), combined, bias, self.inducing[layers],
