@@ -71,30 +71,22 @@ static void pool_row_generic(const float *restrict value_table, const i64 *restr
         }
 }
 
-/* Through the pooling: gw (S, M, K) <- d/d w = sum_j v[s, m, j] go_t[j, k], and adds d/d value rows
- * sum_k w[s, m, k] go_t[j, k] into grad_value_table[idx[s], m, j]. */
-static void pool_row_backward_generic(const float *restrict value_table, const i64 *restrict idx,
-                                      const float *restrict w, const float *restrict go_t, i64 S, i64 M, i64 K,
-                                      i64 D, float *restrict gw, float *restrict grad_value_table) {
-    for (i64 s = 0; s < S; ++s)
-        for (i64 m = 0; m < M; ++m) {
-            const float *restrict v = value_table + idx[s] * M * D + m * D;
-            const float *restrict wk = w + (s * M + m) * K;
-            float *restrict gv = grad_value_table + idx[s] * M * D + m * D;
-            float *restrict gwk = gw + (s * M + m) * K;
-            for (i64 k = 0; k < K; ++k) gwk[k] = 0.0f;
-            for (i64 j = 0; j < D; ++j) {
-                const float vj = v[j];
-                const float *restrict g = go_t + j * K;
-                float total = 0.0f;
+/* Through the pooling, for one (field s, head m) pair: gwk (K) <- d/d w[s, m] = sum_j v[j] go_t[j, k], and
+ * adds d/d value row sum_k w[s, m, k] go_t[j, k] into gv (D). */
+static void pool_pair_backward_generic(const float *restrict v, const float *restrict wk, const float *restrict go_t,
+                                       i64 K, i64 D, float *restrict gwk, float *restrict gv) {
+    for (i64 k = 0; k < K; ++k) gwk[k] = 0.0f;
+    for (i64 j = 0; j < D; ++j) {
+        const float vj = v[j];
+        const float *restrict g = go_t + j * K;
+        float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-                for (i64 k = 0; k < K; ++k) {
-                    gwk[k] += vj * g[k];
-                    total += wk[k] * g[k];
-                }
-                gv[j] += total;
-            }
+        for (i64 k = 0; k < K; ++k) {
+            gwk[k] += vj * g[k];
+            total += wk[k] * g[k];
         }
+        gv[j] += total;
+    }
 }
 
 #if APEM_AVX2
@@ -133,7 +125,7 @@ static void pool_row(const float *restrict value_table, const i64 *restrict idx,
     }
 }
 
-/* One block of NC * 8 points of pool_row_backward: gacc (the block of d/d w) in registers, and the
+/* One block of NC * 8 points of pool_pair_backward: gacc (the block of d/d w) in registers, and the
  * dot products of each go_t row with the block's weights added lane-wise into tv[j]. Called with a
  * constant NC, so that the loops over the vectors unroll and stay in registers. */
 static inline __attribute__((always_inline)) void pool_block_backward(
@@ -158,37 +150,40 @@ static inline __attribute__((always_inline)) void pool_block_backward(
     for (int c = 0; c < NC; ++c) _mm256_storeu_ps(gwk + kc + 8 * c, gacc[c]);
 }
 
-/* pool_row_backward_generic with one pass over j per (s, m) and block of 32 points: each go_t row
- * feeds both gradients from registers, and the K-long dot products are reduced eight at a time
- * (lane_sums8) instead of lane by lane. */
-static void pool_row_backward(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
-                              const float *restrict go_t, i64 S, i64 M, i64 K, i64 D, float *restrict gw,
-                              float *restrict grad_value_table) {
+/* pool_pair_backward_generic with one pass over j in blocks of 32 points: each go_t row feeds both
+ * gradients from registers, and the K-long dot products are reduced eight at a time (lane_sums8)
+ * instead of lane by lane. */
+static void pool_pair_backward(const float *restrict v, const float *restrict wk, const float *restrict go_t,
+                               i64 K, i64 D, float *restrict gwk, float *restrict gv) {
     if (K % 8) {
-        pool_row_backward_generic(value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);
+        pool_pair_backward_generic(v, wk, go_t, K, D, gwk, gv);
         return;
     }
     __m256 tv[D];  /* per output column, the running dot product over the points, lane-wise */
-    for (i64 s = 0; s < S; ++s)
-        for (i64 m = 0; m < M; ++m) {
-            const float *restrict v = value_table + idx[s] * M * D + m * D;
-            const float *restrict wk = w + (s * M + m) * K;
-            float *restrict gv = grad_value_table + idx[s] * M * D + m * D;
-            float *restrict gwk = gw + (s * M + m) * K;
-            for (i64 j = 0; j < D; ++j) tv[j] = _mm256_setzero_ps();
-            i64 kc = 0;
-            for (; kc + 32 <= K; kc += 32) pool_block_backward(v, wk, go_t, K, D, kc, 4, gwk, tv);
-            for (; kc < K; kc += 8) pool_block_backward(v, wk, go_t, K, D, kc, 1, gwk, tv);
-            i64 j = 0;
-            for (; j + 8 <= D; j += 8)
-                _mm256_storeu_ps(gv + j, _mm256_add_ps(_mm256_loadu_ps(gv + j), lane_sums8(tv + j)));
-            for (; j < D; ++j) gv[j] += lane_sum(tv[j]);
-        }
+    for (i64 j = 0; j < D; ++j) tv[j] = _mm256_setzero_ps();
+    i64 kc = 0;
+    for (; kc + 32 <= K; kc += 32) pool_block_backward(v, wk, go_t, K, D, kc, 4, gwk, tv);
+    for (; kc < K; kc += 8) pool_block_backward(v, wk, go_t, K, D, kc, 1, gwk, tv);
+    i64 j = 0;
+    for (; j + 8 <= D; j += 8)
+        _mm256_storeu_ps(gv + j, _mm256_add_ps(_mm256_loadu_ps(gv + j), lane_sums8(tv + j)));
+    for (; j < D; ++j) gv[j] += lane_sum(tv[j]);
 }
 #else
 #define pool_row pool_row_generic
-#define pool_row_backward pool_row_backward_generic
+#define pool_pair_backward pool_pair_backward_generic
 #endif
+
+/* Through the pooling for one sample: gw (S, M, K) <- d/d w, and d/d value rows added into grad_value_table
+ * (U, M D) at the sample's rows idx. */
+static void pool_row_backward(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
+                              const float *restrict go_t, i64 S, i64 M, i64 K, i64 D, float *restrict gw,
+                              float *restrict grad_value_table) {
+    for (i64 s = 0; s < S; ++s)
+        for (i64 m = 0; m < M; ++m)
+            pool_pair_backward(value_table + idx[s] * M * D + m * D, w + (s * M + m) * K, go_t, K, D,
+                               gw + (s * M + m) * K, grad_value_table + idx[s] * M * D + m * D);
+}
 
 /* A layer's inputs (apem.nn.native_pools.PoolLayer mirrors this struct). */
 typedef struct {

@@ -30,9 +30,11 @@
 
 static i64 padded(i64 D) { return (D + 7) / 8 * 8; }
 
+/* The backward's scratch (the larger): the padded rows and their gradient (R, DP) each, the padded factor
+ * and pooled gradient (Q, DP) each, and d/d weights (Q, R); the forward uses its first R DP + 2 Q DP. */
 i64 row_attention_pool_work_floats(i64 R, i64 Q, i64 D) {
     const i64 DP = padded(D);
-    return 2 * R * DP + 3 * Q * DP + Q * R;
+    return 2 * R * DP + 2 * Q * DP + Q * R;
 }
 
 /* a_p (n, DP) <- a (n, D) with zero columns D..DP. */
@@ -208,7 +210,7 @@ static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i6
                              float *restrict grad_scores, float *restrict grad_row_weights, float *restrict work) {
     const i64 DP = padded(D);
     float *restrict x_p = work, *restrict f_p = x_p + R * DP, *restrict g_p = f_p + Q * DP;
-    float *restrict gx_p = g_p + Q * DP + Q * DP, *restrict t = gx_p + R * DP;  /* (R, DP), (Q, R) */
+    float *restrict gx_p = g_p + Q * DP, *restrict t = gx_p + R * DP;  /* (R, DP), (Q, R) */
     padded_factor(factor, Q, D, DP, f_p);
     for (i64 b = row_begin; b < row_end; ++b) {
         pad_rows(shared + b * R * D, R, D, DP, x_p);
