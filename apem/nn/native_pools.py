@@ -27,7 +27,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 @functools.lru_cache(maxsize=None)
-def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (from :func:`apem.nn.native.load_kernels`, this build or another) with its signatures set."""
     signatures = {
         "gathered_pool_work_floats": ([_PTR], _I64),
         "gathered_pool_slot_floats": ([_PTR], _I64),
@@ -48,12 +49,7 @@ def native_library(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return None
     lib = load_kernels()
-    return None if lib is None else _typed(lib)
-
-
-def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """``lib`` (from :func:`apem.nn.native.load_kernels`, e.g. another build of the kernels) with its signatures set."""
-    return _typed(lib)
+    return None if lib is None else typed_library(lib)
 
 
 def _threads(rows: int) -> int:
@@ -65,8 +61,9 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _optional_ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _layer_ptr(t: torch.Tensor | None, layer: int) -> int | None:
+    """The address of ``t[layer]``, or None (a NULL pointer) for an absent tensor."""
+    return None if t is None else t[layer].data_ptr()
 
 
 class PoolLayer(ctypes.Structure):
@@ -81,6 +78,7 @@ class PoolLayer(ctypes.Structure):
         """score_table (U, M K), value_table (U, M d) (bias / M included), index (B, S) int64, mask (B, K) (unit
         column stride), queries (K, d), norm_weight and norm_bias (d,)."""
         mask = mask if mask.stride(1) == 1 else mask.contiguous()
+        index = index.to(torch.int64)  # what the kernel reads, in forward and in backward
         tensors = [t.contiguous() for t in (score_table, value_table, index, queries, norm_weight, norm_bias)]
         score_table, value_table, index, queries, norm_weight, norm_bias = tensors
         (u, _), (_, s), (k, d) = score_table.shape, index.shape, queries.shape
@@ -104,8 +102,7 @@ def gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, q
     """Y (L', B, K, d_v) of :func:`apem.nn.attention.gathered_pool_norm` through the kernel, and, ``for_backward``,
     the normalised X (L', B, d_v, K) and 1 / sigma (L', B, K) its backward reads (else None, None)."""
     n, b, k, dv = factor.shape[0], index.shape[0], mask.shape[2], queries.shape[2]
-    index = index.to(torch.int64)  # the kernel reads int64 and does not bound-check: torch's gather would
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):  # the kernel does not check
         raise IndexError(f"index out of range for {rows.shape[0]} rows")
     out = rows.new_empty(n, b, k, dv)
     normalized, rstd = (rows.new_empty(n, b, dv, k), rows.new_empty(n, b, k)) if for_backward else (None, None)
@@ -115,8 +112,7 @@ def gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, q
                             mask[:, layer], queries[layer], norm_weight[layer], norm_bias[layer], heads, eps)
         work = torch.empty(threads, lib.gathered_pool_work_floats(ctypes.byref(spec)))
         lib.gathered_pool_forward(ctypes.byref(spec), b, threads, _ptr(out[layer]),
-                                  _optional_ptr(None if normalized is None else normalized[layer]),
-                                  _optional_ptr(None if rstd is None else rstd[layer]), _ptr(work))
+                                  _layer_ptr(normalized, layer), _layer_ptr(rstd, layer), _ptr(work))
     return out, normalized, rstd
 
 
@@ -140,14 +136,14 @@ class NativeGatheredPoolNorm(torch.autograd.Function):
         rows, index, factor, mask, combined, queries, norm_weight, norm_bias, normalized, rstd = ctx.saved_tensors
         n, b = factor.shape[0], index.shape[0]
         u, (k, dv), mk = rows.shape[0], queries.shape[1:], factor.shape[2]
-        grad_y, threads = grad_y.contiguous(), _threads(b)
+        grad_y, threads, heads = grad_y.contiguous(), _threads(b), ctx.heads
         grad_rows = torch.zeros_like(rows)
         grad_factor, grad_combined, grad_queries = (torch.empty_like(t) for t in (factor, combined, queries))
         grad_mask, grad_nw, grad_nb = torch.empty_like(mask), torch.empty_like(norm_weight), torch.empty_like(norm_bias)
         grad_bias = rows.new_empty(n, 1, dv)
         for layer in range(n):  # the value bias does not matter to the scores' gradient: the plain product
             spec = PoolLayer.of(rows @ factor[layer], rows @ combined[layer], index, mask[:, layer], queries[layer],
-                                norm_weight[layer], norm_bias[layer], ctx.heads, ctx.eps)
+                                norm_weight[layer], norm_bias[layer], heads, ctx.eps)
             slots = rows.new_zeros(threads, ctx.lib.gathered_pool_slot_floats(ctypes.byref(spec)))
             work = torch.empty(threads, ctx.lib.gathered_pool_work_floats(ctypes.byref(spec)))
             grad_mask_layer = grad_mask[:, layer]
@@ -155,7 +151,7 @@ class NativeGatheredPoolNorm(torch.autograd.Function):
                                            _ptr(rstd[layer]), _ptr(grad_mask_layer), grad_mask_layer.stride(0),
                                            _ptr(slots), _ptr(work))
             grad_scores, grad_values, grad_q, grad_w, grad_b, grad_vb = (slots.sum(0) if threads > 1 else slots[0]).split(
-                [u * mk, u * mk // k * dv, k * dv, dv, dv, dv])
+                [u * mk, u * heads * dv, k * dv, dv, dv, dv])
             grad_scores, grad_values = grad_scores.view(u, mk), grad_values.view(u, -1)
             grad_queries[layer], grad_nw[layer], grad_nb[layer], grad_bias[layer, 0] = grad_q.view(k, dv), grad_w, grad_b, grad_vb
             grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
@@ -180,10 +176,8 @@ def row_pool_forward(lib: ctypes.CDLL, factor: torch.Tensor, row_weights: torch.
     work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries, d))
     for layer in range(n):
         lib.row_attention_pool_forward(
-            b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]),
-            _optional_ptr(None if q is None else q[layer]),
-            _optional_ptr(None if row_weights is None else row_weights[layer]), _ptr(shared[layer]),
-            _ptr(pooled[layer]), _ptr(work))
+            b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]), _layer_ptr(q, layer),
+            _layer_ptr(row_weights, layer), _ptr(shared[layer]), _ptr(pooled[layer]), _ptr(work))
     return pooled, weights, q
 
 
@@ -202,8 +196,7 @@ def row_pool_backward(lib: ctypes.CDLL, factor: torch.Tensor, weights: torch.Ten
     work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries, d))
     for layer in range(n):
         lib.row_attention_pool_backward(
-            b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]),
-            _optional_ptr(None if q is None else q[layer]), _ptr(shared[layer]), _ptr(grad_pooled[layer]),
-            _ptr(grad_shared[layer]), _ptr(grad_scores[layer]), _optional_ptr(None if grad_rw is None else grad_rw[layer]),
-            _ptr(work))
+            b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]), _layer_ptr(q, layer),
+            _ptr(shared[layer]), _ptr(grad_pooled[layer]), _ptr(grad_shared[layer]), _ptr(grad_scores[layer]),
+            _layer_ptr(grad_rw, layer), _ptr(work))
     return grad_shared, grad_scores, grad_rw

@@ -195,6 +195,14 @@ def test_an_index_outside_the_rows_raises_instead_of_reading_past_them():
             gathered_pool_norm(rows, index, *rest, 2, 1e-5)
 
 
+def test_an_int32_index_gives_what_an_int64_index_gives_forward_and_backward():
+    rows, index, *rest = inputs = _gathered_inputs(50, 70, 6, 2, 2, 16, 6)
+    params = [t for t in inputs if t.requires_grad]
+    results = [_outputs_and_gradients(lambda i=i: gathered_pool_norm(rows, i, *rest, 2, 1e-5), params)
+               for i in (index, index.to(torch.int32))]
+    _assert_close(*results)
+
+
 def test_disabled_kernels_are_not_loaded(monkeypatch):
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     assert native.load_kernels() is None and native_library(torch.zeros(1)) is None
