@@ -196,12 +196,25 @@ class APEM(MultiTaskModel):
             rows, index = table
             h = nn.functional.embedding(index, rows)
             mask = self.selector_mask(h)
+            pooled = self.fused_pattern_pool(rows, index, mask)
+            if pooled is not None:
+                logits = self.towers(self.pattern_selector.from_pooled(pooled))
+                return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
             return self.head(self.asrg(rows, mask, index=index), mask)
         h = self.embedding(x)
         if not self.config.dynamic_activation:
             return self.head(self.self_attention_layers(h), None)
         mask = self.selector_mask(h)
         return self.head(self.asrg_layers(h, mask), mask)
+
+    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Inference on CPU: eq. 14-18 in one C kernel that skips each sample's de-selected points
+        (:meth:`apem.nn.attention.InducingPointAttention.fused_pattern_pool`), eq. 18's pooled rows (L B, N M, d);
+        None where it does not apply (gradients, no task indicators, no kernels)."""
+        if not self.config.task_indicators:
+            return None
+        return self.asrg.fused_pattern_pool(rows, index, mask, self.pattern_selector.score_factor(),
+                                            uniform=self.config.deselected_point == "uniform_attention")
 
     def gathers_fields(self) -> bool:
         """Whether :meth:`forward` runs the ASRG over the batch's distinct embedding rows

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from apem.nn.layers import StackedLayerNorm
-from apem.nn.native_pools import (NativeGatheredPoolNorm, gathered_pool_norm_forward, native_library, row_pool_backward,
-                                  row_pool_forward, value_table)
+from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
+                                  row_pool_backward, row_pool_forward, value_table)
 
 
 def float32_outside_autocast(fn):
@@ -427,6 +427,24 @@ class InducingPointAttention(nn.Module):
         return self.norm(torch.addcmul(out, self.inducing[layers].unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)),
                          layers)
 
+    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
+                           pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor | None:
+        """Inference only: this ASRG over ``rows[index]`` (as :meth:`forward` with ``index``) followed by eq. 18's
+        attention with ``pattern_factor`` (L, d, Q) (:meth:`PatternSelector.score_factor`), in one C kernel
+        that computes only the points each sample keeps (:func:`apem.nn.native_pools.fused_predict`). A point
+        with z_k = 0 attends uniformly (``uniform``, one shared row) or weighs 0 in eq. 18 (row weights z_K).
+        Returns :func:`row_attention_pool`'s pooled (L B, Q, d), or None where the kernels do not run
+        (then :meth:`forward` and :class:`PatternSelector` give the same, the reference)."""
+        factor, combined, bias = self.folded_weights()
+        tensors = (rows, factor, mask, combined, bias, self.inducing, self.norm.weight, pattern_factor)
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
+            return None
+        lib = native_library(*tensors)
+        if lib is None:
+            return None
+        return fused_predict(lib, rows, index, factor, mask.contiguous(), combined, bias, self.inducing,
+                             self.norm.weight, self.norm.bias, self.heads, self.norm.eps, pattern_factor, uniform)
+
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
                 index: torch.Tensor | None = None) -> torch.Tensor:
         """source (B, S, d) attended by the layers in ``layers``; mask z_K (B, L', K) -> Y (L', B, K, d).
@@ -471,21 +489,36 @@ class PatternSelector(nn.Module):
             self.attention = FactoredAttention(n_layers, dim, heads)
             self.indicator = nn.Parameter(torch.randn(n_layers, n_tasks, dim) * dim ** -0.5)
 
+    def score_factor(self) -> torch.Tensor:
+        """Eq. 18's query-side factor (L, d, N M) of the task indicators, columns (task, head)."""
+        n, d = self.indicator.shape[0], self.indicator.shape[2]
+        return self.attention.score_factor(self.indicator, slice(None)).reshape(n, d, self.n_tasks * self.heads)
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """T^L (B, N, d) from eq. 18's pooled rows (L B, N M, d) (:func:`row_attention_pool`): W^V W^O per task
+        (eq. 16) and eq. 19's chain."""
+        n, d = self.norm.weight.shape
+        b = pooled.shape[0] // n
+        combined, bias = self.attention.value_out(slice(None))
+        task_parts = torch.baddbmm(bias, pooled.view(n, b * self.n_tasks, self.heads * d), combined)
+        return self.chain(task_parts.view(n, b, self.n_tasks, d))
+
+    def chain(self, task_parts: torch.Tensor) -> torch.Tensor:
+        """Eq. 19: T^k = LayerNorm(T^{k-1} + F^k) over the layers' F^k (L, B, N, d), T^1 = LayerNorm(F^1) -> T^L."""
+        t = self.norm(task_parts[0], 0)
+        for layer in range(1, task_parts.shape[0]):
+            t = self.norm(t + task_parts[layer], layer)
+        return t
+
     def forward(self, shared: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         """shared (L, B, R, d), optional row_weights (L, B, R) -> T^L (B, N, d)."""
         n, b, r, d = shared.shape
-        t_count, m = self.n_tasks, self.heads
+        t_count = self.n_tasks
         if self.task_indicators:
-            factor = self.attention.score_factor(self.indicator, slice(None)).reshape(n, d, t_count * m)
-            pooled = row_attention_pool(shared, factor, row_weights)  # (L B, N M, d)
-            combined, bias = self.attention.value_out(slice(None))
-            task_parts = torch.baddbmm(bias, pooled.view(n, b * t_count, m * d), combined).view(n, b, t_count, d)
-        elif row_weights is None:
+            return self.from_pooled(row_attention_pool(shared, self.score_factor(), row_weights))  # (L B, N M, d)
+        if row_weights is None:
             task_parts = shared.mean(dim=2, keepdim=True).expand(n, b, t_count, d)
         else:  # the weighted mean over the selected rows (all 0 gives an empty message)
             total = row_weights.sum(dim=2, keepdim=True).clamp_min(torch.finfo(shared.dtype).tiny).unsqueeze(-1)
             task_parts = ((shared * row_weights.unsqueeze(-1)).sum(dim=2, keepdim=True) / total).expand(n, b, t_count, d)
-        t = self.norm(task_parts[0], 0)
-        for layer in range(1, n):
-            t = self.norm(t + task_parts[layer], layer)
-        return t
+        return self.chain(task_parts)

@@ -37,6 +37,8 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "row_attention_pool_work_floats": ([_I64] * 3, _I64),
         "row_attention_pool_forward": ([_I64] * 5 + [_PTR] * 7, None),
         "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 9, None),
+        "fused_predict_work_floats": ([_PTR], _I64),
+        "fused_predict": ([_PTR, _I64, _I64, _PTR, _PTR], None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -159,6 +161,71 @@ class NativeGatheredPoolNorm(torch.autograd.Function):
             torch.mm(rows.t(), grad_values, out=grad_combined[layer])
         return (None, grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, grad_queries, grad_nw, grad_nb,
                 None, None)
+
+
+class PredictLayer(ctypes.Structure):
+    """One layer's inputs to ``fused_predict.c`` (its ``PredictLayer``): the ASRG layer over the kept points,
+    eq. 18's factor and the reading of a de-selected point."""
+
+    _fields_ = [("pool", PoolLayer), ("Q", _I64), ("factor", _PTR), ("uniform", _I64), ("points", _I64),
+                ("rest", _I64), ("exp_table", _PTR)]
+
+
+# exp(-MAX_EXP_RANGE) ~ 9e-27 stays a normal float32 (smallest ~1.2e-38) even summed over a few fields
+MAX_EXP_RANGE = 60.0
+
+
+def exp_table(scores: torch.Tensor) -> torch.Tensor | None:
+    """exp(scores - their column maxima) of a (U, C) score table, the softmax weights of a point with z = 1 up
+    to the normalisation (a shift per column cancels); None when a column spans more than
+    :data:`MAX_EXP_RANGE`, where the smallest weights would underflow."""
+    top = scores.amax(dim=0, keepdim=True)
+    if float((top - scores.amin(dim=0, keepdim=True)).max()) > MAX_EXP_RANGE:
+        return None
+    return torch.exp(scores - top)
+
+
+def kept_points(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The points some row of the batch keeps (z != 0), of a layer's mask (B, K): their indices (P,) and the
+    kernel's padded column count (a multiple of 8 above P, so that column P is free for the dropped points)."""
+    used = (mask != 0).any(dim=0).nonzero().view(-1)
+    return used, (used.numel() + 8) // 8 * 8
+
+
+def _padded_columns(t: torch.Tensor, used: torch.Tensor, columns: int) -> torch.Tensor:
+    """t (..., K) at the columns ``used``, zero-padded to ``columns``: (..., columns)."""
+    out = t.new_zeros(*t.shape[:-1], columns)
+    out[..., :used.numel()] = t.index_select(-1, used)
+    return out
+
+
+def fused_predict(lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads: int,
+                  eps: float, pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor:
+    """Inference of :func:`apem.nn.attention.gathered_pool_norm` followed by
+    :func:`apem.nn.attention.row_attention_pool`, in one kernel per layer that computes only the points some
+    row of the batch keeps (``fused_predict.c``): pooled (L' B, Q, d_v) as ``row_attention_pool`` returns it,
+    with ``pattern_factor`` (L', d_v, Q) and eq. 18's row weights z_K (``uniform`` False, "contributes
+    nothing") or none (``uniform`` True). Arguments as :func:`gathered_pool_norm_forward`'s."""
+    n, b, (k, dv), q = factor.shape[0], index.shape[0], queries.shape[1:], pattern_factor.shape[2]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):  # the kernel does not check
+        raise IndexError(f"index out of range for {rows.shape[0]} rows")
+    pooled = rows.new_empty(n, b, q, dv)
+    pattern_factor = pattern_factor.contiguous()
+    threads = _threads(b)
+    for layer in range(n):
+        used, columns = kept_points(mask[:, layer])
+        layer_factor = _padded_columns(factor[layer].view(-1, heads, k), used, columns).view(-1, heads * columns)
+        scores = rows @ layer_factor
+        exps = exp_table(scores) if bool(((mask[:, layer] == 0) | (mask[:, layer] == 1)).float().mean() > 0.5) else None
+        pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index,
+                            _padded_columns(mask[:, layer], used, columns),
+                            _padded_columns(queries[layer].t(), used, columns).t(), norm_weight[layer],
+                            norm_bias[layer], heads, eps)
+        spec = PredictLayer(pool, q, _ptr(pattern_factor[layer]), int(uniform), used.numel(), k - used.numel(),
+                            None if exps is None else _ptr(exps))
+        work = torch.empty(threads, lib.fused_predict_work_floats(ctypes.byref(spec)))
+        lib.fused_predict(ctypes.byref(spec), b, threads, _ptr(pooled[layer]), _ptr(work))
+    return pooled.view(n * b, q, dv)
 
 
 def row_pool_forward(lib: ctypes.CDLL, factor: torch.Tensor, row_weights: torch.Tensor | None,

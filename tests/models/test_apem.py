@@ -125,15 +125,19 @@ def test_z_is_exactly_binary_after_annealing(reading):
 
 
 def _output_with_asrg_rows_replaced(model, x, rows: torch.Tensor) -> torch.Tensor:
-    """Predict with the ASRG output rows where ``rows`` (B, L, K) is True replaced by noise."""
+    """Predict with the ASRG output rows where ``rows`` (B, L, K) is True replaced by noise.
+
+    With gradients on, so that the model runs its ASRG module and then the Pattern Selector (inference
+    without gradients fuses the two into one kernel on CPU, which no hook can reach; test_apem_fast_paths
+    holds that path to this one)."""
     def replace(_module, _inputs, out):
         noise = torch.randn_like(out) * 5
         return torch.where(rows.transpose(0, 1).unsqueeze(-1), noise, out)
 
     handle = model.asrg.register_forward_hook(replace)
     try:
-        with torch.no_grad():
-            return model(x).probs
+        with torch.enable_grad():
+            return model(x).probs.detach()
     finally:
         handle.remove()
 

@@ -12,7 +12,8 @@ import torch
 from apem.models.registry import build_model
 from apem.nn import native
 from apem.nn.attention import gathered_pool_norm, row_attention_pool
-from apem.nn.native_pools import NativeGatheredPoolNorm, native_library, row_pool_backward, row_pool_forward, typed_library
+from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_library, row_pool_backward,
+                                  row_pool_forward, typed_library)
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
 from apem.data.encoding import FeatureEncoder
@@ -110,7 +111,88 @@ def test_row_attention_pool_kernel_matches_the_torch_path(monkeypatch, sizes, ro
     _assert_close(fast, reference)
 
 
-def test_portable_build_matches_the_avx2_build():
+def _predict_mask(kind: str, layers: int, b: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """z_K (B, L, K) of the kinds predict meets: binary after the annealing (some points kept by no row, some
+    by every row), binary with a few fractional entries, soft (gamma not annealed), none kept, all kept."""
+    if kind == "none-kept":
+        return torch.zeros(b, layers, k)
+    if kind == "all-kept":
+        return torch.ones(b, layers, k)
+    if kind == "soft":
+        z = torch.rand(b, layers, k, generator=gen)
+        z[:, :, 0] = 0.0
+        return z
+    z = (torch.rand(b, layers, k, generator=gen) < torch.rand(1, layers, k, generator=gen)).float()
+    z[:, :, 1] = 0.0  # kept by no row: dropped for the whole batch
+    z[:, :, 2] = 1.0
+    if kind == "binary-and-fractional":
+        fractional = torch.rand(b, layers, k, generator=gen) < 0.03
+        z[fractional] = torch.rand(int(fractional.sum()), generator=gen)
+    return z
+
+
+def _fused_and_reference(monkeypatch, sizes, kind, uniform, score_scale=0.5, lib=None):
+    """fused_predict, and gathered_pool_norm then row_attention_pool on the torch path, on the same inputs."""
+    u, b, s, layers, heads, k, d, q = sizes
+    rows, index, factor, _, combined, bias, queries, norm_weight, norm_bias = (
+        t.detach() for t in _gathered_inputs(u, b, s, layers, heads, k, d))
+    factor = factor * score_scale / 0.5
+    gen = torch.Generator().manual_seed(7)
+    mask = _predict_mask(kind, layers, b, k, gen)
+    pattern_factor = torch.randn(layers, d, q, generator=gen)
+    lib = lib or native_library(rows)
+    with torch.no_grad():
+        fused = fused_predict(lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads,
+                              1e-5, pattern_factor, uniform)
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+        shared = gathered_pool_norm(rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads,
+                                    1e-5)
+        reference = row_attention_pool(shared, pattern_factor, None if uniform else mask.transpose(0, 1).contiguous())
+        monkeypatch.setenv(native.DISABLE_ENV, "1")
+    return fused, reference
+
+
+PREDICT_MASKS = ["binary", "binary-and-fractional", "soft", "none-kept", "all-kept"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform_attention", "contributes_nothing"])
+@pytest.mark.parametrize("kind", PREDICT_MASKS)
+@pytest.mark.parametrize("sizes", [(300, 200, 16, 4, 2, 64, 18, 6), (40, 70, 5, 2, 3, 12, 7, 11)],
+                         ids=["table2-avx2", "odd-portable"])
+def test_fused_predict_kernel_matches_the_two_poolings(monkeypatch, sizes, kind, uniform, threads):
+    """Inference's one kernel (only the points some row keeps, the de-selected ones as one shared row, eq. 18
+    over the rows in cache) against eq. 14-17 and then eq. 18 on the torch path: every reading of z, with the
+    exp tables (binary z) and without (soft z), on 1 and 2 threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused, reference = _fused_and_reference(monkeypatch, sizes, kind, uniform)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    if kind == "none-kept" and not uniform:  # every row weighs 0: an empty message, as weighted_softmax gives
+        assert (fused == 0).all()
+
+
+def test_fused_predict_takes_every_exp_where_the_exp_table_would_underflow(monkeypatch):
+    """Scores spanning more than MAX_EXP_RANGE within a column: no exp table, the per-sample exps, same result."""
+    fused, reference = _fused_and_reference(monkeypatch, (300, 100, 16, 2, 2, 64, 18, 6), "binary", True,
+                                            score_scale=40.0)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_predict_checks_the_index():
+    rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias = (
+        t.detach() for t in _gathered_inputs(30, 20, 4, 2, 2, 8, 6))
+    index[3, 1] = 30
+    with pytest.raises(IndexError, match="out of range"):
+        fused_predict(native_library(rows), rows, index, factor, mask, combined, bias, queries, norm_weight,
+                      norm_bias, 2, 1e-5, torch.randn(2, 6, 4), True)
+
+
+def test_portable_build_matches_the_avx2_build(monkeypatch):
     """APEM_GENERIC_KERNEL builds the loops a CPU without AVX2 runs; both builds agree at Table 2's sizes."""
     generic = native.load_kernels(defines=("APEM_GENERIC_KERNEL",))
     assert generic is not None
@@ -130,6 +212,9 @@ def test_portable_build_matches_the_avx2_build():
                         *row_pool_backward(lib, factor, weights, q, shared, grad_pooled)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5)
+    fused = [_fused_and_reference(monkeypatch, (300, 150, 16, 2, 2, 64, 18, 6), "binary-and-fractional",
+                                  True, lib=lib)[0] for lib in builds]
+    torch.testing.assert_close(fused[0], fused[1], atol=1e-5, rtol=1e-5)
 
 
 def test_trained_apem_predicts_and_learns_the_same_through_the_kernels(monkeypatch, tmp_path):

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "pooling.h"
 
 /* w (S, M K) <- softmax over s of mask[k] * table[idx[s], (m, k)]; uses mx, inv (M K each). */
 static void row_softmax(const float *restrict table, const i64 *restrict idx, const float *restrict mask,
@@ -38,37 +39,7 @@ static void row_softmax(const float *restrict table, const i64 *restrict idx, co
                 mx[m * K + k] = v > mx[m * K + k] ? v : mx[m * K + k];
             }
     }
-    for (i64 c = 0; c < MK; ++c) inv[c] = 0.0f;
-    for (i64 s = 0; s < S; ++s) {
-        float *restrict ws = w + s * MK;
-        for (i64 c = 0; c < MK; ++c) {
-            float e = exp_nonpositive(ws[c] - mx[c]);
-            ws[c] = e;
-            inv[c] += e;
-        }
-    }
-    for (i64 c = 0; c < MK; ++c) inv[c] = 1.0f / inv[c];
-    for (i64 s = 0; s < S; ++s) {
-        float *restrict ws = w + s * MK;
-        for (i64 c = 0; c < MK; ++c) ws[c] *= inv[c];
-    }
-}
-
-/* acc (D, K) <- sum_{s, m} value_table[idx[s], m, j] w[s, m, k]: the pooled rows O, transposed so that
- * the inner loops run over the K points. */
-static void pool_row_generic(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
-                             i64 S, i64 M, i64 K, i64 D, float *restrict acc) {
-    memset(acc, 0, sizeof(float) * D * K);
-    for (i64 s = 0; s < S; ++s)
-        for (i64 m = 0; m < M; ++m) {
-            const float *restrict v = value_table + idx[s] * M * D + m * D;
-            const float *restrict wk = w + (s * M + m) * K;
-            for (i64 j = 0; j < D; ++j) {
-                const float vj = v[j];
-                float *restrict a = acc + j * K;
-                for (i64 k = 0; k < K; ++k) a[k] += vj * wk[k];
-            }
-        }
+    softmax_columns(w, S, MK, mx, inv);
 }
 
 /* Through the pooling, for one (field s, head m) pair: gwk (K) <- d/d w[s, m] = sum_j v[j] go_t[j, k], and
@@ -90,41 +61,6 @@ static void pool_pair_backward_generic(const float *restrict v, const float *res
 }
 
 #if APEM_AVX2
-#define POOL_BLOCK 6 /* output columns per register block in the forward: 6 accumulators, 1 weight, 1 broadcast */
-
-/* pool_row_generic with the accumulators in registers (the generic loop stores every partial sum). */
-static void pool_row(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
-                     i64 S, i64 M, i64 K, i64 D, float *restrict acc) {
-    if (K % 8) {
-        pool_row_generic(value_table, idx, w, S, M, K, D, acc);
-        return;
-    }
-    const i64 MD = M * D;
-    for (i64 kc = 0; kc < K; kc += 8) {
-        i64 j0 = 0;
-        for (; j0 + POOL_BLOCK <= D; j0 += POOL_BLOCK) {
-            __m256 a[POOL_BLOCK];
-            for (int jj = 0; jj < POOL_BLOCK; ++jj) a[jj] = _mm256_setzero_ps();
-            for (i64 s = 0; s < S; ++s)
-                for (i64 m = 0; m < M; ++m) {
-                    const float *restrict v = value_table + idx[s] * MD + m * D + j0;
-                    const __m256 wv = _mm256_loadu_ps(w + (s * M + m) * K + kc);
-                    for (int jj = 0; jj < POOL_BLOCK; ++jj)
-                        a[jj] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + jj), wv, a[jj]);
-                }
-            for (int jj = 0; jj < POOL_BLOCK; ++jj) _mm256_storeu_ps(acc + (j0 + jj) * K + kc, a[jj]);
-        }
-        for (; j0 < D; ++j0) {
-            __m256 a = _mm256_setzero_ps();
-            for (i64 s = 0; s < S; ++s)
-                for (i64 m = 0; m < M; ++m)
-                    a = _mm256_fmadd_ps(_mm256_broadcast_ss(value_table + idx[s] * MD + m * D + j0),
-                                        _mm256_loadu_ps(w + (s * M + m) * K + kc), a);
-            _mm256_storeu_ps(acc + j0 * K + kc, a);
-        }
-    }
-}
-
 /* One block of NC * 8 points of pool_pair_backward: gacc (the block of d/d w) in registers, and the
  * dot products of each go_t row with the block's weights added lane-wise into tv[j]. Called with a
  * constant NC, so that the loops over the vectors unroll and stay in registers. */
@@ -170,7 +106,6 @@ static void pool_pair_backward(const float *restrict v, const float *restrict wk
     for (; j < D; ++j) gv[j] += lane_sum(tv[j]);
 }
 #else
-#define pool_row pool_row_generic
 #define pool_pair_backward pool_pair_backward_generic
 #endif
 
@@ -184,20 +119,6 @@ static void pool_row_backward(const float *restrict value_table, const i64 *rest
             pool_pair_backward(value_table + idx[s] * M * D + m * D, w + (s * M + m) * K, go_t, K, D,
                                gw + (s * M + m) * K, grad_value_table + idx[s] * M * D + m * D);
 }
-
-/* A layer's inputs (apem.nn.native_pools.PoolLayer mirrors this struct). */
-typedef struct {
-    i64 U, S, M, K, D;
-    const float *score_table;  /* (U, M K) */
-    const float *value_table;  /* (U, M D), bias / M included */
-    const i64 *index;          /* (B, S) */
-    const float *mask;         /* (B, K), row stride mask_stride */
-    i64 mask_stride;
-    const float *queries;      /* (K, D) */
-    const float *norm_weight;  /* (D): eq. 17's LayerNorm */
-    const float *norm_bias;    /* (D) */
-    float eps;
-} PoolLayer;
 
 i64 gathered_pool_work_floats(const PoolLayer *L) {
     const i64 MK = L->M * L->K, DK = L->D * L->K;

@@ -1,0 +1,234 @@
+/* Inference of one APEM layer per sample, fused: ASRG (paper eq. 14-17) over the points a batch keeps,
+ * and then the Pattern Selector's attention (eq. 18) over the resulting rows. Nothing per point is
+ * written out: a sample's (points, D) rows stay in cache from the pooling to eq. 18. Built and loaded by
+ * apem/nn/native.py and called by apem/nn/native_pools.py (fused_predict); the training path
+ * (gathered_pool.c, then row_attention_pool.c, or their torch references in apem.nn.attention) is the
+ * reference, and tests/nn/test_native_pool.py keeps the two equal.
+ *
+ * The caller drops the points that no sample of the batch keeps (z_k = 0 in every row) and passes the
+ * other P columns of the score table, the mask and the inducing points, zero-padded to PC columns
+ * (PredictLayer below holds the shapes). Per sample b, with z = mask[b]:
+ * - each of the P points runs eq. 14-17 as in gathered_pool.c: weights softmax_s(z_p score_table[x_s, (m, p)]),
+ *   the pooled value rows, the residual z_p I_p and the LayerNorm;
+ * - a point with z = 0 has all-zero scores, so its row is LayerNorm(mean_s sum_m value_table[x_s, m]),
+ *   the same for every such point. Under "uniform_attention" (uniform = 1) eq. 18 counts each row once
+ *   and column P (all-zero scores, computed like the others) once for each of the `rest` dropped points.
+ *   Under "contributes_nothing" (uniform = 0) eq. 18 weighs each row by its z (weighted_softmax), so
+ *   the dropped points, like any row with z = 0, weigh nothing.
+ * The columns after P (or P + 1) are padding that eq. 18 weighs 0. Each call splits the batch into
+ * `threads` row ranges run by OpenMP (see gathered_pool.c).
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+#include <string.h>
+
+#include "common.h"
+#include "pooling.h"
+
+/* A layer's inputs (apem.nn.native_pools.PredictLayer mirrors this struct). */
+typedef struct {
+    PoolLayer pool;       /* the ASRG layer as gathered_pool.c reads it, over K = PC columns (a multiple of 8) */
+    i64 Q;
+    const float *factor;  /* (D, Q): eq. 18's query-side factor (scaled) */
+    i64 uniform;          /* 1: "uniform_attention", 0: "contributes_nothing" */
+    i64 points;           /* P: the kept points, columns 0..P-1 */
+    i64 rest;             /* the dropped points, all equal to column P under "uniform_attention" */
+    const float *exp_table;  /* (U, M PC) exp(score_table - its column maxima), or NULL (then every exp is
+                              * taken per sample) */
+} PredictLayer;
+
+/* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima
+ * and sums (M PC each), eq. 18's scores (Q, PC) and row counts (PC). */
+i64 fused_predict_work_floats(const PredictLayer *L) {
+    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 1) * L->pool.K;
+}
+
+/* Y (D, PC) <- LayerNorm over the D rows of each column of x (D, PC), with eq. 17's affine. */
+static void layer_norm_columns(float *restrict x, i64 D, i64 PC, const float *restrict nw, const float *restrict nb,
+                               float eps, float *restrict mean, float *restrict rs) {
+    for (i64 p = 0; p < PC; ++p) mean[p] = rs[p] = 0.0f;
+    for (i64 j = 0; j < D; ++j)
+        for (i64 p = 0; p < PC; ++p) mean[p] += x[j * PC + p];
+    for (i64 p = 0; p < PC; ++p) mean[p] /= (float)D;
+    for (i64 j = 0; j < D; ++j)
+        for (i64 p = 0; p < PC; ++p) {
+            const float c = x[j * PC + p] - mean[p];
+            x[j * PC + p] = c;
+            rs[p] += c * c;
+        }
+    for (i64 p = 0; p < PC; ++p) rs[p] = 1.0f / sqrtf(rs[p] / (float)D + eps);
+    for (i64 j = 0; j < D; ++j)
+        for (i64 p = 0; p < PC; ++p) x[j * PC + p] = x[j * PC + p] * rs[p] * nw[j] + nb[j];
+}
+
+/* out[j] = scale * sum_p a[p] y[j, p] for the D rows of y (D, PC). */
+static void row_dots(const float *restrict a, const float *restrict y, i64 D, i64 PC, float scale,
+                     float *restrict out) {
+    i64 j = 0;
+#if APEM_AVX2
+    for (; j + 8 <= D; j += 8) {
+        __m256 t[8];
+        for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_setzero_ps();
+        for (i64 p = 0; p < PC; p += 8) {
+            const __m256 av = _mm256_loadu_ps(a + p);
+            for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_fmadd_ps(av, _mm256_loadu_ps(y + (j + jj) * PC + p), t[jj]);
+        }
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(lane_sums8(t), _mm256_set1_ps(scale)));
+    }
+#endif
+    for (; j < D; ++j) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (i64 p = 0; p < PC; ++p) acc += a[p] * y[j * PC + p];
+        out[j] = acc * scale;
+    }
+}
+
+#if APEM_AVX2
+/* eq18_scores for NQ <= 8 queries, a constant at each call (so that the accumulators stay in registers): the
+ * NQ scores of 8 rows at a time, one load of y per column. */
+static inline __attribute__((always_inline)) void eq18_scores_block(const float *restrict y,
+                                                                    const float *restrict factor, i64 D, i64 PC,
+                                                                    const int NQ, float *restrict sc) {
+    for (i64 p = 0; p < PC; p += 8) {
+        __m256 a[8];
+        for (int q = 0; q < NQ; ++q) a[q] = _mm256_setzero_ps();
+        for (i64 j = 0; j < D; ++j) {
+            const __m256 yv = _mm256_loadu_ps(y + j * PC + p);
+            for (int q = 0; q < NQ; ++q) a[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(factor + j * NQ + q), yv, a[q]);
+        }
+        for (int q = 0; q < NQ; ++q) _mm256_storeu_ps(sc + q * PC + p, a[q]);
+    }
+}
+#endif
+
+/* sc (Q, PC) <- factor (D, Q) transposed times y (D, PC): eq. 18's scores of every row. */
+static void eq18_scores(const float *restrict y, const float *restrict factor, i64 D, i64 Q, i64 PC,
+                        float *restrict sc) {
+#if APEM_AVX2
+    if (PC % 8 == 0) {
+        switch (Q) {
+        case 1: eq18_scores_block(y, factor, D, PC, 1, sc); return;
+        case 2: eq18_scores_block(y, factor, D, PC, 2, sc); return;
+        case 3: eq18_scores_block(y, factor, D, PC, 3, sc); return;
+        case 4: eq18_scores_block(y, factor, D, PC, 4, sc); return;
+        case 5: eq18_scores_block(y, factor, D, PC, 5, sc); return;
+        case 6: eq18_scores_block(y, factor, D, PC, 6, sc); return;
+        case 7: eq18_scores_block(y, factor, D, PC, 7, sc); return;
+        case 8: eq18_scores_block(y, factor, D, PC, 8, sc); return;
+        default: break;
+        }
+    }
+#endif
+    for (i64 q = 0; q < Q; ++q) {
+        float *restrict s = sc + q * PC;
+        for (i64 p = 0; p < PC; ++p) s[p] = 0.0f;
+        for (i64 j = 0; j < D; ++j)
+            for (i64 p = 0; p < PC; ++p) s[p] += factor[j * Q + q] * y[j * PC + p];
+    }
+}
+
+/* Eq. 18 for one sample: out (Q, D) <- sum_p a[q, p] Y[:, p], with a = count_p e^{score} / sum count e^{score}
+ * over the rows of nonzero count (weighted_softmax's reading: all-zero counts give an all-zero output).
+ * Every loop runs over the PC columns, so that it vectorises. */
+static void pattern_pool(const float *restrict y, const float *restrict count, const float *restrict factor,
+                         i64 D, i64 Q, i64 PC, float *restrict sc, float *restrict out) {
+    eq18_scores(y, factor, D, Q, PC, sc);
+    for (i64 q = 0; q < Q; ++q) {
+        float *restrict s = sc + q * PC;
+        float top = -INFINITY, total = 0.0f;
+        for (i64 p = 0; p < PC; ++p) s[p] = count[p] > 0.0f ? s[p] : -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (i64 p = 0; p < PC; ++p) top = s[p] > top ? s[p] : top;
+        if (top == -INFINITY) {  /* no row counts */
+            for (i64 j = 0; j < D; ++j) out[q * D + j] = 0.0f;
+            continue;
+        }
+        for (i64 p = 0; p < PC; ++p) s[p] = count[p] * exp_nonpositive(s[p] - top);  /* -inf: clamped, times 0 */
+#pragma omp simd reduction(+ : total)
+        for (i64 p = 0; p < PC; ++p) total += s[p];
+        row_dots(s, y, D, PC, 1.0f / total, out + q * D);
+    }
+}
+
+/* w (S, M PC) <- softmax over s of z * score_table[idx[s]] (as gathered_pool.c's row_softmax). */
+static void softmax_weights(const PoolLayer *L, const i64 *restrict idx, const float *restrict z, float *restrict w,
+                            float *restrict mx, float *restrict inv) {
+    const i64 S = L->S, PC = L->K, MPC = L->M * PC;
+    for (i64 c = 0; c < MPC; ++c) mx[c] = -INFINITY;
+    for (i64 s = 0; s < S; ++s) {
+        const float *restrict t = L->score_table + idx[s] * MPC;
+        float *restrict ws = w + s * MPC;
+        for (i64 m = 0; m < L->M; ++m)
+            for (i64 p = 0; p < PC; ++p) {
+                const float v = z[p] * t[m * PC + p];
+                ws[m * PC + p] = v;
+                mx[m * PC + p] = v > mx[m * PC + p] ? v : mx[m * PC + p];
+            }
+    }
+    softmax_columns(w, S, MPC, mx, inv);
+}
+
+/* softmax_weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
+ * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
+ * yet at its floor) takes its exps here. */
+static void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
+                          const float *restrict z, float *restrict w, float *restrict top, float *restrict inv) {
+    const i64 S = L->S, M = L->M, PC = L->K, MPC = M * PC;
+    for (i64 s = 0; s < S; ++s) {
+        const float *restrict e = exp_table + idx[s] * MPC;
+        float *restrict ws = w + s * MPC;
+        for (i64 m = 0; m < M; ++m)
+            for (i64 p = 0; p < PC; ++p) ws[m * PC + p] = z[p] == 0.0f ? 1.0f : e[m * PC + p];
+    }
+    for (i64 p = 0; p < PC; ++p) {
+        if (z[p] == 0.0f || z[p] == 1.0f) continue;
+        for (i64 m = 0; m < M; ++m) {
+            const i64 c = m * PC + p;
+            top[c] = -INFINITY;
+            for (i64 s = 0; s < S; ++s) {
+                w[s * MPC + c] = z[p] * L->score_table[idx[s] * MPC + c];
+                top[c] = w[s * MPC + c] > top[c] ? w[s * MPC + c] : top[c];
+            }
+            for (i64 s = 0; s < S; ++s) w[s * MPC + c] = exp_nonpositive(w[s * MPC + c] - top[c]);
+        }
+    }
+    normalize_columns(w, S, MPC, inv);
+}
+
+static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, float *restrict pooled,
+                         float *restrict work) {
+    const PoolLayer *L = &PL->pool;
+    const i64 S = L->S, M = L->M, PC = L->K, D = L->D, Q = PL->Q, MPC = M * PC, P = PL->points;
+    float *restrict w = work, *restrict x = w + S * MPC, *restrict mx = x + D * PC, *restrict inv = mx + MPC;
+    float *restrict sc = inv + MPC, *restrict count = sc + Q * PC, *restrict queries_t = count + PC;
+    for (i64 p = 0; p < PC; ++p)
+        for (i64 j = 0; j < D; ++j) queries_t[j * PC + p] = L->queries[p * D + j];
+    for (i64 b = row_begin; b < row_end; ++b) {
+        const i64 *restrict idx = L->index + b * S;
+        const float *restrict z = L->mask + b * L->mask_stride;
+        if (PL->exp_table)
+            table_weights(L, PL->exp_table, idx, z, w, mx, inv);
+        else
+            softmax_weights(L, idx, z, w, mx, inv);
+        pool_row(L->value_table, idx, w, S, M, PC, D, x);  /* x (D, PC): O transposed */
+        for (i64 j = 0; j < D; ++j)                         /* eq. 17's residual z I */
+            for (i64 p = 0; p < PC; ++p) x[j * PC + p] += z[p] * queries_t[j * PC + p];
+        layer_norm_columns(x, D, PC, L->norm_weight, L->norm_bias, L->eps, mx, inv);
+        for (i64 p = 0; p < PC; ++p) count[p] = p < P ? (PL->uniform ? 1.0f : z[p]) : 0.0f;
+        if (PL->uniform && P < PC) count[P] = (float)PL->rest;
+        pattern_pool(x, count, PL->factor, D, Q, PC, sc, pooled + b * Q * D);
+    }
+}
+
+/* pooled (B, Q, D) <- eq. 18's pooled rows of the layer (row_attention_pool's output for this layer). */
+void fused_predict(const PredictLayer *L, i64 B, i64 threads, float *pooled, float *work) {
+    const i64 work_floats = fused_predict_work_floats(L);
+#pragma omp parallel num_threads(threads)
+    {
+        const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
+        predict_rows(L, B * t / n, B * (t + 1) / n, pooled, work + t * work_floats);
+    }
+}

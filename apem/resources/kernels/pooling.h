@@ -1,0 +1,116 @@
+/* The forward pieces of eq. 14-16's pooling shared by gathered_pool.c (training) and fused_predict.c
+ * (inference): the softmax over a sample's S source rows, column by column, and the pooling of the
+ * value rows by those weights. */
+#ifndef APEM_KERNEL_POOLING_H
+#define APEM_KERNEL_POOLING_H
+
+#include "common.h"
+
+/* A layer's inputs to the ASRG kernels (apem.nn.native_pools.PoolLayer mirrors this struct). */
+typedef struct {
+    i64 U, S, M, K, D;
+    const float *score_table;  /* (U, M K) */
+    const float *value_table;  /* (U, M D), bias / M included */
+    const i64 *index;          /* (B, S) */
+    const float *mask;         /* (B, K), row stride mask_stride */
+    i64 mask_stride;
+    const float *queries;      /* (K, D) */
+    const float *norm_weight;  /* (D): eq. 17's LayerNorm */
+    const float *norm_bias;    /* (D) */
+    float eps;
+} PoolLayer;
+
+/* w (S, C) <- each column of w divided by its sum over s; uses inv (C). */
+static inline void normalize_columns(float *restrict w, i64 S, i64 C, float *restrict inv) {
+    for (i64 c = 0; c < C; ++c) inv[c] = 0.0f;
+    for (i64 s = 0; s < S; ++s)
+        for (i64 c = 0; c < C; ++c) inv[c] += w[s * C + c];
+    for (i64 c = 0; c < C; ++c) inv[c] = 1.0f / inv[c];
+    for (i64 s = 0; s < S; ++s) {
+        float *restrict ws = w + s * C;
+        for (i64 c = 0; c < C; ++c) ws[c] *= inv[c];
+    }
+}
+
+/* w (S, C) <- the softmax over s of each column of w, given its column maxima mx (C); uses inv (C). */
+static inline void softmax_columns(float *restrict w, i64 S, i64 C, const float *restrict mx, float *restrict inv) {
+    for (i64 s = 0; s < S; ++s) {
+        float *restrict ws = w + s * C;
+        for (i64 c = 0; c < C; ++c) ws[c] = exp_nonpositive(ws[c] - mx[c]);
+    }
+    normalize_columns(w, S, C, inv);
+}
+
+/* acc (D, K) <- sum_{s, m} value_table[idx[s], m, j] w[s, m, k]: the pooled rows O, transposed so that
+ * the inner loops run over the K points. */
+static inline void pool_row_generic(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
+                             i64 S, i64 M, i64 K, i64 D, float *restrict acc) {
+    memset(acc, 0, sizeof(float) * D * K);
+    for (i64 s = 0; s < S; ++s)
+        for (i64 m = 0; m < M; ++m) {
+            const float *restrict v = value_table + idx[s] * M * D + m * D;
+            const float *restrict wk = w + (s * M + m) * K;
+            for (i64 j = 0; j < D; ++j) {
+                const float vj = v[j];
+                float *restrict a = acc + j * K;
+                for (i64 k = 0; k < K; ++k) a[k] += vj * wk[k];
+            }
+        }
+}
+
+#if APEM_AVX2
+#define POOL_BLOCK 6 /* output columns per register block: 6 broadcasts, each feeding NC weight vectors */
+
+/* One (POOL_BLOCK columns j0.., NC * 8 points kc..) block of pool_row: NC * POOL_BLOCK accumulators in registers,
+ * over the S M value rows `rows`; NC is a constant at each call, so that the loops unroll. */
+static inline __attribute__((always_inline)) void pool_block(const float *const *restrict rows, const float *restrict w,
+                                                             i64 SM, i64 K, i64 kc, i64 j0, const int NC,
+                                                             float *restrict acc) {
+    __m256 a[2][POOL_BLOCK];
+    for (int c = 0; c < NC; ++c)
+        for (int jj = 0; jj < POOL_BLOCK; ++jj) a[c][jj] = _mm256_setzero_ps();
+    for (i64 r = 0; r < SM; ++r) {
+        const float *restrict v = rows[r] + j0;
+        __m256 wv[2];
+        for (int c = 0; c < NC; ++c) wv[c] = _mm256_loadu_ps(w + r * K + kc + 8 * c);
+        for (int jj = 0; jj < POOL_BLOCK; ++jj) {
+            const __m256 vb = _mm256_broadcast_ss(v + jj);
+            for (int c = 0; c < NC; ++c) a[c][jj] = _mm256_fmadd_ps(vb, wv[c], a[c][jj]);
+        }
+    }
+    for (int c = 0; c < NC; ++c)
+        for (int jj = 0; jj < POOL_BLOCK; ++jj) _mm256_storeu_ps(acc + (j0 + jj) * K + kc + 8 * c, a[c][jj]);
+}
+
+/* pool_row_generic with the accumulators in registers (the generic loop stores every partial sum): blocks of
+ * 6 columns by 16 points, 12 independent accumulators, each broadcast value feeding two of them. */
+static inline void pool_row(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
+                            i64 S, i64 M, i64 K, i64 D, float *restrict acc) {
+    if (K % 8) {
+        pool_row_generic(value_table, idx, w, S, M, K, D, acc);
+        return;
+    }
+    const i64 SM = S * M;
+    const float *rows[SM];  /* the sample's value rows, (field, head) order as the weights */
+    for (i64 s = 0; s < S; ++s)
+        for (i64 m = 0; m < M; ++m) rows[s * M + m] = value_table + (idx[s] * M + m) * D;
+    i64 j0 = 0;
+    for (; j0 + POOL_BLOCK <= D; j0 += POOL_BLOCK) {
+        i64 kc = 0;
+        for (; kc + 16 <= K; kc += 16) pool_block(rows, w, SM, K, kc, j0, 2, acc);
+        if (kc < K) pool_block(rows, w, SM, K, kc, j0, 1, acc);
+    }
+    for (; j0 < D; ++j0)
+        for (i64 kc = 0; kc < K; kc += 8) {
+            __m256 a = _mm256_setzero_ps();
+            for (i64 r = 0; r < SM; ++r)
+                a = _mm256_fmadd_ps(_mm256_broadcast_ss(rows[r] + j0), _mm256_loadu_ps(w + r * K + kc), a);
+            _mm256_storeu_ps(acc + j0 * K + kc, a);
+        }
+}
+
+#else
+#define pool_row pool_row_generic
+#endif
+
+#endif
