@@ -209,7 +209,9 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
         const float *restrict z = L->mask + b * L->mask_stride;
-        if (PL->exp_table)
+        i64 fractional = 0;
+        for (i64 p = 0; p < PC; ++p) fractional += z[p] != 0.0f && z[p] != 1.0f;
+        if (PL->exp_table && fractional * 8 <= PC)  /* binary z, or a few fix-ups: no exp per field */
             table_weights(L, PL->exp_table, idx, z, w, mx, inv);
         else
             softmax_weights(L, idx, z, w, mx, inv);
