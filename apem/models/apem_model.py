@@ -149,11 +149,14 @@ class APEM(MultiTaskModel):
             return None
         return mask.transpose(0, 1)
 
+    def selector_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Eq. 11: MLP(flatten(H)) for every layer, (B, L, K), the input of f_D."""
+        c = self.config
+        return self.selector(h.reshape(h.shape[0], -1)).view(h.shape[0], c.layers, c.inducing_points)
+
     def selector_mask(self, h: torch.Tensor) -> torch.Tensor:
         """Eq. 11-12: z_K = f_D(MLP(flatten(H))) for every layer, (B, L, K); exact zeros where the mask is off."""
-        c = self.config
-        logits = self.selector(h.reshape(h.shape[0], -1))
-        return dynamic_activation(logits, self.gamma).view(h.shape[0], c.layers, c.inducing_points)
+        return dynamic_activation(self.selector_logits(h), self.gamma)
 
     def shared_representation(self, h: torch.Tensor) -> torch.Tensor:
         """The stack of L shared outputs, (L, B, R, d): Y_ASRG^k (R = K), or self-attention outputs (R = F)."""
@@ -194,12 +197,12 @@ class APEM(MultiTaskModel):
         table = self.embedding.distinct_rows(x) if self.gathers_fields() else None
         if table is not None:  # every layer attends over H = rows[index]: products per distinct row
             rows, index = table
-            h = nn.functional.embedding(index, rows)
-            mask = self.selector_mask(h)
-            pooled = self.fused_pattern_pool(rows, index, mask)
+            selector_logits = self.selector_logits(nn.functional.embedding(index, rows))
+            pooled = self.fused_pattern_pool(rows, index, selector_logits)
             if pooled is not None:
                 logits = self.towers(self.pattern_selector.from_pooled(pooled))
                 return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
+            mask = dynamic_activation(selector_logits, self.gamma)
             return self.head(self.asrg(rows, mask, index=index), mask)
         h = self.embedding(x)
         if not self.config.dynamic_activation:
@@ -207,14 +210,18 @@ class APEM(MultiTaskModel):
         mask = self.selector_mask(h)
         return self.head(self.asrg_layers(h, mask), mask)
 
-    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """Inference on CPU: eq. 14-18 in one C kernel that skips each sample's de-selected points
-        (:meth:`apem.nn.attention.InducingPointAttention.fused_pattern_pool`), eq. 18's pooled rows (L B, N M, d);
-        None where it does not apply (gradients, no task indicators, no kernels)."""
-        if not self.config.task_indicators:
+    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor,
+                           selector_logits: torch.Tensor) -> torch.Tensor | None:
+        """Inference on CPU: eq. 13-18 in one C kernel that skips the points no row of the batch keeps
+        (:meth:`apem.nn.attention.InducingPointAttention.fused_pattern_pool`), from H = rows[index] and eq. 11's
+        logits (B, L, K); eq. 18's pooled rows (L B, N M, d), or None where it does not apply (gradients, no
+        task indicators, no kernels)."""
+        c = self.config
+        if not c.task_indicators:
             return None
-        return self.asrg.fused_pattern_pool(rows, index, mask, self.pattern_selector.score_factor(),
-                                            uniform=self.config.deselected_point == "uniform_attention")
+        return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma),
+                                            self.pattern_selector.score_factor(),
+                                            uniform=c.deselected_point == "uniform_attention")
 
     def gathers_fields(self) -> bool:
         """Whether :meth:`forward` runs the ASRG over the batch's distinct embedding rows

@@ -427,23 +427,23 @@ class InducingPointAttention(nn.Module):
         return self.norm(torch.addcmul(out, self.inducing[layers].unsqueeze(1), mask.transpose(0, 1).unsqueeze(-1)),
                          layers)
 
-    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
+    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, gamma: float,
                            pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor | None:
-        """Inference only: this ASRG over ``rows[index]`` (as :meth:`forward` with ``index``) followed by eq. 18's
-        attention with ``pattern_factor`` (L, d, Q) (:meth:`PatternSelector.score_factor`), in one C kernel
-        that computes only the points each sample keeps (:func:`apem.nn.native_pools.fused_predict`). A point
-        with z_k = 0 attends uniformly (``uniform``, one shared row) or weighs 0 in eq. 18 (row weights z_K).
-        Returns :func:`row_attention_pool`'s pooled (L B, Q, d), or None where the kernels do not run
-        (then :meth:`forward` and :class:`PatternSelector` give the same, the reference)."""
-        factor, combined, bias = self.folded_weights()
-        tensors = (rows, factor, mask, combined, bias, self.inducing, self.norm.weight, pattern_factor)
+        """Inference only: this ASRG over ``rows[index]`` (as :meth:`forward` with ``index``) with z_K = f_D(``logits``)
+        (B, L, K) (eq. 13 with ``gamma``), followed by eq. 18's attention with ``pattern_factor`` (L, d, Q)
+        (:meth:`PatternSelector.score_factor`), in one C kernel that computes only the points some row of the
+        batch keeps (:func:`apem.nn.native_pools.fused_predict`). A point with z_k = 0 attends uniformly
+        (``uniform``, one shared row) or weighs 0 in eq. 18 (row weights z_K). Returns
+        :func:`row_attention_pool`'s pooled (L B, Q, d), or None where the kernels do not run (then
+        :meth:`forward` and :class:`PatternSelector` give the same, the reference)."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
             return None
-        lib = native_library(*tensors)
+        factor, combined, bias = self.folded_weights()
+        lib = native_library(rows, factor, logits, combined, bias, self.inducing, self.norm.weight, pattern_factor)
         if lib is None:
             return None
-        return fused_predict(lib, rows, index, factor, mask.contiguous(), combined, bias, self.inducing,
-                             self.norm.weight, self.norm.bias, self.heads, self.norm.eps, pattern_factor, uniform)
+        return fused_predict(lib, rows, index, factor, logits, gamma, combined, bias, self.inducing, self.norm.weight,
+                             self.norm.bias, self.heads, self.norm.eps, pattern_factor, uniform)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
                 index: torch.Tensor | None = None) -> torch.Tensor:

@@ -168,7 +168,8 @@ class PredictLayer(ctypes.Structure):
     eq. 18's factor and the reading of a de-selected point."""
 
     _fields_ = [("pool", PoolLayer), ("Q", _I64), ("factor", _PTR), ("uniform", _I64), ("points", _I64),
-                ("rest", _I64), ("exp_table", _PTR)]
+                ("rest", _I64), ("exp_table", _PTR), ("logits", _PTR), ("logits_stride", _I64),
+                ("gamma", ctypes.c_float)]
 
 
 # exp(-MAX_EXP_RANGE) ~ 9e-27 stays a normal float32 (smallest ~1.2e-38) even summed over a few fields
@@ -185,10 +186,12 @@ def exp_table(scores: torch.Tensor) -> torch.Tensor | None:
     return torch.exp(scores - top)
 
 
-def kept_points(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """Per layer of z_K (B, L', K), the points some row of the batch keeps (z != 0): their indices (P,) and the
-    kernel's padded column count (a multiple of 8 above P, so that column P is free for the dropped points)."""
-    kept = mask.abs().amax(dim=0) != 0  # (L', K); one reduction (torch's boolean any measured ~5x slower here)
+def kept_points(logits: torch.Tensor, gamma: float) -> list[tuple[torch.Tensor, int]]:
+    """Per layer of eq. 11's selector logits (B, L', K), the points some row of the batch keeps (z = f_D(logit) != 0,
+    i.e. logit / gamma > -1/2; a NaN logit counts as kept, so that it reaches the output as on the reference path):
+    their indices (P,) and the kernel's padded column count (a multiple of 8 above P, so that column P is free for
+    the dropped points). One reduction over the batch: torch's boolean any measured ~5x slower here."""
+    kept = ~(logits.amax(dim=0) / gamma <= -0.5)  # (L', K)
     return [(used, (used.numel() + 8) // 8 * 8) for used in (row.nonzero().view(-1) for row in kept)]
 
 
@@ -199,29 +202,31 @@ def _padded_columns(t: torch.Tensor, used: torch.Tensor, columns: int) -> torch.
     return out
 
 
-def fused_predict(lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads: int,
-                  eps: float, pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor:
+def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias, queries, norm_weight, norm_bias,
+                  heads: int, eps: float, pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor:
     """Inference of :func:`apem.nn.attention.gathered_pool_norm` followed by
     :func:`apem.nn.attention.row_attention_pool`, in one kernel per layer that computes only the points some
     row of the batch keeps (``fused_predict.c``): pooled (L' B, Q, d_v) as ``row_attention_pool`` returns it,
     with ``pattern_factor`` (L', d_v, Q) and eq. 18's row weights z_K (``uniform`` False, "contributes
-    nothing") or none (``uniform`` True). Arguments as :func:`gathered_pool_norm_forward`'s."""
+    nothing") or none (``uniform`` True). z_K = f_D(``logits`` (B, L', K)) with eq. 13's ``gamma`` is taken in
+    the kernel; the other arguments as :func:`gathered_pool_norm_forward`'s."""
     n, b, (k, dv), q = factor.shape[0], index.shape[0], queries.shape[1:], pattern_factor.shape[2]
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):  # the kernel does not check
         raise IndexError(f"index out of range for {rows.shape[0]} rows")
     pooled = rows.new_empty(n, b, q, dv)
     pattern_factor = pattern_factor.contiguous()
     threads = _threads(b)
-    for layer, (used, columns) in enumerate(kept_points(mask)):
+    for layer, (used, columns) in enumerate(kept_points(logits, gamma)):
         layer_factor = _padded_columns(factor[layer].view(-1, heads, k), used, columns).view(-1, heads * columns)
         scores = rows @ layer_factor
         exps = exp_table(scores)  # the kernel uses it for the samples whose z is binary
-        pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index,
-                            _padded_columns(mask[:, layer], used, columns),
+        layer_logits = _padded_columns(logits[:, layer], used, columns)
+        pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, layer_logits,
                             _padded_columns(queries[layer].t(), used, columns).t(), norm_weight[layer],
                             norm_bias[layer], heads, eps)
+        pool.mask = None  # the kernel takes z from the logits
         spec = PredictLayer(pool, q, _ptr(pattern_factor[layer]), int(uniform), used.numel(), k - used.numel(),
-                            None if exps is None else _ptr(exps))
+                            None if exps is None else _ptr(exps), _ptr(layer_logits), layer_logits.stride(0), gamma)
         work = torch.empty(threads, lib.fused_predict_work_floats(ctypes.byref(spec)))
         lib.fused_predict(ctypes.byref(spec), b, threads, _ptr(pooled[layer]), _ptr(work))
     return pooled.view(n * b, q, dv)

@@ -14,6 +14,7 @@ from apem.nn import native
 from apem.nn.attention import gathered_pool_norm, row_attention_pool
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_library, row_pool_backward,
                                   row_pool_forward, typed_library)
+from apem.nn.selection import dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
 from apem.data.encoding import FeatureEncoder
@@ -111,40 +112,46 @@ def test_row_attention_pool_kernel_matches_the_torch_path(monkeypatch, sizes, ro
     _assert_close(fast, reference)
 
 
-def _predict_mask(kind: str, layers: int, b: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """z_K (B, L, K) of the kinds predict meets: binary after the annealing (some points kept by no row, some
-    by every row), binary with a few fractional entries, soft (gamma not annealed), none kept, all kept."""
+GAMMA = 0.5
+
+
+def _predict_logits(kind: str, layers: int, b: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Selector logits (B, L, K) whose z_K = f_D(logits / GAMMA) is of a kind predict meets: binary after the
+    annealing (some points kept by no row, some by every row), binary with a few fractional entries, soft
+    (gamma not annealed), none kept, all kept."""
     if kind == "none-kept":
-        return torch.zeros(b, layers, k)
+        return torch.full((b, layers, k), -GAMMA)
     if kind == "all-kept":
-        return torch.ones(b, layers, k)
+        return torch.full((b, layers, k), GAMMA)
     if kind == "soft":
-        z = torch.rand(b, layers, k, generator=gen)
-        z[:, :, 0] = 0.0
-        return z
-    z = (torch.rand(b, layers, k, generator=gen) < torch.rand(1, layers, k, generator=gen)).float()
-    z[:, :, 1] = 0.0  # kept by no row: dropped for the whole batch
-    z[:, :, 2] = 1.0
+        logits = (torch.rand(b, layers, k, generator=gen) - 0.5) * GAMMA
+        logits[:, :, 0] = -GAMMA
+        return logits
+    kept = torch.rand(b, layers, k, generator=gen) < torch.rand(1, layers, k, generator=gen)
+    logits = torch.where(kept, 2.0, -2.0) * GAMMA
+    logits[:, :, 1] = -GAMMA  # kept by no row: dropped for the whole batch
+    logits[:, :, 2] = GAMMA
     if kind == "binary-and-fractional":
         fractional = torch.rand(b, layers, k, generator=gen) < 0.03
-        z[fractional] = torch.rand(int(fractional.sum()), generator=gen)
-    return z
+        logits[fractional] = (torch.rand(int(fractional.sum()), generator=gen) - 0.5) * GAMMA
+    return logits
 
 
 def _fused_and_reference(monkeypatch, sizes, kind, uniform, score_scale=0.5, lib=None):
-    """fused_predict, and gathered_pool_norm then row_attention_pool on the torch path, on the same inputs."""
+    """fused_predict, and f_D, gathered_pool_norm then row_attention_pool on the torch path, on the same inputs."""
     u, b, s, layers, heads, k, d, q = sizes
     rows, index, factor, _, combined, bias, queries, norm_weight, norm_bias = (
         t.detach() for t in _gathered_inputs(u, b, s, layers, heads, k, d))
     factor = factor * score_scale / 0.5
     gen = torch.Generator().manual_seed(7)
-    mask = _predict_mask(kind, layers, b, k, gen)
+    logits = _predict_logits(kind, layers, b, k, gen)
     pattern_factor = torch.randn(layers, d, q, generator=gen)
     lib = lib or native_library(rows)
     with torch.no_grad():
-        fused = fused_predict(lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads,
-                              1e-5, pattern_factor, uniform)
+        fused = fused_predict(lib, rows, index, factor, logits, GAMMA, combined, bias, queries, norm_weight, norm_bias,
+                              heads, 1e-5, pattern_factor, uniform)
         monkeypatch.setenv(native.DISABLE_ENV, "0")
+        mask = dynamic_activation(logits, GAMMA)
         shared = gathered_pool_norm(rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads,
                                     1e-5)
         reference = row_attention_pool(shared, pattern_factor, None if uniform else mask.transpose(0, 1).contiguous())
@@ -188,8 +195,8 @@ def test_fused_predict_checks_the_index():
         t.detach() for t in _gathered_inputs(30, 20, 4, 2, 2, 8, 6))
     index[3, 1] = 30
     with pytest.raises(IndexError, match="out of range"):
-        fused_predict(native_library(rows), rows, index, factor, mask, combined, bias, queries, norm_weight,
-                      norm_bias, 2, 1e-5, torch.randn(2, 6, 4), True)
+        fused_predict(native_library(rows), rows, index, factor, torch.zeros(20, 2, 8), GAMMA, combined, bias, queries,
+                      norm_weight, norm_bias, 2, 1e-5, torch.randn(2, 6, 4), True)
 
 
 def test_portable_build_matches_the_avx2_build(monkeypatch):

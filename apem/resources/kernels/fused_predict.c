@@ -6,8 +6,9 @@
  * reference, and tests/nn/test_native_pool.py keeps the two equal.
  *
  * The caller drops the points that no sample of the batch keeps (z_k = 0 in every row) and passes the
- * other P columns of the score table, the mask and the inducing points, zero-padded to PC columns
- * (PredictLayer below holds the shapes). Per sample b, with z = mask[b]:
+ * other P columns of the score table, the selector's logits and the inducing points, zero-padded to PC
+ * columns (PredictLayer below holds the shapes). Per sample b, z = f_D(logits[b]) (eq. 13, computed here
+ * as apem.nn.selection.dynamic_activation does, which the tests hold it to), and:
  * - each of the P points runs eq. 14-17 as in gathered_pool.c: weights softmax_s(z_p score_table[x_s, (m, p)]),
  *   the pooled value rows, the residual z_p I_p and the LayerNorm;
  * - a point with z = 0 has all-zero scores, so its row is LayerNorm(mean_s sum_m value_table[x_s, m]),
@@ -29,7 +30,8 @@
 
 /* A layer's inputs (apem.nn.native_pools.PredictLayer mirrors this struct). */
 typedef struct {
-    PoolLayer pool;       /* the ASRG layer as gathered_pool.c reads it, over K = PC columns (a multiple of 8) */
+    PoolLayer pool;       /* the ASRG layer as gathered_pool.c reads it, over K = PC columns (a multiple of 8);
+                           * its mask is unused: z comes from the logits below */
     i64 Q;
     const float *factor;  /* (D, Q): eq. 18's query-side factor (scaled) */
     i64 uniform;          /* 1: "uniform_attention", 0: "contributes_nothing" */
@@ -37,12 +39,23 @@ typedef struct {
     i64 rest;             /* the dropped points, all equal to column P under "uniform_attention" */
     const float *exp_table;  /* (U, M PC) exp(score_table - its column maxima), or NULL (then every exp is
                               * taken per sample) */
+    const float *logits;     /* (B, PC) eq. 11's selector logits of the columns, row stride logits_stride */
+    i64 logits_stride;
+    float gamma;             /* eq. 13's gamma */
 } PredictLayer;
 
+/* Eq. 13, f_D(x) = 0.5 + u (1.5 - 2 u^2) with u = clamp(x / gamma, -1/2, 1/2): the same operations, in the same
+ * order, as apem.nn.selection.dynamic_activation, so that z is exactly 0 or 1 where it is there. */
+static inline float dynamic_activation(float x, float gamma) {
+    float u = x / gamma;
+    u = u < -0.5f ? -0.5f : (u > 0.5f ? 0.5f : u);
+    return 0.5f + u * (1.5f - 2.0f * u * u);
+}
+
 /* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima
- * and sums (M PC each), eq. 18's scores (Q, PC) and row counts (PC). */
+ * and sums (M PC each), eq. 18's scores (Q, PC), row counts and z (PC each). */
 i64 fused_predict_work_floats(const PredictLayer *L) {
-    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 1) * L->pool.K;
+    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 2) * L->pool.K;
 }
 
 /* Y (D, PC) <- LayerNorm over the D rows of each column of x (D, PC), with eq. 17's affine. */
@@ -204,11 +217,13 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     const i64 S = L->S, M = L->M, PC = L->K, D = L->D, Q = PL->Q, MPC = M * PC, P = PL->points;
     float *restrict w = work, *restrict x = w + S * MPC, *restrict mx = x + D * PC, *restrict inv = mx + MPC;
     float *restrict sc = inv + MPC, *restrict count = sc + Q * PC, *restrict queries_t = count + PC;
+    float *restrict z = queries_t + D * PC;
     for (i64 p = 0; p < PC; ++p)
         for (i64 j = 0; j < D; ++j) queries_t[j * PC + p] = L->queries[p * D + j];
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
-        const float *restrict z = L->mask + b * L->mask_stride;
+        const float *restrict logits = PL->logits + b * PL->logits_stride;
+        for (i64 p = 0; p < PC; ++p) z[p] = p < P ? dynamic_activation(logits[p], PL->gamma) : 0.0f;
         i64 fractional = 0;
         for (i64 p = 0; p < PC; ++p) fractional += z[p] != 0.0f && z[p] != 1.0f;
         if (PL->exp_table && fractional * 8 <= PC)  /* binary z, or a few fix-ups: no exp per field */
