@@ -39,6 +39,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 9, None),
         "fused_predict_work_floats": ([_PTR], _I64),
         "fused_predict": ([_PTR, _I64, _I64, _PTR, _PTR], None),
+        "fused_predict_tables": ([_PTR, _I64, _I64, _PTR, _I64, ctypes.c_float, _PTR, _PTR, _PTR], _I64),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -168,7 +169,7 @@ class PredictLayer(ctypes.Structure):
     eq. 18's factor and the reading of a de-selected point."""
 
     _fields_ = [("pool", PoolLayer), ("Q", _I64), ("factor", _PTR), ("uniform", _I64), ("points", _I64),
-                ("rest", _I64), ("exp_table", _PTR), ("logits", _PTR), ("logits_stride", _I64),
+                ("rest", _I64), ("exp_table", _PTR), ("logits", _PTR), ("logits_stride", _I64), ("columns", _PTR),
                 ("gamma", ctypes.c_float)]
 
 
@@ -176,14 +177,16 @@ class PredictLayer(ctypes.Structure):
 MAX_EXP_RANGE = 60.0
 
 
-def exp_table(scores: torch.Tensor) -> torch.Tensor | None:
-    """exp(scores - their column maxima) of a (U, C) score table, the softmax weights of a point with z = 1 up
-    to the normalisation (a shift per column cancels); None when a column spans more than
-    :data:`MAX_EXP_RANGE`, where the smallest weights would underflow."""
-    top = scores.amax(dim=0, keepdim=True)
-    if float((top - scores.amin(dim=0, keepdim=True)).max()) > MAX_EXP_RANGE:
-        return None
-    return torch.exp(scores - top)
+def score_tables(lib: ctypes.CDLL, rows: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """rows (U, d) times factor (d, C): the (U, C) score table, and exp(scores - their column maxima), the
+    softmax weights of a point with z = 1 up to the normalisation (a shift per column cancels); None instead
+    when a column spans more than :data:`MAX_EXP_RANGE`, where the smallest weights would underflow."""
+    rows, factor = rows.contiguous(), factor.contiguous()
+    (u, d), c = rows.shape, factor.shape[1]
+    scores, exps, work = rows.new_empty(u, c), rows.new_empty(u, c), rows.new_empty(2 * c)
+    usable = lib.fused_predict_tables(_ptr(rows), u, d, _ptr(factor), c, MAX_EXP_RANGE, _ptr(scores), _ptr(exps),
+                                      _ptr(work))
+    return scores, exps if usable else None
 
 
 def kept_points(logits: torch.Tensor, gamma: float) -> list[tuple[torch.Tensor, int]]:
@@ -215,18 +218,18 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
         raise IndexError(f"index out of range for {rows.shape[0]} rows")
     pooled = rows.new_empty(n, b, q, dv)
     pattern_factor = pattern_factor.contiguous()
+    logits = logits if logits.stride(2) == 1 else logits.contiguous()  # the kernel reads each row's K logits
     threads = _threads(b)
     for layer, (used, columns) in enumerate(kept_points(logits, gamma)):
         layer_factor = _padded_columns(factor[layer].view(-1, heads, k), used, columns).view(-1, heads * columns)
-        scores = rows @ layer_factor
-        exps = exp_table(scores)  # the kernel uses it for the samples whose z is binary
-        layer_logits = _padded_columns(logits[:, layer], used, columns)
-        pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, layer_logits,
+        scores, exps = score_tables(lib, rows, layer_factor)  # the kernel uses exps for the samples whose z is binary
+        pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, logits[:, layer],
                             _padded_columns(queries[layer].t(), used, columns).t(), norm_weight[layer],
                             norm_bias[layer], heads, eps)
-        pool.mask = None  # the kernel takes z from the logits
+        pool.mask = None  # the kernel takes z from the logits, at the kept columns
         spec = PredictLayer(pool, q, _ptr(pattern_factor[layer]), int(uniform), used.numel(), k - used.numel(),
-                            None if exps is None else _ptr(exps), _ptr(layer_logits), layer_logits.stride(0), gamma)
+                            None if exps is None else _ptr(exps), _ptr(logits[:, layer]), logits.stride(0), _ptr(used),
+                            gamma)
         work = torch.empty(threads, lib.fused_predict_work_floats(ctypes.byref(spec)))
         lib.fused_predict(ctypes.byref(spec), b, threads, _ptr(pooled[layer]), _ptr(work))
     return pooled.view(n * b, q, dv)
