@@ -10,7 +10,7 @@ from torch import nn
 
 from apem.nn.layers import StackedLayerNorm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
-                                  row_pool_backward, row_pool_forward, value_table)
+                                  pattern_chain, row_pool_backward, row_pool_forward, value_table)
 
 
 def float32_outside_autocast(fn):
@@ -504,7 +504,11 @@ class PatternSelector(nn.Module):
         return self.chain(task_parts.view(n, b, self.n_tasks, d))
 
     def chain(self, task_parts: torch.Tensor) -> torch.Tensor:
-        """Eq. 19: T^k = LayerNorm(T^{k-1} + F^k) over the layers' F^k (L, B, N, d), T^1 = LayerNorm(F^1) -> T^L."""
+        """Eq. 19: T^k = LayerNorm(T^{k-1} + F^k) over the layers' F^k (L, B, N, d), T^1 = LayerNorm(F^1) -> T^L.
+        Inference on CPU runs it per sample in C (:func:`apem.nn.native_pools.pattern_chain`); this is its reference."""
+        lib = None if torch.is_grad_enabled() else native_library(task_parts, self.norm.weight)
+        if lib is not None:
+            return pattern_chain(lib, task_parts, self.norm.weight, self.norm.bias, self.norm.eps)
         t = self.norm(task_parts[0], 0)
         for layer in range(1, task_parts.shape[0]):
             t = self.norm(t + task_parts[layer], layer)

@@ -40,6 +40,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fused_predict_work_floats": ([_PTR], _I64),
         "fused_predict": ([_PTR, _I64, _I64, _PTR, _PTR], None),
         "fused_predict_tables": ([_PTR, _I64, _I64, _PTR, _I64, ctypes.c_float, _PTR, _PTR, _PTR], _I64),
+        "pattern_chain": ([_I64] * 4 + [_PTR] * 3 + [ctypes.c_float, _I64, _PTR], None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -48,7 +49,10 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def native_library(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
-    """The compiled kernels when every tensor given is a float32 CPU tensor and the kernels are built, else None."""
+    """The compiled kernels when every tensor given is a float32 CPU tensor and the kernels are built, else None
+    (also while torch.jit traces: a tracer cannot see into C, so a traced graph keeps the torch ops)."""
+    if torch.jit.is_tracing():
+        return None
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return None
     lib = load_kernels()
@@ -233,6 +237,17 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
         work = torch.empty(threads, lib.fused_predict_work_floats(ctypes.byref(spec)))
         lib.fused_predict(ctypes.byref(spec), b, threads, _ptr(pooled[layer]), _ptr(work))
     return pooled.view(n * b, q, dv)
+
+
+def pattern_chain(lib: ctypes.CDLL, task_parts: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """Eq. 19's chain of :meth:`apem.nn.attention.PatternSelector.chain` per sample in C (``fused_predict.c``), for
+    inference: task_parts F (L, B, N, d), norm_weight and norm_bias (L, d) -> T^L (B, N, d)."""
+    n, b, tasks, d = task_parts.shape
+    task_parts, norm_weight, norm_bias = task_parts.contiguous(), norm_weight.contiguous(), norm_bias.contiguous()
+    out = task_parts.new_empty(b, tasks, d)
+    lib.pattern_chain(n, b, tasks, d, _ptr(task_parts), _ptr(norm_weight), _ptr(norm_bias), eps, _threads(b), _ptr(out))
+    return out
 
 
 def row_pool_forward(lib: ctypes.CDLL, factor: torch.Tensor, row_weights: torch.Tensor | None,

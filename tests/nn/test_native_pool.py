@@ -11,7 +11,7 @@ import torch
 
 from apem.models.registry import build_model
 from apem.nn import native
-from apem.nn.attention import gathered_pool_norm, row_attention_pool
+from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_library, row_pool_backward,
                                   row_pool_forward, typed_library)
 from apem.nn.selection import dynamic_activation
@@ -197,6 +197,21 @@ def test_fused_predict_checks_the_index():
     with pytest.raises(IndexError, match="out of range"):
         fused_predict(native_library(rows), rows, index, factor, torch.zeros(20, 2, 8), GAMMA, combined, bias, queries,
                       norm_weight, norm_bias, 2, 1e-5, torch.randn(2, 6, 4), True)
+
+
+def test_pattern_chain_kernel_matches_the_torch_chain():
+    """Eq. 19's chain of LayerNorms (PatternSelector.chain), which inference runs per sample in C."""
+    gen = torch.Generator().manual_seed(4)
+    selector = PatternSelector(4, 3, 18, 2)
+    with torch.no_grad():
+        selector.norm.weight.add_(0.3 * torch.randn(4, 18, generator=gen))
+        selector.norm.bias.add_(0.3 * torch.randn(4, 18, generator=gen))
+    parts = torch.randn(4, 300, 3, 18, generator=gen) * 2
+    with torch.no_grad():
+        fast = selector.chain(parts)
+    with torch.enable_grad():  # gradients on: the torch reference
+        reference = selector.chain(parts).detach()
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_portable_build_matches_the_avx2_build(monkeypatch):

@@ -279,3 +279,27 @@ void fused_predict(const PredictLayer *L, i64 B, i64 threads, float *pooled, flo
         predict_rows(L, B * t / n, B * (t + 1) / n, pooled, work + t * work_floats);
     }
 }
+
+/* Eq. 19's chain per sample (the end of PatternSelector.from_pooled, the reference): T = LayerNorm_1(F^1), then
+ * T = LayerNorm_l(T + F^l) for the layers after it, over the task parts F (L, B, N, D); out (B, N, D) <- T^L.
+ * Torch spends most of this in per-op overhead on (B, N, 18) tensors. norm_weight and norm_bias are (L, D). */
+void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *norm_weight, const float *norm_bias,
+                   float eps, i64 threads, float *out) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 b = 0; b < B; ++b)
+        for (i64 n = 0; n < N; ++n) {
+            float *restrict t = out + (b * N + n) * D;
+            for (i64 l = 0; l < L; ++l) {
+                const float *restrict f = parts + ((l * B + b) * N + n) * D;
+                float mean = 0.0f, var = 0.0f;
+                for (i64 j = 0; j < D; ++j) {
+                    t[j] = l ? t[j] + f[j] : f[j];
+                    mean += t[j];
+                }
+                mean /= (float)D;
+                for (i64 j = 0; j < D; ++j) var += (t[j] - mean) * (t[j] - mean);
+                const float rstd = 1.0f / sqrtf(var / (float)D + eps);
+                for (i64 j = 0; j < D; ++j) t[j] = (t[j] - mean) * rstd * norm_weight[l * D + j] + norm_bias[l * D + j];
+            }
+        }
+}
