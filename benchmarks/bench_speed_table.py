@@ -16,16 +16,18 @@ Rows printed (goal in brackets):
   step and for predict (:func:`matmul_flops_per_row`, on the models as built, before training, so every
   inducing point is in use): a time ratio far above its FLOP ratio is spent outside the matrix products.
 
-Variants: ``apem`` (the default config: planned gamma, at its floor after training, so z is binary
-and predict takes the exp-free path), ``apem_fixed_rate`` (fixed-rate gamma, so z is still soft after
+Variants: ``apem`` (the default config: planned gamma, at its floor after training, so z is binary; on
+CPU predict runs eq. 13-19 through one fused C kernel per layer over the points some row of a batch keeps,
+:func:`apem.nn.native_pools.fused_predict`), ``apem_fixed_rate`` (fixed-rate gamma, so z is still soft after
 these short runs: predict takes the general path), ``apem_nothing`` (with
 ``deselected_point="contributes_nothing"``), ``apem_reference`` (the path before issue 9: fixed-rate
 gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
 row, ``gather_fields=False``, as before the distinct-rows path), ``apem_torch_pools`` (training only:
 the default APEM with its attention poolings through torch instead of the C kernels of
 :mod:`apem.nn.native_pools`; ``apem_reference`` and ``apem_direct`` run through torch too) and, for predict only,
-``apem_tables`` (the trained default APEM through :class:`FoldedAPEM`'s lookup tables, which predict
-takes where the C kernels do not run), ``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through the
+``apem_unfused`` (the trained default APEM through the ASRG kernel and then eq. 18's kernel over all K
+points, predict as it was before the fused kernel, :mod:`unfused_apem`), ``apem_tables`` (the trained
+default APEM through :class:`FoldedAPEM`'s lookup tables, which predict takes where the C kernels do not run), ``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through the
 lookup tables as they were before the fused path, :mod:`previous_folded_apem`) and
 ``apem_all_points`` and ``apem_nothing_all_points`` (the same trained models through the fused path as
 it was before it skipped the points no row of a chunk selects, :mod:`all_points_folded_apem`). The machine may be shared, so training is interleaved: the rows are cut
@@ -52,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from all_points_folded_apem import AllPointsFoldedAPEM  # noqa: E402
 from bench_model import day_split  # noqa: E402
 from previous_folded_apem import PreviousFoldedAPEM  # noqa: E402
+from unfused_apem import UnfusedAPEM  # noqa: E402
 
 from apem.data.encoding import FeatureEncoder  # noqa: E402
 from apem.data.spec import read_dataset  # noqa: E402
@@ -122,6 +125,7 @@ def time_training(models: dict, data: EncodedData, args) -> dict[str, float]:
 PREVIOUS_TABLES = "_previous_tables"  # suffix of a predict-only variant: the trained model, the tables before
 ALL_POINTS = "_all_points"  # suffix of a predict-only variant: the trained model, every point of every chunk
 TABLES = "apem_tables"  # predict-only: the trained default APEM through today's lookup tables, not the C kernels
+UNFUSED = "apem_unfused"  # predict-only: the trained default APEM through the two pooling kernels in turn (before)
 
 
 def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) -> dict[str, float]:
@@ -129,7 +133,7 @@ def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) ->
             for name, model in models.items()}
     dirs.update({name + PREVIOUS_TABLES: dirs[name] for name in ("apem", "apem_fixed_rate")})
     dirs.update({name + ALL_POINTS: dirs[name] for name in ("apem", "apem_nothing")})
-    dirs[TABLES] = dirs["apem"]
+    dirs[TABLES] = dirs[UNFUSED] = dirs["apem"]
     seconds = {name: float("inf") for name in dirs}
     for r in range(args.rounds):
         for name in (list(dirs) if r % 2 == 0 else list(dirs)[::-1]):
@@ -150,6 +154,8 @@ def _predict_once(model_dir: str, name: str, data_dir: str, args) -> None:
         loaded.model.inference_module = lambda rows=None, m=loaded.model: AllPointsFoldedAPEM(m)
     if name == TABLES:
         loaded.model.inference_module = lambda rows=None, m=loaded.model: FoldedAPEM(m)
+    if name == UNFUSED:
+        loaded.model.inference_module = lambda rows=None, m=loaded.model: UnfusedAPEM(m)
     loaded.predict_table(read_dataset(data_dir).table, batch_size=args.predict_batch_size)
 
 
@@ -225,7 +231,7 @@ def flop_rows(flops: dict) -> list[tuple[str, str, str]]:
 def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict | None) -> list[tuple[str, str, str]]:
     """(figure, measured, goal) for every row of issue 9's table, reference-path figures beside."""
     out = []
-    for variant in ("apem", TABLES, "apem_all_points", "apem_previous_tables", "apem_fixed_rate",
+    for variant in ("apem", UNFUSED, TABLES, "apem_all_points", "apem_previous_tables", "apem_fixed_rate",
                     "apem_fixed_rate_previous_tables", "apem_nothing", "apem_nothing_all_points", "apem_reference"):
         if variant not in train_s:  # a predict-only variant
             out += [(f"predict e2e {variant} / Shared-Bottom", f"{predict_s[variant] / predict_s['shared_bottom']:.2f}",
