@@ -9,6 +9,8 @@
 - :func:`apem.nn.attention.row_attention_pool` (``row_attention_pool.c``): per sample, the scores,
   their softmax, the pooling and every backward product with the sample's rows; the factor's
   gradient (one GEMM over the batch) stays in torch.
+- Inference (``fused_predict.c``): :func:`fused_predict` runs the two in one kernel per layer over the
+  points some row of the batch keeps, with f_D taken per sample; :func:`pattern_chain` is eq. 19's chain.
 
 A batch is split into one row range per torch thread, run on the OpenMP pool torch's own ops use;
 in backward each range adds into its own gradient tables, summed here.

@@ -88,6 +88,11 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(monkeypatch, r
     test_x = _inputs(1000, seed=3)
     monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
     assert type(model.eval().inference_module(len(test_x))) is (APEM if kernels == "1" else FoldedAPEM)
+    if kernels == "1":  # the model predicts through the fused inference kernel, not its training path
+        with torch.inference_mode():
+            rows, index = model.embedding.distinct_rows(test_x)
+            logits = model.selector_logits(torch.nn.functional.embedding(index, rows))
+            assert model.fused_pattern_pool(rows, index, logits) is not None
     fast = predict(model, test_x, batch_size=300)  # through inference_module()
     monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")
     reference = predict(_use_reference(model), test_x, batch_size=300)
