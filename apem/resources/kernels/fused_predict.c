@@ -62,19 +62,9 @@ i64 fused_predict_work_floats(const PredictLayer *L) {
 /* Y (D, PC) <- LayerNorm over the D rows of each column of x (D, PC), with eq. 17's affine. */
 static void layer_norm_columns(float *restrict x, i64 D, i64 PC, const float *restrict nw, const float *restrict nb,
                                float eps, float *restrict mean, float *restrict rs) {
-    for (i64 p = 0; p < PC; ++p) mean[p] = rs[p] = 0.0f;
+    normalize_columns_over_rows(x, D, PC, eps, mean, rs);
     for (i64 j = 0; j < D; ++j)
-        for (i64 p = 0; p < PC; ++p) mean[p] += x[j * PC + p];
-    for (i64 p = 0; p < PC; ++p) mean[p] /= (float)D;
-    for (i64 j = 0; j < D; ++j)
-        for (i64 p = 0; p < PC; ++p) {
-            const float c = x[j * PC + p] - mean[p];
-            x[j * PC + p] = c;
-            rs[p] += c * c;
-        }
-    for (i64 p = 0; p < PC; ++p) rs[p] = 1.0f / sqrtf(rs[p] / (float)D + eps);
-    for (i64 j = 0; j < D; ++j)
-        for (i64 p = 0; p < PC; ++p) x[j * PC + p] = x[j * PC + p] * rs[p] * nw[j] + nb[j];
+        for (i64 p = 0; p < PC; ++p) x[j * PC + p] = x[j * PC + p] * nw[j] + nb[j];
 }
 
 /* out[j] = scale * sum_p a[p] y[j, p] for the D rows of y (D, PC). */

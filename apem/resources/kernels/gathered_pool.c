@@ -151,22 +151,9 @@ static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *
         row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
         pool_row(L->value_table, idx, w, S, M, K, D, x);  /* x (D, K): O transposed */
         /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
-        for (i64 k = 0; k < K; ++k) mean[k] = rs[k] = 0.0f;
         for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) {
-                x[j * K + k] += queries_t[j * K + k] * z[k];
-                mean[k] += x[j * K + k];
-            }
-        for (i64 k = 0; k < K; ++k) mean[k] /= (float)D;
-        for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) {
-                const float c = x[j * K + k] - mean[k];
-                x[j * K + k] = c;
-                rs[k] += c * c;
-            }
-        for (i64 k = 0; k < K; ++k) rs[k] = 1.0f / sqrtf(rs[k] / (float)D + L->eps);
-        for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) x[j * K + k] *= rs[k];
+            for (i64 k = 0; k < K; ++k) x[j * K + k] += queries_t[j * K + k] * z[k];
+        normalize_columns_over_rows(x, D, K, L->eps, mean, rs);
         if (normalized) {
             memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
             memcpy(rstd + b * K, rs, sizeof(float) * K);

@@ -41,6 +41,25 @@ static inline void softmax_columns(float *restrict w, i64 S, i64 C, const float 
     normalize_columns(w, S, C, inv);
 }
 
+/* x (D, C) <- each column of x normalised over its D rows, (x - mean) / sqrt(var + eps) (eq. 17's LayerNorm before
+ * its affine); rs (C) <- 1 / sqrt(var + eps); uses mean (C). */
+static inline void normalize_columns_over_rows(float *restrict x, i64 D, i64 C, float eps, float *restrict mean,
+                                               float *restrict rs) {
+    for (i64 c = 0; c < C; ++c) mean[c] = rs[c] = 0.0f;
+    for (i64 j = 0; j < D; ++j)
+        for (i64 c = 0; c < C; ++c) mean[c] += x[j * C + c];
+    for (i64 c = 0; c < C; ++c) mean[c] /= (float)D;
+    for (i64 j = 0; j < D; ++j)
+        for (i64 c = 0; c < C; ++c) {
+            const float centred = x[j * C + c] - mean[c];
+            x[j * C + c] = centred;
+            rs[c] += centred * centred;
+        }
+    for (i64 c = 0; c < C; ++c) rs[c] = 1.0f / sqrtf(rs[c] / (float)D + eps);
+    for (i64 j = 0; j < D; ++j)
+        for (i64 c = 0; c < C; ++c) x[j * C + c] *= rs[c];
+}
+
 /* acc (D, K) <- sum_{s, m} value_table[idx[s], m, j] w[s, m, k]: the pooled rows O, transposed so that
  * the inner loops run over the K points. */
 static inline void pool_row_generic(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
