@@ -27,10 +27,12 @@ the default APEM with its attention poolings through torch instead of the C kern
 :mod:`apem.nn.native_pools`; ``apem_reference`` and ``apem_direct`` run through torch too) and, for predict only,
 ``apem_unfused`` (the trained default APEM through the ASRG kernel and then eq. 18's kernel over all K
 points, predict as it was before the fused kernel, :mod:`unfused_apem`), ``apem_tables`` (the trained
-default APEM through :class:`FoldedAPEM`'s lookup tables, which predict takes where the C kernels do not run), ``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through the
-lookup tables as they were before the fused path, :mod:`previous_folded_apem`) and
-``apem_all_points`` and ``apem_nothing_all_points`` (the same trained models through the fused path as
-it was before it skipped the points no row of a chunk selects, :mod:`all_points_folded_apem`). The machine may be shared, so training is interleaved: the rows are cut
+default APEM through :class:`FoldedAPEM`'s lookup tables, which predict takes where the C kernels do not
+run), ``apem_previous_tables`` and ``apem_fixed_rate_previous_tables`` (the same trained models through
+the lookup tables as they were before their fused path, :mod:`previous_folded_apem`) and
+``apem_all_points`` and ``apem_nothing_all_points`` (the same trained models through the tables' fused
+path as it was before it skipped the points no row of a chunk selects, :mod:`all_points_folded_apem`).
+The machine may be shared, so training is interleaved: the rows are cut
 into ``--rounds`` chunks and each round trains every model on the next chunk, in alternating order.
 """
 

@@ -183,7 +183,8 @@ class PredictLayer(ctypes.Structure):
 MAX_EXP_RANGE = 60.0
 
 
-def score_tables(lib: ctypes.CDLL, rows: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def score_tables(lib: ctypes.CDLL, rows: torch.Tensor,
+                 factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """rows (U, d) times factor (d, C): the (U, C) score table, and exp(scores - their column maxima), the
     softmax weights of a point with z = 1 up to the normalisation (a shift per column cancels); None instead
     when a column spans more than :data:`MAX_EXP_RANGE`, where the smallest weights would underflow."""

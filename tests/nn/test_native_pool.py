@@ -190,6 +190,28 @@ def test_fused_predict_takes_every_exp_where_the_exp_table_would_underflow(monke
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_predict_keeps_a_nan_where_the_reference_has_it(monkeypatch):
+    """A NaN selector logit (e.g. from broken weights) must reach that sample's output, as on the reference path,
+    not vanish with a dropped point; the other samples are unaffected."""
+    sizes = (300, 64, 16, 2, 2, 64, 18, 6)
+    u, b, s, layers, heads, k, d, q = sizes
+    rows, index, factor, _, combined, bias, queries, norm_weight, norm_bias = (
+        t.detach() for t in _gathered_inputs(u, b, s, layers, heads, k, d))
+    logits = _predict_logits("binary", layers, b, k, torch.Generator().manual_seed(7))
+    logits[5, 0, 1] = float("nan")  # in a column no other row keeps
+    pattern_factor = torch.randn(layers, d, q)
+    with torch.no_grad():
+        fused = fused_predict(native_library(rows), rows, index, factor, logits, GAMMA, combined, bias, queries,
+                              norm_weight, norm_bias, heads, 1e-5, pattern_factor, True).view(layers, b, q, d)
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+        shared = gathered_pool_norm(rows, index, factor, dynamic_activation(logits, GAMMA), combined, bias, queries,
+                                    norm_weight, norm_bias, heads, 1e-5)
+        reference = row_attention_pool(shared, pattern_factor).view(layers, b, q, d)
+    assert torch.isnan(fused[0, 5]).all() and torch.isnan(reference[0, 5]).all()
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert torch.isfinite(fused[:, :5]).all() and torch.isfinite(fused[1]).all()
+
+
 def test_fused_predict_checks_the_index():
     rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias = (
         t.detach() for t in _gathered_inputs(30, 20, 4, 2, 2, 8, 6))

@@ -7,8 +7,8 @@
  *
  * The caller drops the points that no sample of the batch keeps (z_k = 0 in every row) and passes the
  * other P columns of the score table and the inducing points, zero-padded to PC columns, with the point
- * behind each column (PredictLayer below holds the shapes). Per sample b, z = f_D(logits[b]) (eq. 13, computed here
- * as apem.nn.selection.dynamic_activation does, which the tests hold it to), and:
+ * behind each column (PredictLayer below holds the shapes). Per sample b, z = f_D(logits[b]) (eq. 13,
+ * computed here as apem.nn.selection.dynamic_activation does, which the tests hold it to), and:
  * - each of the P points runs eq. 14-17 as in gathered_pool.c: weights softmax_s(z_p score_table[x_s, (m, p)]),
  *   the pooled value rows, the residual z_p I_p and the LayerNorm;
  * - a point with z = 0 has all-zero scores, so its row is LayerNorm(mean_s sum_m value_table[x_s, m]),
