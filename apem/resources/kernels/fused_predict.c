@@ -282,11 +282,11 @@ void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *
             for (i64 l = 0; l < L; ++l) {
                 const float *restrict f = parts + ((l * B + b) * N + n) * D;
                 float mean = 0.0f, var = 0.0f;
-                for (i64 j = 0; j < D; ++j) {
-                    t[j] = l ? t[j] + f[j] : f[j];
-                    mean += t[j];
-                }
+                for (i64 j = 0; j < D; ++j) t[j] = l ? t[j] + f[j] : f[j];
+#pragma omp simd reduction(+ : mean)  /* vector partial sums: a serial sum is a chain of D dependent adds */
+                for (i64 j = 0; j < D; ++j) mean += t[j];
                 mean /= (float)D;
+#pragma omp simd reduction(+ : var)
                 for (i64 j = 0; j < D; ++j) var += (t[j] - mean) * (t[j] - mean);
                 const float rstd = 1.0f / sqrtf(var / (float)D + eps);
                 for (i64 j = 0; j < D; ++j) t[j] = (t[j] - mean) * rstd * norm_weight[l * D + j] + norm_bias[l * D + j];
