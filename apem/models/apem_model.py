@@ -236,8 +236,8 @@ class APEM(MultiTaskModel):
         row, the direct path one per (row, field) of the input, so for fewer than
         (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster.
         Where the C kernels run this model (float32 on CPU, :mod:`apem.nn.native_pools`), the model itself
-        predicts, through the fused inference kernel (:meth:`fused_pattern_pool`): it measured 2.6x faster than
-        the tables (``benchmarks/bench_speed_table.py``)."""
+        predicts, through the fused inference kernel (:meth:`fused_pattern_pool`): it measured 2.2-2.6x faster
+        than the tables (``benchmarks/bench_speed_table.py``)."""
         c = self.config
         if self.training or not c.dynamic_activation or c.layer_input != "fields":
             return self
