@@ -106,13 +106,18 @@ def value_table(rows: torch.Tensor, combined: torch.Tensor, bias: torch.Tensor, 
                        alpha=1.0, beta=1.0 / heads)
 
 
+def _check_index(index: torch.Tensor, rows: torch.Tensor) -> None:
+    """IndexError unless every entry of ``index`` is a row of ``rows``: the kernels read rows[index] unchecked."""
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):
+        raise IndexError(f"index out of range for {rows.shape[0]} rows")
+
+
 def gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias,
                                heads: int, eps: float, for_backward: bool = False):
     """Y (L', B, K, d_v) of :func:`apem.nn.attention.gathered_pool_norm` through the kernel, and, ``for_backward``,
     the normalised X (L', B, d_v, K) and 1 / sigma (L', B, K) its backward reads (else None, None)."""
     n, b, k, dv = factor.shape[0], index.shape[0], mask.shape[2], queries.shape[2]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):  # the kernel does not check
-        raise IndexError(f"index out of range for {rows.shape[0]} rows")
+    _check_index(index, rows)
     out = rows.new_empty(n, b, k, dv)
     normalized, rstd = (rows.new_empty(n, b, dv, k), rows.new_empty(n, b, k)) if for_backward else (None, None)
     threads = _threads(b)
@@ -221,8 +226,7 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
     nothing") or none (``uniform`` True). z_K = f_D(``logits`` (B, L', K)) with eq. 13's ``gamma`` is taken in
     the kernel; the other arguments as :func:`gathered_pool_norm_forward`'s."""
     n, b, (k, dv), q = factor.shape[0], index.shape[0], queries.shape[1:], pattern_factor.shape[2]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):  # the kernel does not check
-        raise IndexError(f"index out of range for {rows.shape[0]} rows")
+    _check_index(index, rows)
     pooled = rows.new_empty(n, b, q, dv)
     pattern_factor = pattern_factor.contiguous()
     logits = logits if logits.stride(2) == 1 else logits.contiguous()  # the kernel reads each row's K logits

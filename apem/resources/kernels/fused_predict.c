@@ -157,25 +157,7 @@ static void pattern_pool(const float *restrict y, const float *restrict count, c
     }
 }
 
-/* w (S, M PC) <- softmax over s of z * score_table[idx[s]] (as gathered_pool.c's row_softmax). */
-static void softmax_weights(const PoolLayer *L, const i64 *restrict idx, const float *restrict z, float *restrict w,
-                            float *restrict mx, float *restrict inv) {
-    const i64 S = L->S, PC = L->K, MPC = L->M * PC;
-    for (i64 c = 0; c < MPC; ++c) mx[c] = -INFINITY;
-    for (i64 s = 0; s < S; ++s) {
-        const float *restrict t = L->score_table + idx[s] * MPC;
-        float *restrict ws = w + s * MPC;
-        for (i64 m = 0; m < L->M; ++m)
-            for (i64 p = 0; p < PC; ++p) {
-                const float v = z[p] * t[m * PC + p];
-                ws[m * PC + p] = v;
-                mx[m * PC + p] = v > mx[m * PC + p] ? v : mx[m * PC + p];
-            }
-    }
-    softmax_columns(w, S, MPC, mx, inv);
-}
-
-/* softmax_weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
+/* row_softmax's weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
  * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
  * yet at its floor) takes its exps here. */
 static void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
@@ -209,8 +191,7 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     float *restrict w = work, *restrict x = w + S * MPC, *restrict mx = x + D * PC, *restrict inv = mx + MPC;
     float *restrict sc = inv + MPC, *restrict count = sc + Q * PC, *restrict queries_t = count + PC;
     float *restrict z = queries_t + D * PC;
-    for (i64 p = 0; p < PC; ++p)
-        for (i64 j = 0; j < D; ++j) queries_t[j * PC + p] = L->queries[p * D + j];
+    transpose(L->queries, PC, D, queries_t);
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
         const float *restrict logits = PL->logits + b * PL->logits_stride;
@@ -220,7 +201,7 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
         if (PL->exp_table && fractional * 8 <= PC)  /* binary z, or a few fix-ups: no exp per field */
             table_weights(L, PL->exp_table, idx, z, w, mx, inv);
         else
-            softmax_weights(L, idx, z, w, mx, inv);
+            row_softmax(L->score_table, idx, z, S, M, PC, w, mx, inv);
         pool_row(L->value_table, idx, w, S, M, PC, D, x);  /* x (D, PC): O transposed */
         for (i64 j = 0; j < D; ++j)                         /* eq. 17's residual z I */
             for (i64 p = 0; p < PC; ++p) x[j * PC + p] += z[p] * queries_t[j * PC + p];
@@ -281,15 +262,10 @@ void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *
             float *restrict t = out + (b * N + n) * D;
             for (i64 l = 0; l < L; ++l) {
                 const float *restrict f = parts + ((l * B + b) * N + n) * D;
-                float mean = 0.0f, var = 0.0f;
+                float mean, rstd;
                 for (i64 j = 0; j < D; ++j) t[j] = l ? t[j] + f[j] : f[j];
-#pragma omp simd reduction(+ : mean)  /* vector partial sums: a serial sum is a chain of D dependent adds */
-                for (i64 j = 0; j < D; ++j) mean += t[j];
-                mean /= (float)D;
-#pragma omp simd reduction(+ : var)
-                for (i64 j = 0; j < D; ++j) var += (t[j] - mean) * (t[j] - mean);
-                const float rstd = 1.0f / sqrtf(var / (float)D + eps);
-                for (i64 j = 0; j < D; ++j) t[j] = (t[j] - mean) * rstd * norm_weight[l * D + j] + norm_bias[l * D + j];
+                normalize_columns_over_rows(t, D, 1, eps, &mean, &rstd);  /* t as one column of D rows */
+                for (i64 j = 0; j < D; ++j) t[j] = t[j] * norm_weight[l * D + j] + norm_bias[l * D + j];
             }
         }
 }

@@ -24,24 +24,6 @@
 #include "common.h"
 #include "pooling.h"
 
-/* w (S, M K) <- softmax over s of mask[k] * table[idx[s], (m, k)]; uses mx, inv (M K each). */
-static void row_softmax(const float *restrict table, const i64 *restrict idx, const float *restrict mask,
-                        i64 S, i64 M, i64 K, float *restrict w, float *restrict mx, float *restrict inv) {
-    const i64 MK = M * K;
-    for (i64 c = 0; c < MK; ++c) mx[c] = -INFINITY;
-    for (i64 s = 0; s < S; ++s) {
-        const float *restrict t = table + idx[s] * MK;
-        float *restrict ws = w + s * MK;
-        for (i64 m = 0; m < M; ++m)
-            for (i64 k = 0; k < K; ++k) {
-                float v = mask[k] * t[m * K + k];
-                ws[m * K + k] = v;
-                mx[m * K + k] = v > mx[m * K + k] ? v : mx[m * K + k];
-            }
-    }
-    softmax_columns(w, S, MK, mx, inv);
-}
-
 /* Through the pooling, for one (field s, head m) pair: gwk (K) <- d/d w[s, m] = sum_j v[j] go_t[j, k], and
  * adds d/d value row sum_k w[s, m, k] go_t[j, k] into gv (D). */
 static void pool_pair_backward_generic(const float *restrict v, const float *restrict wk, const float *restrict go_t,
@@ -129,11 +111,6 @@ i64 gathered_pool_work_floats(const PoolLayer *L) {
  * norm bias (D) | the value bias (D). */
 i64 gathered_pool_slot_floats(const PoolLayer *L) {
     return L->U * L->M * (L->K + L->D) + L->K * L->D + 3 * L->D;
-}
-
-static void transpose(const float *restrict a, i64 rows, i64 cols, float *restrict a_t) {
-    for (i64 c = 0; c < cols; ++c)
-        for (i64 r = 0; r < rows; ++r) a_t[c * rows + r] = a[r * cols + c];
 }
 
 /* Y = LayerNorm(O + I (.) z_K) for rows [row_begin, row_end) into out (B, K, D); with `normalized`, also

@@ -1,6 +1,6 @@
-/* The forward pieces of eq. 14-16's pooling shared by gathered_pool.c (training) and fused_predict.c
- * (inference): the softmax over a sample's S source rows, column by column, and the pooling of the
- * value rows by those weights. */
+/* The forward pieces of eq. 14-17 shared by gathered_pool.c (training) and fused_predict.c (inference):
+ * the softmax over a sample's S source rows, column by column, the pooling of the value rows by those
+ * weights, and the LayerNorm before its affine. */
 #ifndef APEM_KERNEL_POOLING_H
 #define APEM_KERNEL_POOLING_H
 
@@ -39,6 +39,30 @@ static inline void softmax_columns(float *restrict w, i64 S, i64 C, const float 
         for (i64 c = 0; c < C; ++c) ws[c] = exp_nonpositive(ws[c] - mx[c]);
     }
     normalize_columns(w, S, C, inv);
+}
+
+/* w (S, M K) <- softmax over s of mask[k] * table[idx[s], (m, k)]; uses mx, inv (M K each). */
+static inline void row_softmax(const float *restrict table, const i64 *restrict idx, const float *restrict mask,
+                        i64 S, i64 M, i64 K, float *restrict w, float *restrict mx, float *restrict inv) {
+    const i64 MK = M * K;
+    for (i64 c = 0; c < MK; ++c) mx[c] = -INFINITY;
+    for (i64 s = 0; s < S; ++s) {
+        const float *restrict t = table + idx[s] * MK;
+        float *restrict ws = w + s * MK;
+        for (i64 m = 0; m < M; ++m)
+            for (i64 k = 0; k < K; ++k) {
+                float v = mask[k] * t[m * K + k];
+                ws[m * K + k] = v;
+                mx[m * K + k] = v > mx[m * K + k] ? v : mx[m * K + k];
+            }
+    }
+    softmax_columns(w, S, MK, mx, inv);
+}
+
+/* a_t (cols, rows) <- a (rows, cols). */
+static inline void transpose(const float *restrict a, i64 rows, i64 cols, float *restrict a_t) {
+    for (i64 c = 0; c < cols; ++c)
+        for (i64 r = 0; r < rows; ++r) a_t[c * rows + r] = a[r * cols + c];
 }
 
 /* x (D, C) <- each column of x normalised over its D rows, (x - mean) / sqrt(var + eps) (eq. 17's LayerNorm before
