@@ -195,6 +195,11 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
         const float *restrict logits = PL->logits + b * PL->logits_stride;
+        if (b + 1 < row_end) {
+            prefetch_rows(PL->exp_table ? PL->exp_table : L->score_table, idx + S, S, MPC);
+            prefetch_rows(L->value_table, idx + S, S, M * D);
+            for (i64 p = 0; p < P; p += 8) __builtin_prefetch(logits + PL->logits_stride + PL->columns[p]);
+        }
         for (i64 p = 0; p < PC; ++p) z[p] = p < P ? dynamic_activation(logits[PL->columns[p]], PL->gamma) : 0.0f;
         i64 fractional = 0;
         for (i64 p = 0; p < PC; ++p) fractional += z[p] != 0.0f && z[p] != 1.0f;

@@ -59,10 +59,57 @@ static inline void row_softmax(const float *restrict table, const i64 *restrict 
     softmax_columns(w, S, MK, mx, inv);
 }
 
+/* Asks for the table rows idx[0..S) (row_floats floats each) to be brought into cache: a sample's rows are
+ * scattered over tables larger than L2, and nothing else can predict them, so each sample's loop asks for the
+ * next sample's rows before it starts its own work. */
+static inline void prefetch_rows(const float *table, const i64 *idx, i64 S, i64 row_floats) {
+    for (i64 s = 0; s < S; ++s) {
+        const char *row = (const char *)(table + idx[s] * row_floats);
+        for (i64 byte = 0; byte < row_floats * (i64)sizeof(float); byte += 64) __builtin_prefetch(row + byte);
+    }
+}
+
+/* a_t[c * ld_t + r] <- a[r * ld + c] for r < rows, c < cols: one strided element at a time. */
+static inline void transpose_strided(const float *restrict a, i64 rows, i64 cols, i64 ld, float *restrict a_t,
+                                     i64 ld_t) {
+    for (i64 c = 0; c < cols; ++c)
+        for (i64 r = 0; r < rows; ++r) a_t[c * ld_t + r] = a[r * ld + c];
+}
+
+#if APEM_AVX2
+/* The 8 x 8 block at a (row stride ld) into a_t (row stride ld_t), in registers: element-wise, a strided
+ * gather of 8 floats costs as much as the block (a sample's (K, D) gradient is 1152 such reads). */
+static inline void transpose8x8(const float *restrict a, i64 ld, float *restrict a_t, i64 ld_t) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(a + i * ld);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(a_t + i * ld_t, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(a_t + (i + 4) * ld_t, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+#endif
+
 /* a_t (cols, rows) <- a (rows, cols). */
 static inline void transpose(const float *restrict a, i64 rows, i64 cols, float *restrict a_t) {
-    for (i64 c = 0; c < cols; ++c)
-        for (i64 r = 0; r < rows; ++r) a_t[c * rows + r] = a[r * cols + c];
+    i64 r8 = 0, c8 = 0;
+#if APEM_AVX2
+    r8 = rows - rows % 8;
+    c8 = cols - cols % 8;
+    for (i64 r = 0; r < r8; r += 8)
+        for (i64 c = 0; c < c8; c += 8) transpose8x8(a + r * cols + c, cols, a_t + c * rows + r, rows);
+#endif
+    transpose_strided(a + c8, r8, cols - c8, cols, a_t + c8 * rows, rows);  /* the columns past the blocks */
+    transpose_strided(a + r8 * cols, rows - r8, cols, cols, a_t + r8, rows);  /* the rows past the blocks */
 }
 
 /* x (D, C) <- each column of x normalised over its D rows, (x - mean) / sqrt(var + eps) (eq. 17's LayerNorm before
