@@ -198,7 +198,9 @@ class APEM(MultiTaskModel):
         if table is not None:  # every layer attends over H = rows[index]: products per distinct row
             rows, index = table
             selector_logits = self.selector_logits(nn.functional.embedding(index, rows))
-            pooled = self.fused_pattern_pool(rows, index, selector_logits)
+            pooled = self.fused_pattern_pool(rows, index, selector_logits)  # inference, else None
+            if pooled is None:
+                pooled = self.kept_pattern_pool(rows, index, selector_logits)  # training, else None
             if pooled is not None:
                 logits = self.towers(self.pattern_selector.from_pooled(pooled))
                 return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
@@ -222,6 +224,19 @@ class APEM(MultiTaskModel):
         return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma),
                                             self.pattern_selector.score_factor(),
                                             uniform=c.deselected_point == "uniform_attention")
+
+    def kept_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor,
+                          selector_logits: torch.Tensor) -> torch.Tensor | None:
+        """Training on CPU once f_D drops points: eq. 13-18 over only the points some row of the batch keeps, per
+        layer (:meth:`apem.nn.attention.InducingPointAttention.kept_pattern_pool`); eq. 18's pooled rows
+        (L B, N M, d), or None where it does not apply (no point dropped by the whole batch, no task indicators,
+        no kernels)."""
+        c = self.config
+        if not c.task_indicators:
+            return None
+        return self.asrg.kept_pattern_pool(rows, index, selector_logits, self.gamma,
+                                           self.pattern_selector.score_factor(),
+                                           uniform=c.deselected_point == "uniform_attention")
 
     def gathers_fields(self) -> bool:
         """Whether :meth:`forward` runs the ASRG over the batch's distinct embedding rows

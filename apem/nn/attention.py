@@ -11,6 +11,7 @@ from torch import nn
 from apem.nn.layers import StackedLayerNorm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
                                   pattern_chain, row_pool_backward, row_pool_forward, value_table)
+from apem.nn.selection import dynamic_activation, kept_by_batch
 
 
 def float32_outside_autocast(fn):
@@ -398,6 +399,25 @@ class FactoredAttention(nn.Module):
         return combined.reshape(n, m * d, d), bias
 
 
+def computed_points(kept: torch.Tensor, uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one layer whose batch keeps the points ``kept`` (K,) bool (:func:`apem.nn.selection.kept_by_batch`): the
+    points to compute, (C,), and eq. 18's weight of each computed row, (C,). The P kept points come first (weight 1).
+    Every dropped point outputs the same row under the uniform reading, so one of them stands for all K - P (weight
+    K - P); under "contributes nothing" they weigh 0 and none is needed. Dropped points of weight 0 pad C up to a
+    multiple of 8 (the kernels' vector width), or to K."""
+    n_points = kept.numel()
+    used, dropped = kept.nonzero().view(-1), (~kept).nonzero().view(-1)
+    p = used.numel()
+    if p == n_points:
+        return used, torch.ones(n_points)
+    c = min(n_points, -(-(p + int(uniform)) // 8) * 8)
+    counts = torch.zeros(c)
+    counts[:p] = 1.0
+    if uniform:
+        counts[p] = float(n_points - p)
+    return torch.cat([used, dropped[:1].expand(c - p)]), counts
+
+
 class InducingPointAttention(nn.Module):
     """ASRG's feature-interaction layer (eq. 14-17) for a stack of L layers.
 
@@ -444,6 +464,45 @@ class InducingPointAttention(nn.Module):
             return None
         return fused_predict(lib, rows, index, factor, logits, gamma, combined, bias, self.inducing, self.norm.weight,
                              self.norm.bias, self.heads, self.norm.eps, pattern_factor, uniform)
+
+    def kept_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, gamma: torch.Tensor,
+                          pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor | None:
+        """Training on CPU: :meth:`fused_pattern_pool`'s result with gradients, computing per layer only the points
+        some row of the batch keeps (:func:`computed_points`), through :func:`gathered_pool_norm` and
+        :func:`row_attention_pool` with eq. 18's row weights (the uniform row counted once per dropped point, or z_K).
+        Returns pooled (L B, Q, d), or None where no layer drops a block of points (gamma not yet annealed) or the
+        kernels do not run; then :meth:`forward` and :class:`PatternSelector` give the same, the reference.
+
+        Exact, not an approximation: a point with z_k = 0 in every row outputs the row every other such point
+        outputs (or weighs 0), its inducing point and score columns get zero gradient either way (z_k multiplies
+        both), and f_D's derivative is exactly 0 where it is 0 (:func:`apem.nn.selection.kept_by_batch`), so its
+        logit's gradient is 0 on both paths."""
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
+            return None
+        factor, combined, bias = self.folded_weights()
+        if native_library(rows, factor, logits, combined, bias, self.inducing, pattern_factor) is None:
+            return None
+        (b, n, k), m, d = logits.shape, self.heads, factor.shape[1]
+        with torch.no_grad():
+            kept = kept_by_batch(logits, gamma)  # (L, K)
+        plans = [computed_points(row, uniform) for row in kept]
+        if sum(columns.numel() for columns, _ in plans) == n * k:
+            return None
+        pooled = []
+        for layer, (columns, counts) in enumerate(plans):
+            p, c, layers = int(kept[layer].sum()), columns.numel(), slice(layer, layer + 1)
+            # z_K of the kept points (eq. 13, with its gradient), 0 at the rest
+            z = nn.functional.pad(dynamic_activation(logits[:, layer].index_select(1, columns[:p]), gamma), (0, c - p))
+            layer_factor = factor[layers].view(1, d, m, k).index_select(3, columns).view(1, d, m * c)
+            shared = gathered_pool_norm(rows, index, layer_factor, z.unsqueeze(1), combined[layers], bias[layers],
+                                        self.inducing[layers].index_select(1, columns), self.norm.weight[layers],
+                                        self.norm.bias[layers], m, self.norm.eps)  # (1, B, C, d)
+            if not uniform:
+                weights = z.unsqueeze(0)
+            else:  # the plain softmax where every point is kept (the row-weights path writes and reads more)
+                weights = None if p == k else counts.expand(1, b, c)
+            pooled.append(row_attention_pool(shared, pattern_factor[layers], weights))  # (B, Q, d)
+        return torch.cat(pooled)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
                 index: torch.Tensor | None = None) -> torch.Tensor:

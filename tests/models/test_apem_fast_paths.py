@@ -11,6 +11,7 @@ import torch
 from apem.data.encoding import FieldSpec
 from apem.inference.predict import predict
 from apem.models.apem_model import APEM, FoldedAPEM
+from apem.nn.selection import kept_by_batch
 from apem.train.trainer import EncodedData, TrainConfig, fit
 
 torch.set_num_threads(1)
@@ -20,8 +21,8 @@ READINGS = ["uniform_attention", "contributes_nothing"]
 
 def _model(step: int, **overrides) -> APEM:
     torch.manual_seed(0)
-    model = APEM(FIELDS, 3, APEM.Config(embed_dim=6, heads=2, inducing_points=8, layers=3, gamma_schedule="planned",
-                                        **overrides))
+    config = dict(embed_dim=6, heads=2, inducing_points=8, layers=3, gamma_schedule="planned")
+    model = APEM(FIELDS, 3, APEM.Config(**{**config, **overrides}))
     with torch.no_grad():  # non-zero value/output biases, so their folding is exercised
         for p in (model.asrg.attention.b_value, model.asrg.attention.b_out):
             p.normal_(0, 0.5)
@@ -58,6 +59,36 @@ def test_distinct_rows_training_path_matches_the_direct_path(step, reading):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
     for (name, p), q in zip(model.named_parameters(), direct.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_training_over_the_kept_points_matches_the_reference(reading):
+    """Once f_D drops points, training computes per layer only the points some row of the batch keeps
+    (:meth:`APEM.kept_pattern_pool`). Against the direct path (every field row, all K points) and the distinct-rows
+    path over all K points: outputs and all gradients. The selector's biases make layer 0 keep every point, layer 1
+    about half, layer 2 none, with K = 20 (not a multiple of the kernels' 8)."""
+    model = _model(600, deselected_point=reading, inducing_points=20)
+    with torch.no_grad():
+        bias = model.selector.net[-1].bias.view(3, 20)
+        bias[0], bias[1, ::2], bias[2] = 50.0, -50.0, -50.0
+    x, labels = _inputs(), (torch.rand(64, 3) < 0.3).float()
+    rows, index = model.embedding.distinct_rows(x)
+    logits = model.selector_logits(torch.nn.functional.embedding(index, rows))
+    assert model.kept_pattern_pool(rows, index, logits) is not None  # the path under test runs
+    assert kept_by_batch(logits, model.gamma).sum(1).tolist()[::2] == [20, 0]
+    direct, all_points = copy.deepcopy(model), copy.deepcopy(model)
+    direct.config.gather_fields = False
+    all_points.kept_pattern_pool = lambda *args: None
+    results = []
+    for m in (model, direct, all_points):
+        output = m(x)
+        m.loss(output, labels)[0].backward()
+        results.append((output.probs, [p.grad for p in m.parameters()]))
+    names = [name for name, _ in model.named_parameters()]
+    for probs, grads in results[1:]:
+        torch.testing.assert_close(results[0][0], probs, atol=1e-5, rtol=0)
+        for name, grad, expected in zip(names, results[0][1], grads):
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("step", [0, 450, 600])
