@@ -22,7 +22,9 @@ CPU predict runs eq. 13-19 through one fused C kernel per layer over the points 
 these short runs: predict takes the general path), ``apem_nothing`` (with
 ``deselected_point="contributes_nothing"``), ``apem_reference`` (the path before issue 9: fixed-rate
 gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
-row, ``gather_fields=False``, as before the distinct-rows path), ``apem_torch_pools`` (training only:
+row, ``gather_fields=False``, as before the distinct-rows path), ``apem_every_point`` (training only: the default APEM over all K points of every layer, as before
+training skipped the points no row of a batch keeps, :meth:`apem.models.apem_model.APEM.kept_pattern_pool`),
+``apem_torch_pools`` (training only:
 the default APEM with its attention poolings through torch instead of the C kernels of
 :mod:`apem.nn.native_pools`; ``apem_reference`` and ``apem_direct`` run through torch too) and, for predict only,
 ``apem_unfused`` (the trained default APEM through the ASRG kernel and then eq. 18's kernel over all K
@@ -73,7 +75,7 @@ VARIANTS = {"apem": ("apem", {}), "apem_fixed_rate": ("apem", {"gamma_schedule":
             "apem_nothing": ("apem", {"deselected_point": "contributes_nothing", "gamma_schedule": "planned"}),
             "apem_reference": ("apem", {"gamma_schedule": "fixed_rate"}),
             "apem_direct": ("apem", {"gather_fields": False}),
-            "apem_torch_pools": ("apem", {}),
+            "apem_torch_pools": ("apem", {}), "apem_every_point": ("apem", {}),
             "shared_bottom": ("shared_bottom", {}), "ple": ("ple", {})}
 # variants that run their attention poolings through torch, not the C kernels (apem.nn.native_pools):
 # the paths before them, and the default APEM with only the kernels taken away
@@ -104,6 +106,8 @@ def build(variant: str, fields, n_tasks: int, seed: int = 0):
     torch.manual_seed(seed)
     name, overrides = VARIANTS[variant]
     model = build_model(name, fields, n_tasks, overrides)
+    if variant == "apem_every_point":  # training as before it skipped the points no row of a batch keeps
+        model.kept_pattern_pool = lambda rows, index, logits: None
     return as_reference(model) if variant == "apem_reference" else model
 
 
@@ -249,6 +253,10 @@ def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict 
     out += [("train apem_torch_pools / Shared-Bottom", f"{torch_pools / train_s['shared_bottom']:.2f}",
              "(before: torch poolings)"),
             ("train apem_torch_pools / apem (the kernels' speed-up)", f"{torch_pools / train_s['apem']:.2f}", "(context)")]
+    every_point = train_s["apem_every_point"]  # training over all K points of every layer, same run
+    out += [("train apem_every_point / PLE", f"{every_point / train_s['ple']:.2f}", "(before: every point)"),
+            ("train apem_every_point / apem (the kept points' speed-up)", f"{every_point / train_s['apem']:.2f}",
+             "(context)")]
     direct = train_s["apem_direct"]  # training before the distinct-rows ASRG, same run
     out += [("train apem_direct / Shared-Bottom", f"{direct / train_s['shared_bottom']:.2f}", "(before: direct path)"),
             ("train apem_direct / PLE", f"{direct / train_s['ple']:.2f}", "(before: direct path)")]

@@ -479,15 +479,17 @@ class InducingPointAttention(nn.Module):
         logit's gradient is 0 on both paths."""
         if not torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
             return None
-        factor, combined, bias = self.folded_weights()
-        if native_library(rows, factor, logits, combined, bias, self.inducing, pattern_factor) is None:
+        if native_library(rows, logits, self.inducing, pattern_factor) is None:
             return None
-        (b, n, k), m, d = logits.shape, self.heads, factor.shape[1]
         with torch.no_grad():
             kept = kept_by_batch(logits, gamma)  # (L, K)
+        if bool(kept.all()):  # while gamma anneals: the common case, decided in one check
+            return None
+        (b, n, k), m, d = logits.shape, self.heads, self.attention.dim
         plans = [computed_points(row, uniform) for row in kept]
         if sum(columns.numel() for columns, _ in plans) == n * k:
             return None
+        factor, combined, bias = self.folded_weights()
         pooled = []
         for layer, (columns, counts) in enumerate(plans):
             p, c, layers = int(kept[layer].sum()), columns.numel(), slice(layer, layer + 1)
