@@ -317,11 +317,8 @@ class _RowAttentionPool(torch.autograd.Function):
         queries = factor.shape[2]
         grad = grad.contiguous().view(n, b, queries, d)
         native = native_library(shared, factor, weights)
-        if native is not None:  # per-sample products in C; the factor's gradient as one GEMM per layer
-            grad_shared, grad_scores, grad_rw = row_pool_backward(native, factor, weights, q, shared, grad)
-            grad_factor = torch.empty_like(factor)
-            for layer in range(n):  # (the (Q, B R) x (B R, d) orientation measured 8x faster than its transpose)
-                grad_factor[layer] = torch.mm(grad_scores[layer].view(queries, b * r), shared[layer].view(b * r, d)).t()
+        if native is not None:  # per-sample products in C, the factor's gradient included
+            grad_shared, grad_factor, grad_rw = row_pool_backward(native, factor, weights, q, shared, grad)
             return grad_shared, grad_factor, grad_rw if ctx.needs_input_grad[2] else None
         grad_shared, grad_factor = torch.empty_like(shared), torch.empty_like(factor)
         grad_rw = shared.new_empty(n, b, r) if q is not None and ctx.needs_input_grad[2] else None

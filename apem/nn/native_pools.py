@@ -7,8 +7,8 @@
   recomputes the weights (cheaper than writing 32 KB a row per layer out and reading them back).
   The score and value tables stay torch GEMMs, and so do their gradients' products with the rows.
 - :func:`apem.nn.attention.row_attention_pool` (``row_attention_pool.c``): per sample, the scores,
-  their softmax, the pooling and every backward product with the sample's rows; the factor's
-  gradient (one GEMM over the batch) stays in torch.
+  their softmax, the pooling and every backward product with the sample's rows, the factor's
+  gradient included (summed over each thread's samples, then here).
 - Inference (``fused_predict.c``): :func:`fused_predict` runs the two in one kernel per layer over the
   points some row of the batch keeps, with f_D taken per sample; :func:`pattern_chain` is eq. 19's chain.
 
@@ -38,6 +38,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "gathered_pool_forward": ([_PTR, _I64, _I64] + [_PTR] * 4, None),
         "gathered_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
         "row_attention_pool_work_floats": ([_I64] * 3, _I64),
+        "row_attention_pool_factor_slot_floats": ([_I64] * 2, _I64),
         "row_attention_pool_forward": ([_I64] * 5 + [_PTR] * 7, None),
         "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 9, None),
         "fused_predict_work_floats": ([_PTR], _I64),
@@ -281,18 +282,19 @@ def row_pool_backward(lib: ctypes.CDLL, factor: torch.Tensor, weights: torch.Ten
                       shared: torch.Tensor, grad_pooled: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The per-sample backward of :func:`row_pool_forward`: the gradient of shared (L', B, R, d) through the
-    pooling and the scores, the scores' gradient (L', Q, B, R) (for the factor's GEMM) and, with q, the row
-    weights' gradient (L', B, R)."""
+    pooling and the scores, the factor's gradient (L', d, Q) and, with q, the row weights' gradient (L', B, R)."""
     n, queries, b, r = weights.shape
     d = shared.shape[3]
     grad_pooled, factor = grad_pooled.contiguous(), factor.contiguous()
-    grad_shared, grad_scores = torch.empty_like(shared), torch.empty_like(weights)
+    grad_shared, grad_factor = torch.empty_like(shared), torch.empty_like(factor)
     grad_rw = shared.new_empty(n, b, r) if q is not None else None
     threads = _threads(b)
     work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries, d))
+    slots = torch.empty(threads, queries, lib.row_attention_pool_factor_slot_floats(queries, d) // queries)
     for layer in range(n):
         lib.row_attention_pool_backward(
             b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]), _layer_ptr(q, layer),
-            _ptr(shared[layer]), _ptr(grad_pooled[layer]), _ptr(grad_shared[layer]), _ptr(grad_scores[layer]),
+            _ptr(shared[layer]), _ptr(grad_pooled[layer]), _ptr(grad_shared[layer]), _ptr(slots),
             _layer_ptr(grad_rw, layer), _ptr(work))
-    return grad_shared, grad_scores, grad_rw
+        torch.sum(slots[:, :, :d], dim=0, out=grad_factor[layer].t())  # (Q, d) summed over the threads
+    return grad_shared, grad_factor, grad_rw

@@ -1,8 +1,8 @@
 /* One layer of APEM's Pattern Selector attention (paper eq. 18) per sample: the scores of the Q
  * learnt queries over the sample's R rows, their softmax over the rows, and the pooling, and in
- * backward every product with the sample's rows. Each is a (6 x 64 x 18) product at Table 2's
- * sizes, where torch's batched matmul spends most of its time in per-matrix overhead. The gradient
- * of the attention factor (one GEMM over the whole batch) stays in torch. Built and loaded by
+ * backward every product with the sample's rows, the attention factor's gradient included. Each is a
+ * (6 x 64 x 18) product at Table 2's sizes, where torch's batched matmul spends most of its time in
+ * per-matrix overhead. Built and loaded by
  * apem/nn/native.py and called by apem/nn/native_pools.py; the torch path
  * (apem.nn.attention.row_attention_pool) is the reference, and tests/nn/test_native_pool.py keeps
  * the two equal.
@@ -31,11 +31,15 @@
 static i64 padded(i64 D) { return (D + 7) / 8 * 8; }
 
 /* The backward's scratch (the larger): the padded rows and their gradient (R, DP) each, the padded factor
- * and pooled gradient (Q, DP) each, and d/d weights (Q, R); the forward uses its first R DP + 2 Q DP. */
+ * and pooled gradient (Q, DP) each, and d/d weights and d/d scores (Q, R) each; the forward uses its first
+ * R DP + 2 Q DP. */
 i64 row_attention_pool_work_floats(i64 R, i64 Q, i64 D) {
     const i64 DP = padded(D);
-    return 2 * R * DP + 2 * Q * DP + Q * R;
+    return 2 * R * DP + 2 * Q * DP + 2 * Q * R;
 }
+
+/* Each thread's slot of the factor's gradient, transposed and padded: (Q, DP). */
+i64 row_attention_pool_factor_slot_floats(i64 Q, i64 D) { return Q * padded(D); }
 
 /* a_p (n, DP) <- a (n, D) with zero columns D..DP. */
 static void pad_rows(const float *restrict a, i64 n, i64 D, i64 DP, float *restrict a_p) {
@@ -61,10 +65,10 @@ static void scores_sample_generic(const float *restrict f, const float *restrict
         }
 }
 
-/* out (Q, DP) <- sum_r w[q, r] x[r]. */
+/* out (Q, DP) (+)= sum_r w[q, r] x[r]. */
 static void pool_sample_generic(const float *restrict w, i64 q_stride, const float *restrict x, i64 Q, i64 R,
-                                i64 DP, float *restrict out) {
-    memset(out, 0, sizeof(float) * Q * DP);
+                                i64 DP, int accumulate, float *restrict out) {
+    if (!accumulate) memset(out, 0, sizeof(float) * Q * DP);
     for (i64 iq = 0; iq < Q; ++iq)
         for (i64 r = 0; r < R; ++r) {
             const float wr = w[iq * q_stride + r];
@@ -87,9 +91,9 @@ static void pool_grad_generic(const float *restrict w, i64 q_stride, const float
 /* NQ queries' pooled rows for columns [j0, j0 + 8), in registers; NQ is a constant at each call. */
 static inline __attribute__((always_inline)) void pool_block(const float *restrict w, i64 q_stride,
                                                              const float *restrict x, i64 R, i64 DP, i64 j0,
-                                                             const int NQ, float *restrict out) {
+                                                             const int NQ, int accumulate, float *restrict out) {
     __m256 acc[6];
-    for (int q = 0; q < NQ; ++q) acc[q] = _mm256_setzero_ps();
+    for (int q = 0; q < NQ; ++q) acc[q] = accumulate ? _mm256_loadu_ps(out + q * DP + j0) : _mm256_setzero_ps();
     for (i64 r = 0; r < R; ++r) {
         const __m256 xv = _mm256_loadu_ps(x + r * DP + j0);
         for (int q = 0; q < NQ; ++q) acc[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + q * q_stride + r), xv, acc[q]);
@@ -98,11 +102,12 @@ static inline __attribute__((always_inline)) void pool_block(const float *restri
 }
 
 static void pool_sample(const float *restrict w, i64 q_stride, const float *restrict x, i64 Q, i64 R, i64 DP,
-                        float *restrict out) {
+                        int accumulate, float *restrict out) {
     for (i64 j0 = 0; j0 < DP; j0 += 8) {
         i64 q0 = 0;
-        for (; q0 + 6 <= Q; q0 += 6) pool_block(w + q0 * q_stride, q_stride, x, R, DP, j0, 6, out + q0 * DP);
-        for (; q0 < Q; ++q0) pool_block(w + q0 * q_stride, q_stride, x, R, DP, j0, 1, out + q0 * DP);
+        for (; q0 + 6 <= Q; q0 += 6)
+            pool_block(w + q0 * q_stride, q_stride, x, R, DP, j0, 6, accumulate, out + q0 * DP);
+        for (; q0 < Q; ++q0) pool_block(w + q0 * q_stride, q_stride, x, R, DP, j0, 1, accumulate, out + q0 * DP);
     }
 }
 
@@ -197,21 +202,25 @@ static void forward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64
         for (i64 iq = 0; iq < Q; ++iq)
             softmax_over_rows(weights + (iq * B + b) * R, q_out ? q_out + (iq * B + b) * R : NULL,
                               row_weights ? row_weights + b * R : NULL, R);
-        pool_sample(weights + b * R, B * R, x_p, Q, R, DP, out_p);
+        pool_sample(weights + b * R, B * R, x_p, Q, R, DP, 0, out_p);
         unpad_rows(out_p, Q, D, DP, pooled + b * Q * D);
     }
 }
 
-/* Writes, for its samples: grad_shared (B, R, D) (through the pooling and through the scores),
- * grad_scores (Q, B, R) (the scores' gradient, for the factor's GEMM) and, with q, grad_row_weights (B, R). */
+/* Writes, for its samples, grad_shared (B, R, D) (through the pooling and through the scores) and, with q,
+ * grad_row_weights (B, R); the factor's gradient (transposed, (Q, DP)) summed over them into grad_factor_t: each
+ * sample's share, its scores' gradient times its rows, is taken while both are in cache (as one GEMM over the
+ * batch it measured ~1 ms a layer, a (6 x 65536) x (65536 x 18) product, and the (Q, B, R) gradient went out
+ * and back through memory). */
 static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64 D, const float *restrict factor,
                              const float *restrict weights, const float *restrict q, const float *restrict shared,
                              const float *restrict grad_pooled, float *restrict grad_shared,
-                             float *restrict grad_scores, float *restrict grad_row_weights, float *restrict work) {
+                             float *restrict grad_factor_t, float *restrict grad_row_weights, float *restrict work) {
     const i64 DP = padded(D);
     float *restrict x_p = work, *restrict f_p = x_p + R * DP, *restrict g_p = f_p + Q * DP;
-    float *restrict gx_p = g_p + Q * DP, *restrict t = gx_p + R * DP;  /* (R, DP), (Q, R) */
+    float *restrict gx_p = g_p + Q * DP, *restrict t = gx_p + R * DP, *restrict gs = t + Q * R;  /* (R, DP), (Q, R) */
     padded_factor(factor, Q, D, DP, f_p);
+    memset(grad_factor_t, 0, sizeof(float) * Q * DP);
     for (i64 b = row_begin; b < row_end; ++b) {
         pad_rows(shared + b * R * D, R, D, DP, x_p);
         pad_rows(grad_pooled + b * Q * D, Q, D, DP, g_p);
@@ -219,16 +228,17 @@ static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i6
         scores_sample(g_p, x_p, Q, R, DP, t, R);                     /* d/d weights = G x^T */
         for (i64 iq = 0; iq < Q; ++iq) {  /* softmax backward: w (t - sum_r w t) */
             const float *restrict w = weights + (iq * B + b) * R;
-            float *restrict tq = t + iq * R, *restrict gs = grad_scores + (iq * B + b) * R;
+            float *restrict tq = t + iq * R, *restrict gsq = gs + iq * R;
             float mean = 0.0f;
 #pragma omp simd reduction(+ : mean)
             for (i64 r = 0; r < R; ++r) mean += w[r] * tq[r];
             for (i64 r = 0; r < R; ++r) {
                 tq[r] -= mean;
-                gs[r] = tq[r] * w[r];
+                gsq[r] = tq[r] * w[r];
             }
         }
-        pool_grad(grad_scores + b * R, B * R, f_p, Q, R, DP, 1, gx_p);  /* through the scores: gs^T factor^T */
+        pool_grad(gs, R, f_p, Q, R, DP, 1, gx_p);           /* through the scores: gs^T factor^T */
+        pool_sample(gs, R, x_p, Q, R, DP, 1, grad_factor_t);  /* the factor's share: gs x */
         unpad_rows(gx_p, R, D, DP, grad_shared + b * R * D);
         if (q) {  /* weights = q z: d/d z_r = sum over the queries of q_r t_r */
             float *restrict grw = grad_row_weights + b * R;
@@ -253,14 +263,17 @@ void row_attention_pool_forward(i64 B, i64 threads, i64 R, i64 Q, i64 D, const f
     }
 }
 
+/* Thread t writes its samples' share of the factor's gradient to grad_factor_slots + t *
+ * row_attention_pool_factor_slot_floats(Q, D), which the caller sums. */
 void row_attention_pool_backward(i64 B, i64 threads, i64 R, i64 Q, i64 D, const float *factor, const float *weights,
                                  const float *q, const float *shared, const float *grad_pooled, float *grad_shared,
-                                 float *grad_scores, float *grad_row_weights, float *work) {
+                                 float *grad_factor_slots, float *grad_row_weights, float *work) {
     const i64 work_floats = row_attention_pool_work_floats(R, Q, D);
 #pragma omp parallel num_threads(threads)
     {
         const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
         backward_samples(B * t / n, B * (t + 1) / n, B, R, Q, D, factor, weights, q, shared, grad_pooled, grad_shared,
-                         grad_scores, grad_row_weights, work + t * work_floats);
+                         grad_factor_slots + t * row_attention_pool_factor_slot_floats(Q, D), grad_row_weights,
+                         work + t * work_floats);
     }
 }
