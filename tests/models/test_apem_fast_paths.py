@@ -11,6 +11,7 @@ import torch
 from apem.data.encoding import FieldSpec
 from apem.inference.predict import predict
 from apem.models.apem_model import APEM, FoldedAPEM
+from apem.nn.attention import computed_points
 from apem.nn.selection import kept_by_batch
 from apem.train.trainer import EncodedData, TrainConfig, fit
 
@@ -59,6 +60,23 @@ def test_distinct_rows_training_path_matches_the_direct_path(step, reading):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
     for (name, p), q in zip(model.named_parameters(), direct.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kept_points, uniform, columns, counts", [
+    (range(20), True, list(range(20)), [1.0] * 20),                       # nothing dropped: every point, as is
+    (range(0, 20, 2), True, list(range(0, 20, 2)) + [1] * 6, [1.0] * 10 + [10.0] + [0.0] * 5),
+    (range(0, 20, 2), False, list(range(0, 20, 2)) + [1] * 6, [1.0] * 10 + [0.0] * 6),
+    (range(19), True, list(range(20)), [1.0] * 19 + [1.0]),                # padding stops at K
+    ([], True, [0] * 8, [20.0] + [0.0] * 7),                               # none kept: the shared row alone
+    ([], False, [], []),                                                   # none kept, none needed
+])
+def test_computed_points(kept_points, uniform, columns, counts):
+    """A layer's columns: the kept points, then (uniform reading) one dropped point weighing K - P, then dropped
+    points of weight 0 up to a multiple of 8 or K."""
+    kept = torch.zeros(20, dtype=torch.bool)
+    kept[list(kept_points)] = True
+    got_columns, got_counts = computed_points(kept, uniform)
+    assert got_columns.tolist() == columns and got_counts.tolist() == counts
 
 
 @pytest.mark.parametrize("reading", READINGS)
