@@ -290,7 +290,8 @@ def row_pool_backward(lib: ctypes.CDLL, factor: torch.Tensor, weights: torch.Ten
     grad_rw = shared.new_empty(n, b, r) if q is not None else None
     threads = _threads(b)
     work = torch.empty(threads, lib.row_attention_pool_work_floats(r, queries, d))
-    slots = torch.empty(threads, queries, lib.row_attention_pool_factor_slot_floats(queries, d) // queries)
+    # zeroed here too: a slot the OpenMP runtime gives no thread to (it may give fewer than asked) adds nothing
+    slots = torch.zeros(threads, queries, lib.row_attention_pool_factor_slot_floats(queries, d) // queries)
     for layer in range(n):
         lib.row_attention_pool_backward(
             b, threads, r, queries, d, _ptr(factor[layer]), _ptr(weights[layer]), _layer_ptr(q, layer),

@@ -5,6 +5,8 @@ build, and through a trained APEM; and the fallbacks when no kernel can be built
 
 import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -353,3 +355,13 @@ def test_native_kernels_share_torchs_openmp_runtime():
     torchs = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1"))
     address = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value  # resolved through the kernels' dependencies
     assert address == ctypes.cast(torchs.GOMP_parallel, ctypes.c_void_p).value
+
+
+def test_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
+    """Under OMP_THREAD_LIMIT=1 every team has one thread while the kernels ask for two (torch's thread count):
+    the rows are split over the threads the runtime gave, and a gradient slot no thread wrote adds nothing. The
+    2-thread kernel tests of this file, rerun in a process with that limit."""
+    selected = "matches_the_torch_path and table2-avx2 and 2]"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+                            env={**os.environ, "OMP_THREAD_LIMIT": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("3 passed"), result.stdout[-3000:]
