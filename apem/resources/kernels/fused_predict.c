@@ -63,8 +63,7 @@ i64 fused_predict_work_floats(const PredictLayer *L) {
 static void layer_norm_columns(float *restrict x, i64 D, i64 PC, const float *restrict nw, const float *restrict nb,
                                float eps, float *restrict mean, float *restrict rs) {
     normalize_columns_over_rows(x, D, PC, eps, mean, rs);
-    for (i64 j = 0; j < D; ++j)
-        for (i64 p = 0; p < PC; ++p) x[j * PC + p] = x[j * PC + p] * nw[j] + nb[j];
+    layer_norm_affine(x, D, PC, nw, nb);
 }
 
 /* out[j] = scale * sum_p a[p] y[j, p] for the D rows of y (D, PC). */
@@ -196,8 +195,7 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
         const i64 *restrict idx = L->index + b * S;
         const float *restrict logits = PL->logits + b * PL->logits_stride;
         if (b + 1 < row_end) {
-            prefetch_rows(PL->exp_table ? PL->exp_table : L->score_table, idx + S, S, MPC);
-            prefetch_rows(L->value_table, idx + S, S, M * D);
+            prefetch_sample(L, PL->exp_table ? PL->exp_table : L->score_table, idx + S);
             for (i64 p = 0; p < P; p += 8) __builtin_prefetch(logits + PL->logits_stride + PL->columns[p]);
         }
         for (i64 p = 0; p < PC; ++p) z[p] = p < P ? dynamic_activation(logits[PL->columns[p]], PL->gamma) : 0.0f;
@@ -270,7 +268,7 @@ void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *
                 float mean, rstd;
                 for (i64 j = 0; j < D; ++j) t[j] = l ? t[j] + f[j] : f[j];
                 normalize_columns_over_rows(t, D, 1, eps, &mean, &rstd);  /* t as one column of D rows */
-                for (i64 j = 0; j < D; ++j) t[j] = t[j] * norm_weight[l * D + j] + norm_bias[l * D + j];
+                layer_norm_affine(t, D, 1, norm_weight + l * D, norm_bias + l * D);
             }
         }
 }

@@ -125,10 +125,7 @@ static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
         const float *restrict z = L->mask + b * L->mask_stride;
-        if (b + 1 < row_end) {
-            prefetch_rows(L->score_table, idx + S, S, MK);
-            prefetch_rows(L->value_table, idx + S, S, M * D);
-        }
+        if (b + 1 < row_end) prefetch_sample(L, L->score_table, idx + S);
         row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
         pool_row(L->value_table, idx, w, S, M, K, D, x);  /* x (D, K): O transposed */
         /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
@@ -139,8 +136,7 @@ static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *
             memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
             memcpy(rstd + b * K, rs, sizeof(float) * K);
         }
-        for (i64 j = 0; j < D; ++j)  /* the norm's affine while the points are contiguous, then out to (K, D) */
-            for (i64 k = 0; k < K; ++k) x[j * K + k] = x[j * K + k] * nw[j] + nb[j];
+        layer_norm_affine(x, D, K, nw, nb);  /* while the points are contiguous, then out to (K, D) */
         transpose(x, D, K, out + b * K * D);
     }
 }
@@ -168,10 +164,7 @@ static void backward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, const 
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
         const float *restrict z = L->mask + b * L->mask_stride;
-        if (b + 1 < row_end) {
-            prefetch_rows(L->score_table, idx + S, S, MK);
-            prefetch_rows(L->value_table, idx + S, S, M * D);
-        }
+        if (b + 1 < row_end) prefetch_sample(L, L->score_table, idx + S);
         const float *restrict xh = normalized + b * DK, *restrict r = rstd + b * K;
         float *restrict gm = grad_mask + b * grad_mask_stride;
         row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);

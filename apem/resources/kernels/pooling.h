@@ -59,14 +59,21 @@ static inline void row_softmax(const float *restrict table, const i64 *restrict 
     softmax_columns(w, S, MK, mx, inv);
 }
 
-/* Asks for the table rows idx[0..S) (row_floats floats each) to be brought into cache: a sample's rows are
- * scattered over tables larger than L2, and nothing else can predict them, so each sample's loop asks for the
- * next sample's rows before it starts its own work. */
+/* Asks for the table rows idx[0..S) (row_floats floats each) to be brought into cache. */
 static inline void prefetch_rows(const float *table, const i64 *idx, i64 S, i64 row_floats) {
     for (i64 s = 0; s < S; ++s) {
         const char *row = (const char *)(table + idx[s] * row_floats);
         for (i64 byte = 0; byte < row_floats * (i64)sizeof(float); byte += 64) __builtin_prefetch(row + byte);
     }
+}
+
+/* Asks for a sample's rows (its index row idx) of a (U, M K) score table (score_rows: L's score table, or a table
+ * laid out as it, such as fused_predict's exps) and of L's value table: a sample's rows are scattered over tables
+ * larger than L2, and nothing else can predict them, so each sample's loop asks for the next sample's rows
+ * before it starts its own work. */
+static inline void prefetch_sample(const PoolLayer *L, const float *score_rows, const i64 *idx) {
+    prefetch_rows(score_rows, idx, L->S, L->M * L->K);
+    prefetch_rows(L->value_table, idx, L->S, L->M * L->D);
 }
 
 /* a_t[c * ld_t + r] <- a[r * ld + c] for r < rows, c < cols: one strided element at a time. */
@@ -129,6 +136,14 @@ static inline void normalize_columns_over_rows(float *restrict x, i64 D, i64 C, 
     for (i64 c = 0; c < C; ++c) rs[c] = 1.0f / sqrtf(rs[c] / (float)D + eps);
     for (i64 j = 0; j < D; ++j)
         for (i64 c = 0; c < C; ++c) x[j * C + c] *= rs[c];
+}
+
+/* x (D, C) <- x nw[j] + nb[j] on each row j: eq. 17's (and eq. 19's) LayerNorm affine, after
+ * normalize_columns_over_rows. */
+static inline void layer_norm_affine(float *restrict x, i64 D, i64 C, const float *restrict nw,
+                                     const float *restrict nb) {
+    for (i64 j = 0; j < D; ++j)
+        for (i64 c = 0; c < C; ++c) x[j * C + c] = x[j * C + c] * nw[j] + nb[j];
 }
 
 /* acc (D, K) <- sum_{s, m} value_table[idx[s], m, j] w[s, m, k]: the pooled rows O, transposed so that
