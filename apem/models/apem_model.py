@@ -198,9 +198,10 @@ class APEM(MultiTaskModel):
         if table is not None:  # every layer attends over H = rows[index]: products per distinct row
             rows, index = table
             selector_logits = self.selector_logits(nn.functional.embedding(index, rows))
-            pooled = self.fused_pattern_pool(rows, index, selector_logits)  # inference, else None
-            if pooled is None:
-                pooled = self.kept_pattern_pool(rows, index, selector_logits)  # training, else None
+            # the kernels' paths, each None where it does not apply: training skips the points no row keeps,
+            # inference runs eq. 13-18 in one kernel (each would only build and drop its factors in the other mode)
+            pattern_pool = self.kept_pattern_pool if torch.is_grad_enabled() else self.fused_pattern_pool
+            pooled = pattern_pool(rows, index, selector_logits)
             if pooled is not None:
                 logits = self.towers(self.pattern_selector.from_pooled(pooled))
                 return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
