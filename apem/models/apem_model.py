@@ -152,7 +152,7 @@ class APEM(MultiTaskModel):
     def selector_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Eq. 11: MLP(flatten(H)) for every layer, (B, L, K), the input of f_D."""
         c = self.config
-        return self.selector(h.reshape(h.shape[0], -1)).view(h.shape[0], c.layers, c.inducing_points)
+        return self.selector(h.flatten(1)).view(h.shape[0], c.layers, c.inducing_points)
 
     def selector_mask(self, h: torch.Tensor) -> torch.Tensor:
         """Eq. 11-12: z_K = f_D(MLP(flatten(H))) for every layer, (B, L, K); exact zeros where the mask is off."""

@@ -33,5 +33,5 @@ class MMoE(TowerModel):
 
     def task_inputs(self, h: torch.Tensor) -> torch.Tensor:
         inputs = h.flatten(1)
-        gate_logits = self.gates(inputs).view(inputs.shape[0], self.n_tasks, -1)  # (B, N, E)
+        gate_logits = self.gates(inputs).view(inputs.shape[0], self.n_tasks, self.config.n_experts)  # (B, N, E)
         return gated_mixture(gate_logits, self.experts(inputs))  # (B, N, D)

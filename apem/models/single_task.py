@@ -33,5 +33,6 @@ class SingleTask(TowerModel):
         self.towers = self.make_towers(self.flat_dim, self.config.hidden, self.config.dropout)
 
     def task_inputs(self, h: torch.Tensor) -> torch.Tensor:
-        b, f, _ = h.shape  # (B, F, N d) -> (B, N, F d): task i reads only its own copy
-        return h.view(b, f, self.n_tasks, -1).transpose(1, 2).reshape(b, self.n_tasks, -1)
+        b, f, nd = h.shape  # (B, F, N d) -> (B, N, F d): task i reads only its own copy
+        d = nd // self.n_tasks  # explicit sizes: -1 is ambiguous for an empty batch
+        return h.view(b, f, self.n_tasks, d).transpose(1, 2).reshape(b, self.n_tasks, f * d)

@@ -168,7 +168,7 @@ class NativeGatheredPoolNorm(torch.autograd.Function):
                                            _ptr(slots), _ptr(work))
             grad_scores, grad_values, grad_q, grad_w, grad_b, grad_vb = (slots.sum(0) if threads > 1 else slots[0]).split(
                 [u * mk, u * heads * dv, k * dv, dv, dv, dv])
-            grad_scores, grad_values = grad_scores.view(u, mk), grad_values.view(u, -1)
+            grad_scores, grad_values = grad_scores.view(u, mk), grad_values.view(u, heads * dv)
             grad_queries[layer], grad_nw[layer], grad_nb[layer], grad_bias[layer, 0] = grad_q.view(k, dv), grad_w, grad_b, grad_vb
             grad_rows.addmm_(grad_scores, factor[layer].t()).addmm_(grad_values, combined[layer].t())
             torch.mm(rows.t(), grad_scores, out=grad_factor[layer])

@@ -174,3 +174,20 @@ def test_dense_numericals_predict_through_the_model_itself() -> None:
     with torch.no_grad():
         expected = model(x).probs.numpy()
     torch.testing.assert_close(torch.from_numpy(predict(model, x)), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("step", [0, 600])  # every point computed, and the kept points only (gamma at its floor)
+@pytest.mark.parametrize("reading", READINGS)
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "torch"])
+def test_an_empty_batch_gives_no_rows_in_every_mode(monkeypatch, step, reading, kernels):
+    """A request of zero rows (an empty frame to the served model, the tail of a stream) is answered with
+    (0, N) probabilities, in eval and training mode, on every path; its loss's gradient is zero."""
+    monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
+    model, empty = _model(step, deselected_point=reading), _inputs(0)
+    with torch.no_grad():
+        assert model.eval()(empty).probs.shape == (0, 3)
+        assert model.eval().inference_module(rows=0)(empty).probs.shape == (0, 3)
+    output = model.train()(empty)
+    assert output.probs.shape == (0, 3)
+    output.probs.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

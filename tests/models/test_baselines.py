@@ -10,7 +10,7 @@ from apem.data.encoding import FieldSpec
 from apem.models.escm2 import ESCM2, inverse_propensity_weight, ips_risk
 from apem.models.esmm import ESMM
 from apem.models.ple import PLE
-from apem.models.registry import build_model
+from apem.models.registry import build_model, list_models
 
 torch.set_num_threads(1)
 
@@ -37,6 +37,19 @@ def test_probabilities_have_funnel_shape_and_range(name: str, n_tasks: int) -> N
     probs = model(x).probs
     assert probs.shape == (16, n_tasks)
     assert torch.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_answers_an_empty_batch(name: str) -> None:
+    """Zero rows in (an empty request, a stream's empty tail) give (0, N) probabilities in eval and training
+    mode, and a zero gradient: no view of an empty tensor may leave a size to -1."""
+    model, (x, _) = build_model(name, FIELDS, 3), random_batch(0, 3)
+    with torch.no_grad():
+        assert model.eval()(x).probs.shape == (0, 3)
+    probs = model.train()(x).probs
+    assert probs.shape == (0, 3)
+    probs.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", BASELINES)
