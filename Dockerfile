@@ -29,8 +29,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# gcc and libc6-dev: APEM's CPU kernels (apem/nn/native.py) are built on first use, with -march=native for the
+# node's CPU, into ~/.cache/apem/kernels. The steps that predict on CPU (online serving, evaluate, batch
+# scoring) then run them instead of torch's slower path; serving builds them as the model loads (warm_up).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --no-cache-dir uv==${UV_VERSION}

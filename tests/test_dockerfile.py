@@ -75,6 +75,15 @@ def test_installs_the_production_lock_by_hash_and_the_cuda_torch_from_its_index_
     assert any(op == "RUN" and "--no-deps ." in arg for op, arg in ops)
 
 
+def test_has_the_c_compiler_the_cpu_kernels_are_built_with():
+    """Serving, evaluate and batch scoring run on CPU in this image: without a compiler APEM's kernels fall back to
+    torch (apem/nn/native.py). gcc alone (--no-install-recommends) lacks the C library's headers."""
+    install = next(arg for op, arg in instructions() if op == "RUN" and "apt-get install" in arg)
+    packages = install.split("apt-get install", 1)[1].split("&&", 1)[0].split()
+    assert {"gcc", "libc6-dev"} <= set(packages), packages
+    assert ("ENV", "HOME=/home/apem") in [(op, arg.split()[0]) for op, arg in instructions() if op == "ENV"]
+
+
 def test_runs_as_non_root_and_bakes_no_credentials():
     ops = instructions()
     users = [arg for op, arg in ops if op == "USER"]

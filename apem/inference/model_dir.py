@@ -91,6 +91,12 @@ class LoadedModel:
     def negative_rate(self) -> float:
         return float(self.meta.get("negative_rate", 1.0))
 
+    def warm_up(self) -> None:
+        """Predict one encoded row (every index and value 0) and drop it, so that what a model does once per
+        process is done at load rather than in the first request: building APEM's CPU kernels on first use
+        (about a second, :mod:`apem.nn.native`), torch's lazy initialisation."""
+        predict(self.model, torch.zeros(1, self.encoder.input_width, dtype=torch.long))
+
     def predict_table(self, table: pa.Table, recalibrate: bool = True, batch_size: int = 2048) -> np.ndarray:
         """(rows, N) entire-space probabilities for a table holding the model's feature columns.
 

@@ -18,6 +18,7 @@ class ApemServingModel(PythonModel):
         from apem.inference.model_dir import load_model
 
         self.model = load_model(context.artifacts["model_dir"])
+        self.model.warm_up()  # e.g. APEM's CPU kernels are built now, within the startup probe, not in a request
 
     def predict(self, context, model_input, params=None):
         return self.model.predict_frame(model_input)

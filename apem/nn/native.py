@@ -12,7 +12,7 @@ directory shared by machines of different CPUs never loads a library built for a
 the library's own file in the cache (named by that key) is ever written, through a temporary folder
 and an atomic rename.
 
-Where there is no compiler (the CUDA image has none) or the build fails, :func:`load_kernels` returns
+Where there is no compiler or the build fails, :func:`load_kernels` returns
 None and callers keep their torch path; ``APEM_NATIVE_KERNELS=0`` asks for that path explicitly
 (benchmarks and tests compare the two).
 """

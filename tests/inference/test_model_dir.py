@@ -119,3 +119,26 @@ def test_save_refuses_a_directory_it_did_not_write(saved, tmp_path):
     assert (target / "sub" / "keep").read_text() == "user data"
     save_model(str(target), model, encoder, default_spec(), overwrite=True)  # a deliberate replacement
     assert sorted(os.listdir(target)) == ["config.json", "features.json", "weights.pt"]
+
+
+@pytest.mark.parametrize("name, builds", [("apem", True), ("esmm", False)])
+def test_warm_up_builds_the_kernels_the_model_predicts_with(saved, tmp_path, name, builds):
+    """The served model (``apem.inference.serving``) warms up as MLflow loads it: a model that predicts through
+    APEM's C kernels has them built then (in a fresh process with an empty kernel cache, as in a new serving pod),
+    and one that does not builds nothing."""
+    import subprocess
+    import sys
+
+    from apem.nn.native import load_kernels
+
+    if builds and load_kernels() is None:
+        pytest.skip("no C compiler to build the kernels")
+    root, _, _, encoder, _ = saved
+    model_dir = save_model(str(tmp_path / name), build_model(name, encoder.fields, 3).eval(), encoder, default_spec())
+    cache = tmp_path / "kernel-cache"
+    load_as_served = ("import sys, types; from apem.inference.serving import ApemServingModel; "
+                      "ApemServingModel().load_context(types.SimpleNamespace(artifacts={'model_dir': sys.argv[1]}))")
+    subprocess.run([sys.executable, "-c", load_as_served, model_dir],
+                   env={**os.environ, "APEM_KERNEL_CACHE": str(cache)}, check=True, timeout=300)
+    built = sorted(p.name for p in cache.glob("apem-kernels-*.so")) if cache.exists() else []
+    assert len(built) == (1 if builds else 0), built
