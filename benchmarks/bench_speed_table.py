@@ -12,6 +12,9 @@ Rows printed (goal in brackets):
 - test AUC (mean over tasks) of APEM's reference path against the fast paths, trained on the same
   day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
 - APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available;
+- context, no goal: the latency of one served request of 1 and of 100 rows, APEM / Shared-Bottom, through what
+  the registered MLflow model runs per request (:meth:`apem.inference.model_dir.LoadedModel.predict_frame`:
+  pandas -> Arrow -> encode -> predict -> recalibrate), on one thread as each serving worker has;
 - context, no goal: matrix-product FLOPs per row of APEM and PLE against Shared-Bottom, for a training
   step and for predict (:func:`matmul_flops_per_row`, on the models as built, before training, so every
   inducing point is in use): a time ratio far above its FLOP ratio is spent outside the matrix products.
@@ -63,7 +66,7 @@ from unfused_apem import UnfusedAPEM  # noqa: E402
 from apem.data.encoding import FeatureEncoder  # noqa: E402
 from apem.data.spec import read_dataset  # noqa: E402
 from apem.eval.metrics import auc  # noqa: E402
-from apem.inference.model_dir import load_model, save_model  # noqa: E402
+from apem.inference.model_dir import feature_frame, load_model, save_model  # noqa: E402
 from apem.models.apem_folded import FoldedAPEM  # noqa: E402
 from apem.models.registry import build_model  # noqa: E402
 from apem.nn.native import DISABLE_ENV  # noqa: E402
@@ -163,6 +166,38 @@ def _predict_once(model_dir: str, name: str, data_dir: str, args) -> None:
     if name == UNFUSED:
         loaded.model.inference_module = lambda rows=None, m=loaded.model: UnfusedAPEM(m)
     loaded.predict_table(read_dataset(data_dir).table, batch_size=args.predict_batch_size)
+
+
+REQUEST_ROWS = (1, 100)
+
+
+def time_requests(root: str, data_dir: str, args) -> dict[str, dict[int, float]]:
+    """Median milliseconds of one served request of n rows (:data:`REQUEST_ROWS`) for the models :func:`time_predict`
+    saved, alternating between them, on one thread (infra/base/serving.yaml gives each worker one)."""
+    table, threads = read_dataset(data_dir).table, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = {name: load_model(os.path.join(root, f"model-{name}")) for name in ("shared_bottom", "apem")}
+        for model in loaded.values():
+            model.warm_up()
+        samples = {name: {rows: [] for rows in REQUEST_ROWS} for name in loaded}
+        for rows in REQUEST_ROWS:
+            frame = feature_frame(table, loaded["apem"].spec.features, rows)
+            for repeat in range(args.request_repeats):
+                for name in (list(loaded) if repeat % 2 == 0 else list(loaded)[::-1]):
+                    started = time.perf_counter()
+                    loaded[name].predict_frame(frame)
+                    samples[name][rows].append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: {rows: float(np.median(t)) * 1e3 for rows, t in by_rows.items()} for name, by_rows in samples.items()}
+
+
+def request_rows(request_ms: dict[str, dict[int, float]]) -> list[tuple[str, str, str]]:
+    return [(f"served request of {rows} row{'s' if rows > 1 else ''}: APEM / Shared-Bottom latency",
+             f"{request_ms['apem'][rows] / request_ms['shared_bottom'][rows]:.2f} "
+             f"({request_ms['apem'][rows]:.1f} vs {request_ms['shared_bottom'][rows]:.1f} ms)",
+             "(context: the paper's inference ratio is 1.34)") for rows in REQUEST_ROWS]
 
 
 def auc_check(root: str, args) -> dict[str, list[float]]:
@@ -274,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--predict-batch-size", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--request-repeats", type=int, default=40, help="served requests per size and model")
     parser.add_argument("--auc-rows", type=int, default=60_000)
     parser.add_argument("--auc-seeds", type=int, nargs="*", default=[0, 1], help="none: skip the AUC check")
     args = parser.parse_args(argv)
@@ -295,18 +331,20 @@ def main(argv: list[str] | None = None) -> dict:
                                                 "apem_reference")}
         predict_s = time_predict(predict_models, encoder, dataset.spec, data_dir, root, args)
         print(json.dumps({"predict_end_to_end_seconds": predict_s}), file=sys.stderr, flush=True)
+        request_ms = time_requests(root, data_dir, args)
         aucs = auc_check(root, args) if args.auc_seeds else {}
         gpu = gpu_samples_per_s(data, encoder.fields, n_tasks)
     rows = len(data)
     report = {"rows": rows, "threads": args.threads, "train_batch_size": args.batch_size,
               "predict_batch_size": args.predict_batch_size, "rounds": args.rounds, "auc_rows": args.auc_rows,
               "auc_seeds": args.auc_seeds, "load_average": os.getloadavg(), "train_seconds": train_s,
-              "predict_end_to_end_seconds": predict_s, "test_auc_mean": aucs,
+              "predict_end_to_end_seconds": predict_s, "served_request_ms": request_ms, "test_auc_mean": aucs,
               "matmul_flops_per_row": flops, "gpu_samples_per_s": gpu}
     print(json.dumps(report, indent=2))
     print(f"\n{rows:,} rows, {args.threads} threads, train batch {args.batch_size}, predict batch "
           f"{args.predict_batch_size}, load average {os.getloadavg()[0]:.1f}\n\n| figure | measured | goal |\n|---|---|---|")
-    for figure, measured, goal in table_rows(rows, train_s, predict_s, aucs, gpu) + flop_rows(flops):
+    for figure, measured, goal in (table_rows(rows, train_s, predict_s, aucs, gpu) + request_rows(request_ms)
+                                   + flop_rows(flops)):
         print(f"| {figure} | {measured} | {goal} |")
     return report
 
