@@ -257,7 +257,8 @@ class FoldedAPEM(nn.Module):
         rows = torch.addcmul(self.norm_bias[layer] * total, pooled - centre, self.norm_weight[layer])  # sum_k a_k Y_k
         if not self.task_indicators:
             return rows.expand(b, self.model.n_tasks, d)
-        parts = rows.reshape(b * self.model.n_tasks, -1) @ self.ps_combined[layer] + self.ps_bias[layer]
+        heads_rows = rows.reshape(b * self.model.n_tasks, self.ps_combined.shape[1])  # explicit sizes, as above
+        parts = heads_rows @ self.ps_combined[layer] + self.ps_bias[layer]
         return parts.view(b, self.model.n_tasks, d)
 
     def _selector_weights(self, raw: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
@@ -270,7 +271,7 @@ class FoldedAPEM(nn.Module):
             weights = torch.ones(1, b, k) if row_weights is None else row_weights.expand(b, k).unsqueeze(0)
             return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         scores = raw.addcmul(self.score_shift[layer], mean.view(1, -1), value=-1.0)
-        scores = scores.mul_(inv_std.view(1, -1)).view(-1, b, k)
+        scores = scores.mul_(inv_std.view(1, -1)).view(raw.shape[0], b, k)  # explicit: -1 is ambiguous for B = 0
         if row_weights is None:
             return torch.softmax(scores, dim=-1)
         e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * row_weights.unsqueeze(0)

@@ -181,12 +181,15 @@ def test_dense_numericals_predict_through_the_model_itself() -> None:
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "torch"])
 def test_an_empty_batch_gives_no_rows_in_every_mode(monkeypatch, step, reading, kernels):
     """A request of zero rows (an empty frame to the served model, the tail of a stream) is answered with
-    (0, N) probabilities, in eval and training mode, on every path; its loss's gradient is zero."""
+    (0, N) probabilities, in eval and training mode, on every path (the lookup tables where the kernels do not
+    run); its loss's gradient is zero."""
     monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
     model, empty = _model(step, deselected_point=reading), _inputs(0)
     with torch.no_grad():
         assert model.eval()(empty).probs.shape == (0, 3)
-        assert model.eval().inference_module(rows=0)(empty).probs.shape == (0, 3)
+        fast = model.eval().inference_module()
+        assert isinstance(fast, FoldedAPEM) == (kernels == "0")
+        assert fast(empty).probs.shape == (0, 3)
     output = model.train()(empty)
     assert output.probs.shape == (0, 3)
     output.probs.sum().backward()
