@@ -25,10 +25,10 @@ CPU predict runs eq. 13-19 through one fused C kernel per layer over the points 
 these short runs: predict takes the general path), ``apem_nothing`` (with
 ``deselected_point="contributes_nothing"``), ``apem_reference`` (the path before issue 9: fixed-rate
 gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
-row, ``gather_fields=False``, as before the distinct-rows path), ``apem_every_point`` (training only: the default APEM over all K points of every layer, as before
-training skipped the points no row of a batch keeps, :meth:`apem.models.apem_model.APEM.kept_pattern_pool`),
-``apem_torch_pools`` (training only:
-the default APEM with its attention poolings through torch instead of the C kernels of
+row, ``gather_fields=False``, as before the distinct-rows path), ``apem_every_point`` (training only: the
+default APEM over all K points of every layer, as before training skipped the points no row of a batch keeps,
+:meth:`apem.models.apem_model.APEM.kept_pattern_pool`), ``apem_torch_pools`` (training only: the default APEM
+with its attention poolings through torch instead of the C kernels of
 :mod:`apem.nn.native_pools`; ``apem_reference`` and ``apem_direct`` run through torch too) and, for predict only,
 ``apem_unfused`` (the trained default APEM through the ASRG kernel and then eq. 18's kernel over all K
 points, predict as it was before the fused kernel, :mod:`unfused_apem`), ``apem_tables`` (the trained
@@ -137,8 +137,13 @@ TABLES = "apem_tables"  # predict-only: the trained default APEM through today's
 UNFUSED = "apem_unfused"  # predict-only: the trained default APEM through the two pooling kernels in turn (before)
 
 
+def model_dir(root: str, name: str) -> str:
+    """Where :func:`time_predict` saves model ``name`` (and :func:`time_requests` loads it)."""
+    return os.path.join(root, f"model-{name}")
+
+
 def time_predict(models: dict, encoder, spec, data_dir: str, root: str, args) -> dict[str, float]:
-    dirs = {name: save_model(os.path.join(root, f"model-{name}"), model.eval(), encoder, spec)
+    dirs = {name: save_model(model_dir(root, name), model.eval(), encoder, spec)
             for name, model in models.items()}
     dirs.update({name + PREVIOUS_TABLES: dirs[name] for name in ("apem", "apem_fixed_rate")})
     dirs.update({name + ALL_POINTS: dirs[name] for name in ("apem", "apem_nothing")})
@@ -177,7 +182,7 @@ def time_requests(root: str, data_dir: str, args) -> dict[str, dict[int, float]]
     table, threads = read_dataset(data_dir).table, torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        loaded = {name: load_model(os.path.join(root, f"model-{name}")) for name in ("shared_bottom", "apem")}
+        loaded = {name: load_model(model_dir(root, name)) for name in ("shared_bottom", "apem")}
         for model in loaded.values():
             model.warm_up()
         samples = {name: {rows: [] for rows in REQUEST_ROWS} for name in loaded}

@@ -218,7 +218,7 @@ static void backward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i6
                              float *restrict grad_factor_t, float *restrict grad_row_weights, float *restrict work) {
     const i64 DP = padded(D);
     float *restrict x_p = work, *restrict f_p = x_p + R * DP, *restrict g_p = f_p + Q * DP;
-    float *restrict gx_p = g_p + Q * DP, *restrict t = gx_p + R * DP, *restrict gs = t + Q * R;  /* (R, DP), (Q, R) */
+    float *restrict gx_p = g_p + Q * DP, *restrict t = gx_p + R * DP, *restrict gs = t + Q * R;  /* (R, DP), (Q, R) each */
     padded_factor(factor, Q, D, DP, f_p);
     memset(grad_factor_t, 0, sizeof(float) * Q * DP);
     for (i64 b = row_begin; b < row_end; ++b) {
