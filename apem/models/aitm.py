@@ -94,8 +94,8 @@ class AITM(MultiTaskModel):
             logits.append(self.heads[t](info))
         return ModelOutput(probs=torch.sigmoid(torch.cat(logits, dim=1)))
 
-    def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = super().loss(output, labels)
         calibrator = behavioral_expectation_calibrator(output.probs)
         total = total + self.config.calibrator_weight * calibrator
-        return total, {**parts, "calibrator": float(calibrator.detach()), "total": float(total.detach())}
+        return total, {**parts, "calibrator": calibrator.detach(), "total": total.detach()}

@@ -253,10 +253,12 @@ class APEM(MultiTaskModel):
         (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster.
         Where the C kernels run this model (float32 on CPU, :mod:`apem.nn.native_pools`), the model itself
         predicts, through the fused inference kernel (:meth:`fused_pattern_pool`): it measured 2.2-2.6x faster
-        than the tables (``benchmarks/bench_speed_table.py``)."""
+        than the tables (``benchmarks/bench_speed_table.py``). On a GPU the model itself predicts too."""
         c = self.config
         if self.training or not c.dynamic_activation or c.layer_input != "fields":
             return self
+        if self.gamma.device.type != "cpu":  # the tables serve CPUs: their data-dependent shapes (which points a
+            return self  # chunk keeps) would make a GPU wait every chunk, where the model runs whole batches
         if self.embedding.dense_vectors is not None:  # dense_log: H depends on the value, not only the row
             return self
         if rows is not None and rows * len(self.fields) < self.embedding.embedding.num_embeddings:

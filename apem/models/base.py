@@ -94,7 +94,8 @@ class MultiTaskModel(nn.Module):
         call; default: the model itself."""
         return self
 
-    def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss and its named parts, detached 0-dim tensors (read once per epoch by the trainer)."""
         return sequential_dependence_loss(output.probs, labels, self.loss_config)
 
 

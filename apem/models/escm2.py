@@ -85,11 +85,11 @@ class ESCM2(ESMM):
             output.aux["imputed_label"] = torch.sigmoid(self.imputation(shared[:, 1:]))
         return output
 
-    def counterfactual_loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def counterfactual_loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The regulariser summed over conditional heads 2..N (plus, for DR, the imputation loss)."""
         conditional, cfg = output.aux["conditional"], self.config
         total = conditional.new_zeros(())
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         for i in range(1, self.n_tasks):
             args = (labels[:, i - 1], labels[:, i], output.probs[:, i - 1], cfg.min_propensity)
             if self.imputation is None:
@@ -98,12 +98,12 @@ class ESCM2(ESMM):
             else:
                 risk, imputation = doubly_robust_risk(conditional[:, i], output.aux["imputed_label"][:, i - 1], *args)
                 total = total + risk + imputation
-                parts[f"imputation_{i}"] = float(imputation.detach())
-            parts[f"counterfactual_{i}"] = float(risk.detach())
+                parts[f"imputation_{i}"] = imputation.detach()
+            parts[f"counterfactual_{i}"] = risk.detach()
         return total, parts
 
-    def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = super().loss(output, labels)
         counterfactual, cf_parts = self.counterfactual_loss(output, labels)
         total = total + self.config.counterfactual_weight * counterfactual
-        return total, {**parts, **cf_parts, "total": float(total.detach())}
+        return total, {**parts, **cf_parts, "total": total.detach()}

@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import nn
 
-from apem.nn.layers import StackedLayerNorm
+from apem.nn.layers import StackedLayerNorm, layer_norm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
                                   pattern_chain, row_pool_backward, row_pool_forward, value_table)
 from apem.nn.selection import dynamic_activation, kept_by_batch
@@ -259,8 +259,7 @@ def gathered_pool_norm(rows: torch.Tensor, index: torch.Tensor, factor: torch.Te
     if native is not None:
         return gathered_pool_norm_forward(native, *inputs, heads, eps)[0]
     outs = gathered_pool(rows, index, factor, mask, combined, bias, queries, heads)
-    return torch.stack([nn.functional.layer_norm(out, out.shape[-1:], w, b, eps)
-                        for out, w, b in zip(outs, norm_weight, norm_bias)])
+    return torch.stack([layer_norm(out, w, b, eps) for out, w, b in zip(outs, norm_weight, norm_bias)])
 
 
 def weighted_softmax(scores: torch.Tensor, row_weights: torch.Tensor, dim: int) -> torch.Tensor:

@@ -106,6 +106,41 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+# Rows narrower than this are normalised by rowwise_layer_norm on a GPU (see layer_norm).
+NARROW_ROW_WIDTH = 128
+
+
+def rowwise_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim as two reductions and elementwise ops, in float32 (as autocast runs
+    ``layer_norm``): (x - mean) / sqrt(biased var + eps) * weight + bias, the same as torch's to rounding."""
+    x = x.float()
+    centred = x - x.mean(dim=-1, keepdim=True)
+    normed = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is None:
+        return normed
+    return torch.addcmul(bias, normed, weight) if bias is not None else normed * weight
+
+
+def uses_rowwise_layer_norm(x: torch.Tensor) -> bool:
+    """Whether :func:`layer_norm` takes :func:`rowwise_layer_norm` for ``x``: off the CPU, on narrow rows."""
+    return x.device.type != "cpu" and x.shape[-1] < NARROW_ROW_WIDTH
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` with an optional affine (weight, bias of that width).
+
+    On a GPU, torch's kernel gives each row a thread block of its own where the width is not a multiple of
+    its vector width: for eq. 17's 1M rows of d = 18 per layer (batch 16384, K = 64) that measured 2.9 ms a
+    call and 54% of an APEM training step on an H200 (``benchmarks/bench_gpu.py --profile-steps``).
+    Narrow rows there go through :func:`rowwise_layer_norm` (``benchmarks/bench_layer_norm.py`` compares the
+    two); on a CPU torch's fused kernel is the faster."""
+    if uses_rowwise_layer_norm(x):
+        return rowwise_layer_norm(x, weight, bias, eps)
+    return nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
 class StackedLayerNorm(nn.Module):
     """LayerNorm over the last dim with separate affine parameters for each of ``L`` stacked layers."""
 
@@ -118,8 +153,8 @@ class StackedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor, layers: slice | int) -> torch.Tensor:
         """x: (L', ..., d) for the layers selected by a slice, or (..., d) for one layer index."""
         if not isinstance(layers, slice):  # one layer: its affine inside the one native call
-            return torch.nn.functional.layer_norm(x, (self.dim,), self.weight[layers], self.bias[layers], self.eps)
-        normed = torch.nn.functional.layer_norm(x, (self.dim,), eps=self.eps)
+            return layer_norm(x, self.weight[layers], self.bias[layers], self.eps)
+        normed = layer_norm(x, eps=self.eps)
         w, b = self.weight[layers], self.bias[layers]
         shape = (w.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
         return torch.addcmul(b.view(shape), normed, w.view(shape))  # one pass for the affine part

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,15 @@ def per_step_weights(value: float | list[float], count: int, what: str) -> list[
     return values
 
 
+@functools.lru_cache(maxsize=64)
+def _weights_on(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, built once: a fresh copy from host memory every step would make
+    a GPU wait until the step's kernels so far have finished (a blocking host-to-device copy)."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def sequential_dependence_loss(probs: torch.Tensor, labels: torch.Tensor,
-                               config: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                               config: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 21 with eq. 23's MSE: L = L_M + L_D on entire-space probabilities f_i = P(T_i = 1 | X).
 
     - L_M (eq. 20/21, first sum) = sum_i w_i * mean_j BCE(f_i(x_j), o_j^i)
@@ -37,7 +45,8 @@ def sequential_dependence_loss(probs: torch.Tensor, labels: torch.Tensor,
     Eq. 23's per-sample weight w is 1 (as in the paper). ``probs`` and ``labels`` are (B, N) in
     funnel order; w = ``config.task_weights`` (N values), sigma = ``config.dependence_weights``
     (N - 1 values). L_D is skipped (and reported as 0) when every sigma is 0.
-    Returns the total and the float parts ``l_m``, ``l_d``, ``total``.
+    Returns the total and its parts ``l_m``, ``l_d``, ``total`` as detached 0-dim tensors: the trainer sums
+    them over an epoch on the device and reads them once (a float per step would wait for the GPU each step).
     """
     if probs.shape != labels.shape or probs.dim() != 2:
         raise ValueError(f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} must both be (batch, steps)")
@@ -45,11 +54,11 @@ def sequential_dependence_loss(probs: torch.Tensor, labels: torch.Tensor,
     w = per_step_weights(config.task_weights, n_tasks, "task_weights")
     sigma = per_step_weights(config.dependence_weights, n_tasks - 1, "dependence_weights")
     bce = F.binary_cross_entropy(probs, labels, reduction="none").mean(dim=0)
-    l_m = (bce * probs.new_tensor(w)).sum()
+    l_m = (bce * _weights_on(tuple(w), probs.device, probs.dtype)).sum()
     if any(sigma):
         gaps = (probs[:, :-1] - probs[:, 1:]) - (labels[:, :-1] - labels[:, 1:])
-        l_d = (gaps.square().mean(dim=0) * probs.new_tensor(sigma)).sum()
+        l_d = (gaps.square().mean(dim=0) * _weights_on(tuple(sigma), probs.device, probs.dtype)).sum()
     else:
         l_d = probs.new_zeros(())
     total = l_m + l_d
-    return total, {"l_m": float(l_m.detach()), "l_d": float(l_d.detach()), "total": float(total.detach())}
+    return total, {"l_m": l_m.detach(), "l_d": l_d.detach(), "total": total.detach()}

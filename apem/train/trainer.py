@@ -214,23 +214,24 @@ class _Loop:
         """One pass over the training data in this epoch's order; returns the epoch's record."""
         model, config = self.model, self.config
         model.train()
-        started, loss_sum, parts_sum, batches, rows = time.perf_counter(), 0.0, {}, 0, 0
+        started, sums, batches, rows = time.perf_counter(), {}, 0, 0
         with _progress_bar(self.rows, f"epoch {epoch + 1}/{config.epochs}", config.progress) as bar:
             for x, y in self.train.epoch_batches(epoch, config.batch_size, config.seed):
                 loss, parts = self.step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 batches += 1
                 rows += x.shape[0]
-                loss_sum += loss
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+                # summed on the device and read once per epoch: a float per step would make the host wait
+                # for the GPU every step (the bar, shown only on a terminal, reads its loss each step)
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums[k] + v if k in sums else v
                 if bar.disable is False:
                     bar.update(x.shape[0])
-                    bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{rows / (time.perf_counter() - started):,.0f}")
+                    bar.set_postfix(loss=f"{float(loss):.4f}", rows_s=f"{rows / (time.perf_counter() - started):,.0f}")
+        means = {f"train_{k}": float(v) / batches for k, v in sums.items()}  # the epoch's one wait for the device
         seconds = time.perf_counter() - started
-        return {"epoch": epoch, "seconds": seconds, "samples_per_s": rows / seconds, "rows": rows,
-                **{f"train_{k}": v / batches for k, v in parts_sum.items()}, "train_loss": loss_sum / batches}
+        return {"epoch": epoch, "seconds": seconds, "samples_per_s": rows / seconds, "rows": rows, **means}
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, float]]:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.model.set_training_progress(self.progress.step, self.total_steps)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
             output = self.model(x)
@@ -239,12 +240,12 @@ class _Loop:
         if self.embedding_l2 is not None:
             penalty = self.model.embedding.row_penalty(x, self.embedding_l2)
             loss = loss + penalty
-            parts = {**parts, "embedding_penalty": float(penalty.detach())}
+            parts = {**parts, "embedding_penalty": penalty.detach()}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.progress.step += 1
-        return float(loss.detach()), parts
+        return loss.detach(), parts
 
     def end_epoch(self, record: dict, val: TrainingData | None) -> None:
         """Validate, keep the best state, and count epochs without improvement."""

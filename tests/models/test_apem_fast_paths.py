@@ -157,6 +157,9 @@ def test_inference_module_only_in_eval_mode_with_fields_input(monkeypatch):
     assert _model(0).eval().inference_module(few_rows + 1).__class__ is APEM  # the C kernels: faster than tables
     monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")
     assert _model(0).eval().inference_module(few_rows + 1).__class__ is FoldedAPEM
+    # the tables are a CPU structure (built with CPU tensors); any other device ("meta" stands in for a GPU here,
+    # which CI has none of) predicts through the model itself
+    assert _model(0).to("meta").eval().inference_module(few_rows + 1).__class__ is APEM
     without_asrg = APEM(FIELDS, 3, APEM.Config(embed_dim=6, inducing_points=8, layers=3, dynamic_activation=False))
     assert without_asrg.eval().inference_module() is without_asrg
 

@@ -52,6 +52,18 @@ def test_every_model_answers_an_empty_batch(name: str) -> None:
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_loss_parts_stay_tensors_until_the_trainer_reads_them(name: str) -> None:
+    """The loss and its parts are detached 0-dim tensors, not floats: the trainer sums them on the device and
+    reads them once per epoch, since each float would make a GPU step wait for its kernels to finish."""
+    model, (x, labels) = build_model(name, FIELDS, 3), random_batch(32, 3)
+    total, parts = model.loss(model.train()(x), labels)
+    assert "total" in parts
+    for name_, value in parts.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, name_
+    assert float(parts["total"]) == pytest.approx(float(total))
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_loss_decreases_over_a_few_steps(name: str) -> None:
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from apem.nn.layers import MLP, FieldEmbedding, TaskTowers
+from apem.nn.layers import MLP, FieldEmbedding, TaskTowers, layer_norm, rowwise_layer_norm, uses_rowwise_layer_norm
 from apem.nn.attention import (InducingPointAttention, PatternSelector, multihead_attention, row_attention_pool,
                                 weighted_softmax)
 from apem.nn.selection import dynamic_activation, gamma_at
@@ -202,3 +202,28 @@ def test_row_attention_pool_matches_autograd_in_outputs_and_gradients(monkeypatc
         inputs.append(z.requires_grad_(True))
     _assert_same_outputs_and_gradients(lambda: row_attention_pool(shared, factor, z),
                                        lambda: _row_attention_pool_autograd(shared, factor, z), inputs)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rowwise_layer_norm_matches_torch_in_outputs_and_gradients(affine: bool) -> None:
+    """The GPU's narrow-row LayerNorm (apem.nn.layers.layer_norm) is torch's to float rounding, gradients too."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 300, 18) * 3 + 1).requires_grad_()
+    weight = torch.randn(18, requires_grad=True) if affine else None
+    bias = torch.randn(18, requires_grad=True) if affine else None
+    grad = torch.randn(4, 300, 18)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    ours = rowwise_layer_norm(x, weight, bias, 1e-5)
+    expected = torch.nn.functional.layer_norm(x, (18,), weight, bias, 1e-5)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_takes_the_rowwise_form_only_for_narrow_rows_off_the_cpu() -> None:
+    # "meta" stands in for a GPU, which CI has none of; the CPU keeps torch's fused kernel
+    assert uses_rowwise_layer_norm(torch.empty(8, 18, device="meta"))
+    assert not uses_rowwise_layer_norm(torch.empty(8, 256, device="meta"))
+    assert not uses_rowwise_layer_norm(torch.empty(8, 18))
+    x = torch.randn(8, 18)
+    torch.testing.assert_close(layer_norm(x), torch.nn.functional.layer_norm(x, (18,)))

@@ -24,7 +24,7 @@ def test_loss_matches_hand_computation():
     l_d = 1.0 * d1 + 3.0 * d2
     assert parts["l_m"] == pytest.approx(l_m, rel=1e-5)
     assert parts["l_d"] == pytest.approx(l_d, rel=1e-5)
-    assert float(total) == pytest.approx(l_m + l_d, rel=1e-5) == pytest.approx(parts["total"], rel=1e-6)
+    assert float(total) == pytest.approx(l_m + l_d, rel=1e-5) == pytest.approx(float(parts["total"]), rel=1e-6)
 
 
 def test_zero_sigma_is_plain_multi_task_loss_and_gradients_flow():
