@@ -11,7 +11,8 @@ Rows printed (goal in brackets):
   encode, forward, recalibrate), the fastest of ``--rounds`` passes;
 - test AUC (mean over tasks) of APEM's reference path against the fast paths, trained on the same
   day split with the same seeds (``--auc-seeds``; 2 epochs, early stopping) (unchanged within noise);
-- APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available;
+- APEM training samples/s on a GPU (>= 600k/s), only when CUDA is available: ``bench_gpu.py``'s measurement
+  (``--gpu-rows`` synthetic rows, bf16 autocast, batch 16384);
 - context, no goal: the latency of one served request of 1 and of 100 rows, APEM / Shared-Bottom, through what
   the registered MLflow model runs per request (:meth:`apem.inference.model_dir.LoadedModel.predict_frame`:
   pandas -> Arrow -> encode -> predict -> recalibrate), on one thread as each serving worker has;
@@ -58,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_gpu  # noqa: E402
 from all_points_folded_apem import AllPointsFoldedAPEM  # noqa: E402
 from bench_model import day_split  # noqa: E402
 from previous_folded_apem import PreviousFoldedAPEM  # noqa: E402
@@ -229,21 +231,22 @@ def auc_check(root: str, args) -> dict[str, list[float]]:
     return out
 
 
-def gpu_samples_per_s(data: EncodedData, fields, n_tasks: int) -> dict[str, float] | None:
-    """APEM and Shared-Bottom training samples/s on CUDA (batch 8192, fp32), or None without a GPU."""
+def gpu_samples_per_s(rows: int) -> dict[str, float] | None:
+    """APEM and Shared-Bottom training samples/s on CUDA as ``bench_gpu.py`` measures them (its synthetic
+    ``rows``, bf16 autocast, batch 16384, one timed epoch after a warm-up), or None without a GPU."""
     if not torch.cuda.is_available():
         return None
-    out = {}
-    for variant in ("apem", "shared_bottom"):
-        model = build(variant, fields, n_tasks)
-        config = TrainConfig(epochs=1, batch_size=8192, seed=0, device="cuda", progress=False)
-        fit(model, EncodedData(data.x[:65536], data.y[:65536]), None, config)  # warm-up
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fit(model, data, None, config)
-        torch.cuda.synchronize()
-        out[variant] = len(data) / (time.perf_counter() - started)
-    return out
+    settings = argparse.Namespace(device="cuda", batch_size=16384, precision="bf16")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as bench_gpu.py: TF32 for the float32 poolings
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            train, test, fields, n_tasks = bench_gpu.prepare(rows, root)
+        train, test = train.to_device(torch.device("cuda")), test.to_device(torch.device("cuda"))
+        return {name: bench_gpu.measure(name, train, test, fields, n_tasks, settings)["samples_per_s"]
+                for name in ("apem", "shared_bottom")}
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def matmul_flops_per_row(models: dict, data: EncodedData, batch: int = 1024) -> dict[str, dict[str, float]]:
@@ -302,7 +305,7 @@ def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict 
             ("train apem_direct / PLE", f"{direct / train_s['ple']:.2f}", "(before: direct path)")]
     for variant, values in aucs.items():
         out.append((f"test AUC {variant}, per seed", " / ".join(f"{v:.4f}" for v in values), "unchanged within seed noise"))
-    out.append(("GPU train APEM samples/s", f"{gpu['apem']:,.0f} (Shared-Bottom {gpu['shared_bottom']:,.0f})"
+    out.append(("GPU train APEM samples/s (bf16, batch 16384)", f"{gpu['apem']:,.0f} (Shared-Bottom {gpu['shared_bottom']:,.0f})"
                 if gpu else "not measured: no CUDA device", ">= 600,000"))
     return out
 
@@ -316,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--request-repeats", type=int, default=40, help="served requests per size and model")
     parser.add_argument("--auc-rows", type=int, default=60_000)
+    parser.add_argument("--gpu-rows", type=int, default=2_000_000, help="synthetic rows of the GPU row (CUDA only)")
     parser.add_argument("--auc-seeds", type=int, nargs="*", default=[0, 1], help="none: skip the AUC check")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({"predict_end_to_end_seconds": predict_s}), file=sys.stderr, flush=True)
         request_ms = time_requests(root, data_dir, args)
         aucs = auc_check(root, args) if args.auc_seeds else {}
-        gpu = gpu_samples_per_s(data, encoder.fields, n_tasks)
+        gpu = gpu_samples_per_s(args.gpu_rows)
     rows = len(data)
     report = {"rows": rows, "threads": args.threads, "train_batch_size": args.batch_size,
               "predict_batch_size": args.predict_batch_size, "rounds": args.rounds, "auc_rows": args.auc_rows,

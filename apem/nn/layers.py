@@ -107,7 +107,7 @@ class MLP(nn.Module):
 
 
 # Rows narrower than this are normalised by rowwise_layer_norm on a GPU (see layer_norm).
-NARROW_ROW_WIDTH = 128
+NARROW_ROW_WIDTH = 32
 
 
 def rowwise_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -131,11 +131,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of ``x`` with an optional affine (weight, bias of that width).
 
-    On a GPU, torch's kernel gives each row a thread block of its own where the width is not a multiple of
-    its vector width: for eq. 17's 1M rows of d = 18 per layer (batch 16384, K = 64) that measured 2.9 ms a
-    call and 54% of an APEM training step on an H200 (``benchmarks/bench_gpu.py --profile-steps``).
-    Narrow rows there go through :func:`rowwise_layer_norm` (``benchmarks/bench_layer_norm.py`` compares the
-    two); on a CPU torch's fused kernel is the faster."""
+    On a GPU, torch's kernel is slow on narrow rows: for eq. 17's 1M rows of d = 18 per layer (batch 16384,
+    K = 64) it measured 2.9 ms a call and 54% of an APEM training step on an H200
+    (``benchmarks/bench_gpu.py --profile-steps``). Rows narrower than ``NARROW_ROW_WIDTH`` there go through
+    :func:`rowwise_layer_norm`: forward and backward of 1M rows on the H200 (``benchmarks/bench_layer_norm.py``)
+    measured torch / rowwise 1.73 at width 16, 4.13 at 18, and 0.94, 0.62, 0.40 at 32, 64, 128. On a CPU
+    torch's fused kernel is the faster at every width."""
     if uses_rowwise_layer_norm(x):
         return rowwise_layer_norm(x, weight, bias, eps)
     return nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
