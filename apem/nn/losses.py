@@ -31,8 +31,10 @@ def per_step_weights(value: float | list[float], count: int, what: str) -> list[
 @functools.lru_cache(maxsize=64)
 def _weights_on(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``values`` as a tensor on ``device``, built once: a fresh copy from host memory every step would make
-    a GPU wait until the step's kernels so far have finished (a blocking host-to-device copy)."""
-    return torch.tensor(values, device=device, dtype=dtype)
+    a GPU wait until the step's kernels so far have finished (a blocking host-to-device copy). Built outside
+    inference mode, so that a first call under it does not leave a tensor that autograd may not save."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, device=device, dtype=dtype)
 
 
 def sequential_dependence_loss(probs: torch.Tensor, labels: torch.Tensor,

@@ -44,3 +44,16 @@ def test_weight_lengths_are_checked():
         sequential_dependence_loss(probs, labels, LossConfig(dependence_weights=[1.0]))
     with pytest.raises(ValueError, match="batch, steps"):
         sequential_dependence_loss(probs, torch.zeros(2, 2), LossConfig())
+
+
+def test_a_loss_first_taken_in_inference_mode_still_trains_afterwards():
+    """The loss weights are built once per device and kept: the first build may happen under inference mode
+    (an evaluation), and the kept tensor must still be one autograd can save for a later backward."""
+    config = LossConfig(task_weights=[1.0, 0.7, 0.3], dependence_weights=[0.9, 0.4])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    with torch.inference_mode():
+        sequential_dependence_loss(torch.full((2, 3), 0.5), labels, config)
+    logits = torch.zeros(2, 3, requires_grad=True)
+    total, _ = sequential_dependence_loss(torch.sigmoid(logits), labels, config)
+    total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
