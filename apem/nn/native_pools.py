@@ -54,8 +54,10 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def native_library(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     """The compiled kernels when every tensor given is a float32 CPU tensor and the kernels are built, else None
-    (also while torch.jit traces: a tracer cannot see into C, so a traced graph keeps the torch ops)."""
-    if torch.jit.is_tracing():
+    (also while torch.jit traces or torch.compile compiles: a tracer cannot see into C, so a traced graph keeps
+    the torch ops; compiled, the kernels' raw pointers would point into tensors the graph does not keep alive,
+    which measured as heap corruption under torch 2.11)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return None

@@ -19,7 +19,7 @@ from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_
 from apem.nn.selection import dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
-from apem.data.encoding import FeatureEncoder
+from apem.data.encoding import FeatureEncoder, FieldSpec
 from apem.train.trainer import TrainConfig, encode_dataset, fit
 
 pytestmark = pytest.mark.skipif(native.load_kernels() is None, reason="no C compiler to build the kernels")
@@ -385,3 +385,24 @@ def test_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                             env={**os.environ, "OMP_THREAD_LIMIT": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("3 passed"), result.stdout[-3000:]
+
+
+def test_a_compiled_model_takes_the_torch_path_and_matches_the_kernels(monkeypatch):
+    """Under torch.compile the kernels stay out (their raw pointers would point into tensors a compiled graph
+    does not keep alive): dynamo traces the torch path, which gives what the kernels give, gradients too.
+    backend="eager" runs dynamo's tracing without inductor's code generation (seconds, not a minute)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 18, generator=gen)
+    assert native_library(x) is not None  # eager: the kernels
+    assert torch.compile(lambda t: t * 2 if native_library(t) is None else t * 3, backend="eager")(x).equal(x * 2)
+    fields = [FieldSpec("a", 7), FieldSpec("b", 5), FieldSpec("c", 11), FieldSpec("d", 3)]
+    torch.manual_seed(0)
+    model = build_model("apem", fields, 3).train()
+    batch = torch.stack([torch.randint(0, f.cardinality, (64,), generator=gen) for f in fields], dim=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(forward):
+        probs = forward(batch).probs
+        return [probs.detach()], torch.autograd.grad(probs.square().sum(), params)
+
+    _assert_close(step(torch.compile(model.forward, backend="eager")), step(model.forward))
