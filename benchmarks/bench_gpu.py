@@ -24,6 +24,7 @@ samples in <= 60 s). ``benchmarks/gpu_check.sh`` installs the environment and ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -50,6 +51,7 @@ from apem.research.synth import SynthConfig, write_synthetic_dataset  # noqa: E4
 from apem.train.trainer import EncodedData, TrainConfig, encode_dataset, fit  # noqa: E402
 
 GOAL_APEM_SAMPLES_PER_S = 600_000
+BATCH_SIZE, PRECISION = 16384, "bf16"  # the check's setting (bench_speed_table.py's GPU row takes it too)
 WARM_UP_ROWS = 65536
 
 
@@ -61,6 +63,26 @@ def prepare(rows: int, root: str) -> tuple[EncodedData, EncodedData, list, int]:
     encoder = FeatureEncoder(train_ds.spec).fit(train_ds)
     train, test = encode_dataset(train_ds, encoder), encode_dataset(test_ds, encoder)
     return train, test, encoder.fields, train.y.shape[1]
+
+
+def prepared_on_device(rows: int, device: torch.device) -> tuple[EncodedData, EncodedData, list, int]:
+    """:func:`prepare` in a temporary folder, the encoded splits moved to ``device`` before any clock starts
+    (fit() would otherwise copy them there again for every timed epoch)."""
+    with tempfile.TemporaryDirectory() as root:
+        train, test, fields, n_tasks = prepare(rows, root)
+    return train.to_device(device), test.to_device(device), fields, n_tasks
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(level: str):
+    """torch's float32 matmul precision set to ``level`` inside, restored after. The check runs under "high":
+    APEM's hand-written poolings run in float32 outside autocast, and so may use TF32 tensor cores."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def synchronize(device: torch.device) -> None:
@@ -132,13 +154,9 @@ def device_agreement(model, test: EncodedData, device: torch.device, rows: int =
     """Max |p_device - p_cpu| of the trained model's float32 predictions on ``rows`` test rows, TF32 off:
     the CPU path (the C kernels or torch ops) is the reference the device path must match."""
     x = test.x[:rows].cpu()
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with float32_matmul_precision("highest"):
         on_device = predict(model, x, batch_size=rows, device=device)
         on_cpu = predict(copy.deepcopy(model).cpu(), x, batch_size=rows, device="cpu")
-    finally:
-        torch.set_float32_matmul_precision(previous)
     return {"rows": int(x.shape[0]), "max_abs_diff": float(np.abs(on_device - on_cpu).max())}
 
 
@@ -247,8 +265,8 @@ def run_extras(best_apem, train, test, fields, n_tasks, args, started: float) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--batch-size", type=int, default=16384)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=PRECISION)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sweep", action="store_true", help="also time APEM at other settings")
     parser.add_argument("--sweep-batch-sizes", default="4096,65536,262144")
@@ -256,20 +274,20 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many APEM training steps")
     parser.add_argument("--budget-s", type=float, default=240.0, help="skip the extras that start after this")
     parser.add_argument("--preflight", action="store_true", help="first train every model two steps on the device")
-    parser.add_argument("--out", help="also write report.json (and profile.txt) here")
+    parser.add_argument("--out", help="also write report.json (and profile.txt) into this new or empty folder")
     args = parser.parse_args()
+    if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        # what is there is not this run's: never written over
+        print(f"bench_gpu: --out {args.out} must be a new or empty folder", file=sys.stderr)
+        sys.exit(2)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         # `make bench` runs every benchmark; on a machine without a GPU this one has nothing to measure
         print(json.dumps({"skipped": f"no CUDA device visible to torch {torch.__version__}"}))
         return
     started = time.perf_counter()
-    # APEM's hand-written poolings run in float32 outside autocast: let them use TF32 tensor cores
-    torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision("high")  # see float32_matmul_precision
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as root:
-        train, test, fields, n_tasks = prepare(args.rows, root)
-    # on the device before the clock starts: fit() would copy them there again for every timed epoch
-    train, test = train.to_device(device), test.to_device(device)
+    train, test, fields, n_tasks = prepared_on_device(args.rows, device)
     prepare_s = time.perf_counter() - started
     checks = preflight(train, fields, n_tasks, args) if args.preflight else {}
     print(json.dumps({"prepare_seconds": prepare_s, "preflight": checks}), flush=True)

@@ -236,17 +236,11 @@ def gpu_samples_per_s(rows: int) -> dict[str, float] | None:
     ``rows``, bf16 autocast, batch 16384, one timed epoch after a warm-up), or None without a GPU."""
     if not torch.cuda.is_available():
         return None
-    settings = argparse.Namespace(device="cuda", batch_size=16384, precision="bf16")
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # as bench_gpu.py: TF32 for the float32 poolings
-    try:
-        with tempfile.TemporaryDirectory() as root:
-            train, test, fields, n_tasks = bench_gpu.prepare(rows, root)
-        train, test = train.to_device(torch.device("cuda")), test.to_device(torch.device("cuda"))
+    settings = argparse.Namespace(device="cuda", batch_size=bench_gpu.BATCH_SIZE, precision=bench_gpu.PRECISION)
+    with bench_gpu.float32_matmul_precision("high"):
+        train, test, fields, n_tasks = bench_gpu.prepared_on_device(rows, torch.device("cuda"))
         return {name: bench_gpu.measure(name, train, test, fields, n_tasks, settings)["samples_per_s"]
                 for name in ("apem", "shared_bottom")}
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def matmul_flops_per_row(models: dict, data: EncodedData, batch: int = 1024) -> dict[str, dict[str, float]]:
@@ -305,7 +299,7 @@ def table_rows(rows: int, train_s: dict, predict_s: dict, aucs: dict, gpu: dict 
             ("train apem_direct / PLE", f"{direct / train_s['ple']:.2f}", "(before: direct path)")]
     for variant, values in aucs.items():
         out.append((f"test AUC {variant}, per seed", " / ".join(f"{v:.4f}" for v in values), "unchanged within seed noise"))
-    out.append(("GPU train APEM samples/s (bf16, batch 16384)", f"{gpu['apem']:,.0f} (Shared-Bottom {gpu['shared_bottom']:,.0f})"
+    out.append((f"GPU train APEM samples/s ({bench_gpu.PRECISION}, batch {bench_gpu.BATCH_SIZE})", f"{gpu['apem']:,.0f} (Shared-Bottom {gpu['shared_bottom']:,.0f})"
                 if gpu else "not measured: no CUDA device", ">= 600,000"))
     return out
 
