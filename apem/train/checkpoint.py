@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from apem.data.atomic import atomic_file
+from apem.data.atomic import atomic_file, remove_stale_staging
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -55,12 +55,14 @@ def first_difference(saved: dict, current: dict) -> str | None:
 
 
 def remove_checkpoint(checkpoint_dir: str | None) -> None:
-    """Remove a finished run's checkpoint (and its directory when nothing else is in it)."""
+    """Remove a finished run's checkpoint, the staging of checkpoint writes whose process was killed mid-write,
+    and the directory when nothing else is in it."""
     if not checkpoint_dir:
         return
     path = os.path.join(checkpoint_dir, CHECKPOINT_FILE)
     if os.path.exists(path):
         os.remove(path)
+    remove_stale_staging(path)
     if os.path.isdir(checkpoint_dir) and not os.listdir(checkpoint_dir):
         os.rmdir(checkpoint_dir)
 

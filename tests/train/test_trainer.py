@@ -179,3 +179,22 @@ def test_bf16_autocast_trains_with_float32_weights_and_loss(encoded, name):
 def test_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp16")
+
+
+def test_a_finished_run_removes_the_staging_of_a_killed_checkpoint_write(tmp_path):
+    """A run killed inside torch.save leaves its staging beside the checkpoint; the run that finishes removes it
+    with the checkpoint and the folder (what tests/cli/test_fault_injection.py caught), and keeps a live
+    writer's staging and anything it did not write."""
+    from apem.train.checkpoint import CHECKPOINT_FILE, remove_checkpoint
+
+    killed, done = tmp_path / "killed.checkpoints", tmp_path / "shared.checkpoints"
+    for folder in (killed, done):
+        folder.mkdir()
+        (folder / CHECKPOINT_FILE).write_bytes(b"state")
+        (folder / f".{CHECKPOINT_FILE}.999999999-abc.tmp").write_bytes(b"partial")  # a pid no process has
+    (done / f".{CHECKPOINT_FILE}.{os.getppid()}-abc.tmp").write_bytes(b"live")  # a live writer's
+    (done / "notes.txt").write_text("user data")
+    remove_checkpoint(str(killed))
+    remove_checkpoint(str(done))
+    assert not killed.exists()
+    assert sorted(os.listdir(done)) == [f".{CHECKPOINT_FILE}.{os.getppid()}-abc.tmp", "notes.txt"]
