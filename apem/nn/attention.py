@@ -562,8 +562,9 @@ class PatternSelector(nn.Module):
 
     def chain(self, task_parts: torch.Tensor) -> torch.Tensor:
         """Eq. 19: T^k = LayerNorm(T^{k-1} + F^k) over the layers' F^k (L, B, N, d), T^1 = LayerNorm(F^1) -> T^L.
-        Inference on CPU runs it per sample in C (:func:`apem.nn.native_pools.pattern_chain`); this is its reference."""
-        lib = None if torch.is_grad_enabled() else native_library(task_parts, self.norm.weight)
+        On CPU it runs per sample in C, forward and backward (:func:`apem.nn.native_pools.pattern_chain`); this is
+        its reference."""
+        lib = native_library(task_parts, self.norm.weight, self.norm.bias)
         if lib is not None:
             return pattern_chain(lib, task_parts, self.norm.weight, self.norm.bias, self.norm.eps)
         t = self.norm(task_parts[0], 0)

@@ -44,7 +44,9 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fused_predict_work_floats": ([_PTR], _I64),
         "fused_predict": ([_PTR, _I64, _I64, _PTR, _PTR], None),
         "fused_predict_tables": ([_PTR, _I64, _I64, _PTR, _I64, ctypes.c_float, _PTR, _PTR, _PTR], _I64),
-        "pattern_chain": ([_I64] * 4 + [_PTR] * 3 + [ctypes.c_float, _I64, _PTR], None),
+        "pattern_chain": ([_I64] * 4 + [_PTR] * 3 + [ctypes.c_float, _I64] + [_PTR] * 3, None),
+        "pattern_chain_slot_floats": ([_I64] * 2, _I64),
+        "pattern_chain_backward": ([_I64] * 4 + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -251,13 +253,52 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
 
 def pattern_chain(lib: ctypes.CDLL, task_parts: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                   eps: float) -> torch.Tensor:
-    """Eq. 19's chain of :meth:`apem.nn.attention.PatternSelector.chain` per sample in C (``fused_predict.c``), for
-    inference: task_parts F (L, B, N, d), norm_weight and norm_bias (L, d) -> T^L (B, N, d)."""
+    """Eq. 19's chain of :meth:`apem.nn.attention.PatternSelector.chain` per sample in C (``pattern_chain.c``),
+    task_parts F (L, B, N, d), norm_weight and norm_bias (L, d) -> T^L (B, N, d); differentiable
+    (:class:`NativePatternChain`) where gradients are on."""
+    if torch.is_grad_enabled():
+        return NativePatternChain.apply(lib, task_parts, norm_weight, norm_bias, eps)
+    return _pattern_chain_forward(lib, task_parts, norm_weight, norm_bias, eps, for_backward=False)[0]
+
+
+def _pattern_chain_forward(lib: ctypes.CDLL, task_parts: torch.Tensor, norm_weight: torch.Tensor,
+                           norm_bias: torch.Tensor, eps: float, for_backward: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """T^L (B, N, d) and, ``for_backward``, each layer's normalised rows (L, B, N, d) and 1 / sigma (L, B, N)."""
     n, b, tasks, d = task_parts.shape
     task_parts, norm_weight, norm_bias = task_parts.contiguous(), norm_weight.contiguous(), norm_bias.contiguous()
     out = task_parts.new_empty(b, tasks, d)
-    lib.pattern_chain(n, b, tasks, d, _ptr(task_parts), _ptr(norm_weight), _ptr(norm_bias), eps, _threads(b), _ptr(out))
-    return out
+    xhat = torch.empty_like(task_parts) if for_backward else None
+    rstd = task_parts.new_empty(n, b, tasks) if for_backward else None
+    lib.pattern_chain(n, b, tasks, d, _ptr(task_parts), _ptr(norm_weight), _ptr(norm_bias), eps, _threads(b), _ptr(out),
+                      None if xhat is None else _ptr(xhat), None if rstd is None else _ptr(rstd))
+    return out, xhat, rstd
+
+
+class NativePatternChain(torch.autograd.Function):
+    """Autograd for eq. 19's chain through ``pattern_chain.c``: forward saves each layer's normalised rows and
+    1 / sigma (as torch's LayerNorm would), backward runs the chain back per sample."""
+
+    @staticmethod
+    def forward(ctx, lib, task_parts, norm_weight, norm_bias, eps):
+        out, xhat, rstd = _pattern_chain_forward(lib, task_parts, norm_weight, norm_bias, eps, for_backward=True)
+        ctx.lib = lib
+        ctx.save_for_backward(norm_weight.contiguous(), xhat, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        norm_weight, xhat, rstd = ctx.saved_tensors
+        n, b, tasks, d = xhat.shape
+        grad_out, threads = grad_out.contiguous(), _threads(b)  # held here: the kernel reads it through a raw pointer
+        grad_parts = torch.empty_like(xhat)
+        # zeroed here: a slot the OpenMP runtime gives no thread to (it may give fewer than asked) adds nothing
+        slots = xhat.new_zeros(threads, ctx.lib.pattern_chain_slot_floats(n, d))
+        ctx.lib.pattern_chain_backward(n, b, tasks, d, _ptr(norm_weight), _ptr(xhat), _ptr(rstd),
+                                       _ptr(grad_out), threads, _ptr(grad_parts), _ptr(slots))
+        grad_weight, grad_bias = slots.sum(0).view(2, n, d)
+        return None, grad_parts, grad_weight, grad_bias, None
 
 
 def row_pool_forward(lib: ctypes.CDLL, factor: torch.Tensor, row_weights: torch.Tensor | None,

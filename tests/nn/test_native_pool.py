@@ -223,19 +223,32 @@ def test_fused_predict_checks_the_index():
                       norm_weight, norm_bias, 2, 1e-5, torch.randn(2, 6, 4), True)
 
 
-def test_pattern_chain_kernel_matches_the_torch_chain():
-    """Eq. 19's chain of LayerNorms (PatternSelector.chain), which inference runs per sample in C."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sizes", [(4, 300, 3, 18), (1, 70, 2, 6)], ids=["table2-avx2", "odd-portable"])
+def test_pattern_chain_kernel_matches_the_torch_path(monkeypatch, sizes, threads):
+    """Eq. 19's chain of LayerNorms (PatternSelector.chain) through the C chain and through torch: T^L and the
+    gradients of the parts and of the norms' weights and biases, and the inference branch."""
+    layers, b, tasks, d = sizes
     gen = torch.Generator().manual_seed(4)
-    selector = PatternSelector(4, 3, 18, 2)
+    selector = PatternSelector(layers, tasks, d, 2)
     with torch.no_grad():
-        selector.norm.weight.add_(0.3 * torch.randn(4, 18, generator=gen))
-        selector.norm.bias.add_(0.3 * torch.randn(4, 18, generator=gen))
-    parts = torch.randn(4, 300, 3, 18, generator=gen) * 2
-    with torch.no_grad():
-        fast = selector.chain(parts)
-    with torch.enable_grad():  # gradients on: the torch reference
-        reference = selector.chain(parts).detach()
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+        selector.norm.weight.add_(0.3 * torch.randn(layers, d, generator=gen))
+        selector.norm.bias.add_(0.3 * torch.randn(layers, d, generator=gen))
+    parts = (torch.randn(layers, b, tasks, d, generator=gen) * 2).requires_grad_()
+    inputs = [parts, selector.norm.weight, selector.norm.bias]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # T^L transposed, so that the gradient reaching the chain's backward is not contiguous (as from the towers)
+        fast, reference = _both_paths(monkeypatch, lambda: _outputs_and_gradients(
+            lambda: selector.chain(parts).transpose(0, 1), inputs))
+        monkeypatch.setenv(native.DISABLE_ENV, "1")
+        with torch.no_grad():  # the inference branch takes the kernel too
+            no_grad = selector.chain(parts).transpose(0, 1)
+    finally:
+        torch.set_num_threads(previous)
+    _assert_close(fast, reference)
+    torch.testing.assert_close(no_grad, reference[0][0], atol=1e-5, rtol=1e-5)
 
 
 def test_portable_build_matches_the_avx2_build(monkeypatch):
@@ -383,7 +396,7 @@ def test_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
     selected = "matches_the_torch_path and table2-avx2 and 2]"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                             env={**os.environ, "OMP_THREAD_LIMIT": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("3 passed"), result.stdout[-3000:]
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("4 passed"), result.stdout[-3000:]
 
 
 def test_a_compiled_model_takes_the_torch_path_and_matches_the_kernels(monkeypatch):

@@ -262,22 +262,3 @@ void fused_predict(const PredictLayer *L, i64 B, i64 threads, float *pooled, flo
         predict_rows(L, B * t / n, B * (t + 1) / n, pooled, work + t * work_floats);
     }
 }
-
-/* Eq. 19's chain per sample (the end of PatternSelector.from_pooled, the reference): T = LayerNorm_1(F^1), then
- * T = LayerNorm_l(T + F^l) for the layers after it, over the task parts F (L, B, N, D); out (B, N, D) <- T^L.
- * Torch spends most of this in per-op overhead on (B, N, 18) tensors. norm_weight and norm_bias are (L, D). */
-void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *norm_weight, const float *norm_bias,
-                   float eps, i64 threads, float *out) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 b = 0; b < B; ++b)
-        for (i64 n = 0; n < N; ++n) {
-            float *restrict t = out + (b * N + n) * D;
-            for (i64 l = 0; l < L; ++l) {
-                const float *restrict f = parts + ((l * B + b) * N + n) * D;
-                float mean, rstd;
-                for (i64 j = 0; j < D; ++j) t[j] = l ? t[j] + f[j] : f[j];
-                normalize_columns_over_rows(t, D, 1, eps, &mean, &rstd);  /* t as one column of D rows */
-                layer_norm_affine(t, D, 1, norm_weight + l * D, norm_bias + l * D);
-            }
-        }
-}

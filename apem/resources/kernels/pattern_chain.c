@@ -1,0 +1,84 @@
+/* Eq. 19's chain of LayerNorms per sample, forward and backward (apem.nn.attention.PatternSelector.chain is the
+ * reference): T = LayerNorm_1(F^1), then T = LayerNorm_l(T + F^l) for the layers after it, over the task parts
+ * F (L, B, N, D), to T^L (B, N, D). On (B, N, 18) tensors torch spends most of the chain in per-op overhead: its
+ * LayerNorm backward measured ~0.5 ms a layer at batch 1024 in a training step. Built and loaded by
+ * apem/nn/native.py and called by apem/nn/native_pools.py; tests/nn/test_native_pool.py keeps both directions equal
+ * to the reference. Each call splits the batch into `threads` row ranges run by OpenMP (see gathered_pool.c).
+ */
+/* The loops run over D = 18 columns: 8-lane vectors, as in fused_predict.c. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=256")
+#endif
+
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+#include <string.h>
+
+#include "common.h"
+#include "pooling.h"
+
+/* out (B, N, D) <- T^L from parts F (L, B, N, D); norm_weight and norm_bias are (L, D). With xhat (L, B, N, D) and
+ * rstd (L, B, N) (both NULL at inference), also each layer's normalised rows and 1 / sigma, for
+ * pattern_chain_backward. */
+void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *norm_weight, const float *norm_bias,
+                   float eps, i64 threads, float *out, float *xhat, float *rstd) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 b = 0; b < B; ++b)
+        for (i64 n = 0; n < N; ++n) {
+            float *restrict t = out + (b * N + n) * D;
+            for (i64 l = 0; l < L; ++l) {
+                const i64 row = (l * B + b) * N + n;
+                const float *restrict f = parts + row * D;
+                float mean, rs;
+                for (i64 j = 0; j < D; ++j) t[j] = l ? t[j] + f[j] : f[j];
+                normalize_columns_over_rows(t, D, 1, eps, &mean, &rs);  /* t as one column of D rows */
+                if (xhat) {
+                    memcpy(xhat + row * D, t, sizeof(float) * D);
+                    rstd[row] = rs;
+                }
+                layer_norm_affine(t, D, 1, norm_weight + l * D, norm_bias + l * D);
+            }
+        }
+}
+
+/* Each thread's slot of the norm's gradients: weight and bias, (L, D) each. */
+i64 pattern_chain_slot_floats(i64 L, i64 D) { return 2 * L * D; }
+
+/* grad_parts (L, B, N, D) <- the gradient of the parts from grad_out (B, N, D), given pattern_chain's xhat and rstd.
+ * Per sample, from the last layer down, with g the gradient of T^l: the affine's gradients are g xhat and g, and
+ * the LayerNorm's backward gives rstd (g w - mean_j(g w) - xhat mean_j(g w xhat)), the gradient of T^{l-1} + F^l,
+ * so of F^l and (through the residual) of T^{l-1}. Thread t adds its samples' weight and bias gradients into
+ * slots + t * pattern_chain_slot_floats(L, D), which the caller zeroes beforehand and sums afterwards. */
+void pattern_chain_backward(i64 L, i64 B, i64 N, i64 D, const float *norm_weight, const float *xhat,
+                            const float *rstd, const float *grad_out, i64 threads, float *grad_parts, float *slots) {
+#pragma omp parallel num_threads(threads)
+    {
+        const i64 t = omp_get_thread_num(), n_threads = omp_get_num_threads();
+        float *restrict grad_weight = slots + t * pattern_chain_slot_floats(L, D), *restrict grad_bias = grad_weight + L * D;
+        float g[D];
+        for (i64 b = B * t / n_threads; b < B * (t + 1) / n_threads; ++b)
+            for (i64 n = 0; n < N; ++n) {
+                memcpy(g, grad_out + (b * N + n) * D, sizeof(float) * D);
+                for (i64 l = L - 1; l >= 0; --l) {
+                    const i64 row = (l * B + b) * N + n;
+                    const float *restrict xh = xhat + row * D, *restrict w = norm_weight + l * D;
+                    float *restrict gp = grad_parts + row * D;
+                    float m1 = 0.0f, m2 = 0.0f;
+                    for (i64 j = 0; j < D; ++j) {
+                        grad_weight[l * D + j] += g[j] * xh[j];
+                        grad_bias[l * D + j] += g[j];
+                        g[j] *= w[j];
+                        m1 += g[j];
+                        m2 += g[j] * xh[j];
+                    }
+                    m1 /= (float)D;
+                    m2 /= (float)D;
+                    for (i64 j = 0; j < D; ++j) {
+                        g[j] = rstd[row] * (g[j] - m1 - xh[j] * m2);
+                        gp[j] = g[j];
+                    }
+                }
+            }
+    }
+}
