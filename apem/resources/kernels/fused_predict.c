@@ -21,9 +21,9 @@
  */
 /* The loops gcc vectorises itself here run over one sample's PC <= K columns, and their reductions end in a
  * lane-by-lane sum as wide as the vectors: with -march=native on an AVX-512 CPU that is 16 lanes, and preferring
- * 8-lane vectors made predict ~10% faster on an AMD EPYC (Zen 4), which splits 512-bit operations in two. Only
- * this file: the training kernels' loops are S K long and measured ~4% slower with 8 lanes. On CPUs without
- * AVX-512 this changes nothing. */
+ * 8-lane vectors made predict ~10% faster on an AMD EPYC (Zen 4), which splits 512-bit operations in two. Not in
+ * gathered_pool.c or row_attention_pool.c: their loops are S K long and measured ~4% slower with 8 lanes. On CPUs
+ * without AVX-512 this changes nothing. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=256")
 #endif
