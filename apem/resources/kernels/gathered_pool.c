@@ -168,33 +168,15 @@ static void backward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, const 
         const float *restrict xh = normalized + b * DK, *restrict r = rstd + b * K;
         float *restrict gm = grad_mask + b * grad_mask_stride;
         row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
-        /* LayerNorm backward: with g = grad_y w, d/dX = (g - mean_j g - xh mean_j(g xh)) / sigma */
         transpose(grad_y + b * K * D, K, D, go_t);
-        for (i64 k = 0; k < K; ++k) m1[k] = m2[k] = 0.0f;
-        for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) {
-                const float gy = go_t[j * K + k], g = gy * nw[j];
-                sum_nw[j * K + k] += gy * xh[j * K + k];
-                sum_nb[j * K + k] += gy;
-                go_t[j * K + k] = g;
-                m1[k] += g;
-                m2[k] += g * xh[j * K + k];
-            }
-        for (i64 k = 0; k < K; ++k) {
-            m1[k] /= (float)D;
-            m2[k] /= (float)D;
-        }
-        for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) {
-                go_t[j * K + k] = r[k] * (go_t[j * K + k] - m1[k] - xh[j * K + k] * m2[k]);
-                sum_vb[j * K + k] += go_t[j * K + k];
-            }
+        layer_norm_backward(go_t, xh, r, nw, D, K, sum_nw, sum_nb, m1, m2);  /* go_t: d/dX */
         pool_row_backward(L->value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);
         for (i64 k = 0; k < K; ++k) gm[k] = 0.0f;
-        for (i64 j = 0; j < D; ++j)  /* the residual I (.) z_K: its share of d/d z_K, and d/d I */
+        for (i64 j = 0; j < D; ++j)  /* the residual I (.) z_K: its share of d/d z_K, and d/d I; and the value bias */
             for (i64 k = 0; k < K; ++k) {
                 gm[k] += go_t[j * K + k] * queries_t[j * K + k];
                 grad_queries_t[j * K + k] += z[k] * go_t[j * K + k];
+                sum_vb[j * K + k] += go_t[j * K + k];
             }
         for (i64 c = 0; c < MK; ++c) dot[c] = 0.0f;  /* softmax backward: g = w (gw - sum_s w gw) */
         for (i64 s = 0; s < S; ++s)

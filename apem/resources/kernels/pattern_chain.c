@@ -46,9 +46,8 @@ void pattern_chain(i64 L, i64 B, i64 N, i64 D, const float *parts, const float *
 i64 pattern_chain_slot_floats(i64 L, i64 D) { return 2 * L * D; }
 
 /* grad_parts (L, B, N, D) <- the gradient of the parts from grad_out (B, N, D), given pattern_chain's xhat and rstd.
- * Per sample, from the last layer down, with g the gradient of T^l: the affine's gradients are g xhat and g, and
- * the LayerNorm's backward gives rstd (g w - mean_j(g w) - xhat mean_j(g w xhat)), the gradient of T^{l-1} + F^l,
- * so of F^l and (through the residual) of T^{l-1}. Thread t adds its samples' weight and bias gradients into
+ * Per sample, from the last layer down, with g the gradient of T^l: the LayerNorm's backward (layer_norm_backward)
+ * gives the gradient of T^{l-1} + F^l, so of F^l and (through the residual) of T^{l-1}. Thread t adds its samples' weight and bias gradients into
  * slots + t * pattern_chain_slot_floats(L, D), which the caller zeroes beforehand and sums afterwards. */
 void pattern_chain_backward(i64 L, i64 B, i64 N, i64 D, const float *norm_weight, const float *xhat,
                             const float *rstd, const float *grad_out, i64 threads, float *grad_parts, float *slots) {
@@ -62,22 +61,10 @@ void pattern_chain_backward(i64 L, i64 B, i64 N, i64 D, const float *norm_weight
                 memcpy(g, grad_out + (b * N + n) * D, sizeof(float) * D);
                 for (i64 l = L - 1; l >= 0; --l) {
                     const i64 row = (l * B + b) * N + n;
-                    const float *restrict xh = xhat + row * D, *restrict w = norm_weight + l * D;
-                    float *restrict gp = grad_parts + row * D;
-                    float m1 = 0.0f, m2 = 0.0f;
-                    for (i64 j = 0; j < D; ++j) {
-                        grad_weight[l * D + j] += g[j] * xh[j];
-                        grad_bias[l * D + j] += g[j];
-                        g[j] *= w[j];
-                        m1 += g[j];
-                        m2 += g[j] * xh[j];
-                    }
-                    m1 /= (float)D;
-                    m2 /= (float)D;
-                    for (i64 j = 0; j < D; ++j) {
-                        g[j] = rstd[row] * (g[j] - m1 - xh[j] * m2);
-                        gp[j] = g[j];
-                    }
+                    float m1, m2;
+                    layer_norm_backward(g, xhat + row * D, rstd + row, norm_weight + l * D, D, 1,  /* one column */
+                                        grad_weight + l * D, grad_bias + l * D, &m1, &m2);
+                    memcpy(grad_parts + row * D, g, sizeof(float) * D);
                 }
             }
     }

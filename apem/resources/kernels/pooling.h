@@ -146,6 +146,31 @@ static inline void layer_norm_affine(float *restrict x, i64 D, i64 C, const floa
         for (i64 c = 0; c < C; ++c) x[j * C + c] = x[j * C + c] * nw[j] + nb[j];
 }
 
+/* The backward of normalize_columns_over_rows and then layer_norm_affine, for x (D, C): g (D, C), the gradient of the
+ * affine's output, becomes that of x, rstd (g nw - mean_j(g nw) - xh mean_j(g nw xh)) per column with xh (D, C) the
+ * normalised x and rstd (C) its 1 / sigma; the affine's gradients, g xh and g, are added into sum_nw and sum_nb
+ * (D, C, summed over the columns by the caller); uses m1 and m2 (C). */
+static inline void layer_norm_backward(float *restrict g, const float *restrict xh, const float *restrict rstd,
+                                       const float *restrict nw, i64 D, i64 C, float *restrict sum_nw,
+                                       float *restrict sum_nb, float *restrict m1, float *restrict m2) {
+    for (i64 c = 0; c < C; ++c) m1[c] = m2[c] = 0.0f;
+    for (i64 j = 0; j < D; ++j)
+        for (i64 c = 0; c < C; ++c) {
+            const float gy = g[j * C + c], gx = gy * nw[j];
+            sum_nw[j * C + c] += gy * xh[j * C + c];
+            sum_nb[j * C + c] += gy;
+            g[j * C + c] = gx;
+            m1[c] += gx;
+            m2[c] += gx * xh[j * C + c];
+        }
+    for (i64 c = 0; c < C; ++c) {
+        m1[c] /= (float)D;
+        m2[c] /= (float)D;
+    }
+    for (i64 j = 0; j < D; ++j)
+        for (i64 c = 0; c < C; ++c) g[j * C + c] = rstd[c] * (g[j * C + c] - m1[c] - xh[j * C + c] * m2[c]);
+}
+
 /* acc (D, K) <- sum_{s, m} value_table[idx[s], m, j] w[s, m, k]: the pooled rows O, transposed so that
  * the inner loops run over the K points. */
 static inline void pool_row_generic(const float *restrict value_table, const i64 *restrict idx, const float *restrict w,
