@@ -55,7 +55,8 @@ def staging_left(root: str) -> list[str]:
 def run_to_completion(argv: list[str], note: str) -> float:
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, start_new_session=True)
-    assert done.returncode == 0, f"{note}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    # kfp.local prints each task's own output (a failed task's traceback or crash) to stdout
+    assert done.returncode == 0, f"{note}: exit {done.returncode}\n{done.stderr[-3000:]}\nstdout:\n{done.stdout[-6000:]}"
     return time.monotonic() - started
 
 
