@@ -37,7 +37,10 @@ def beam_pipeline(runner: str, pipeline_args: list[str] | None, direct_mode: str
     args = list(pipeline_args or [])
     _pipelines_built.append(runner)
     if direct_mode != "multi_processing" or not beam_workers.applies(runner, args):
-        return beam.Pipeline(options=pipeline_options(runner, args, direct_mode))
+        options = pipeline_options(runner, args, direct_mode)
+        if runner == "DirectRunner":  # batch jobs: Beam's FnApiRunner itself, not the DirectRunner's Prism attempt
+            return beam.Pipeline(runner=beam_workers.batch_runner(), options=options)
+        return beam.Pipeline(options=options)
     if not any(a.startswith(beam_workers.WORKERS_OPTION) for a in args):
         args.append(f"{beam_workers.WORKERS_OPTION}={max(1, min(os.cpu_count() or 1, 8))}")
     return beam.Pipeline(runner=beam_workers.direct_runner(), options=PipelineOptions(args))

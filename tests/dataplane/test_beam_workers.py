@@ -1,6 +1,8 @@
 """Canary of apem.dataplane.beam_workers: a SIGKILL of `apem split` alone (not its process group)
-takes its Beam workers with it, within seconds instead of the 80 s and more of Beam's own."""
+takes its Beam workers with it, within seconds instead of the 80 s and more of Beam's own; and a job in a
+DirectRunner mode of the options' choosing runs on Beam's FnApiRunner without the DirectRunner's Prism attempt."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from apem.dataplane.beam_options import beam_pipeline
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from process_tree import descendants, process_table, survivors
 
@@ -46,3 +49,19 @@ def test_workers_die_with_a_killed_split(tmp_path):
         except ProcessLookupError:
             pass
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("mode", ["in_memory", "multi_threading"])
+def test_a_direct_runner_job_skips_prism(mode, caplog, tmp_path):
+    """Beam's DirectRunner would first try Prism, which downloads a binary at run time and left a gRPC thread
+    that aborted the process at exit; the job runs (and counts right) with no Prism attempt logged."""
+    import apache_beam as beam
+
+    caplog.set_level(logging.INFO)
+    out = str(tmp_path / "squares")
+    with beam_pipeline("DirectRunner", [f"--direct_running_mode={mode}"]) as pipeline:
+        _ = (pipeline | beam.Create(range(10)) | beam.Map(lambda v: v * v) | beam.CombineGlobally(sum)
+             | beam.io.WriteToText(out, shard_name_template=""))
+    with open(out) as fh:
+        assert fh.read().strip() == "285"
+    assert not [r.getMessage() for r in caplog.records if "prism" in r.getMessage().lower()]
