@@ -10,6 +10,11 @@ from torch import nn
 from apem.data.encoding import DENSE_SCALE, FieldSpec
 
 
+# distinct_rows flags the table's rows (one pass over them) instead of sorting the batch's entries while the table
+# has at most this many rows per entry
+DISTINCT_BY_FLAGS = 4
+
+
 class FieldEmbedding(nn.Module):
     """One embedding table for all fields, addressed by per-field offsets: (B, F + D) -> (B, F, dim).
 
@@ -35,16 +40,28 @@ class FieldEmbedding(nn.Module):
         self.dense_vectors = nn.Parameter(torch.randn(len(dense), dim) * 0.01) if dense else None
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The looked-up table rows (B, F, dim) alone, without the dense term."""
-        return self.embedding(x[:, :self.n_fields] + self.offsets)
+        """The looked-up table rows (B, F, dim) alone, without the dense term. Through index_select, the same rows as
+        ``self.embedding``: on CPU its backward (index_add) measured ~3x faster than embedding's, whose sort of the
+        indices made a Shared-Bottom training step ~6% slower (B = 1024, F = 16)."""
+        ids = x[:, :self.n_fields] + self.offsets
+        return torch.index_select(self.embedding.weight, 0, ids.reshape(-1)).view(*ids.shape, self.dim)
 
     def distinct_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch's distinct table rows (U, dim) and where each field looks (B, F) into them, so
         that ``self(x) == rows[index]``; None with dense fields (their embedding is not a table row)."""
         if self.dense_vectors is not None:
             return None
-        distinct, index = torch.unique(x[:, :self.n_fields] + self.offsets, return_inverse=True)
-        return self.embedding(distinct), index
+        ids = x[:, :self.n_fields] + self.offsets
+        table_rows = self.embedding.num_embeddings
+        # flags only on CPU, where they were measured (on a GPU both wait once for the count of distinct rows)
+        if ids.device.type != "cpu" or table_rows > DISTINCT_BY_FLAGS * ids.numel():
+            distinct, index = torch.unique(ids, return_inverse=True)
+        else:  # a flag per table row, then the running count of flags numbers the distinct rows in order:
+            # torch.unique's result without its sort (~4x faster at batch 1024 on a table of 2k rows)
+            present = torch.zeros(table_rows, dtype=torch.bool, device=ids.device)
+            present[ids.reshape(-1)] = True
+            distinct, index = present.nonzero().view(-1), (torch.cumsum(present, 0) - 1)[ids]
+        return torch.index_select(self.embedding.weight, 0, distinct), index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.rows(x)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from apem.nn.layers import MLP, FieldEmbedding, TaskTowers, layer_norm, rowwise_layer_norm, uses_rowwise_layer_norm
+from apem.nn.layers import (DISTINCT_BY_FLAGS, MLP, FieldEmbedding, TaskTowers, layer_norm, rowwise_layer_norm,
+                             uses_rowwise_layer_norm)
 from apem.nn.attention import (InducingPointAttention, PatternSelector, multihead_attention, row_attention_pool,
                                 weighted_softmax)
 from apem.nn.selection import dynamic_activation, gamma_at
@@ -141,6 +142,18 @@ def test_field_embedding_distinct_rows_rebuild_the_lookup():
     assert torch.equal(rows[index], emb(x))
     dense = FieldEmbedding([FieldSpec("a", 3), FieldSpec("v", 5, dense=True)], dim=4)
     assert dense.distinct_rows(torch.tensor([[0, 1, 100]])) is None  # a dense field's row depends on its value
+
+
+@pytest.mark.parametrize("cardinality", [5, 5000], ids=["flags", "sort"])
+def test_field_embedding_distinct_rows_are_torch_uniques(cardinality):
+    """Both ways of finding the distinct rows (flags over a small table, a sort of the entries over a large one) give
+    torch.unique's rows, in its order, and its inverse."""
+    emb = FieldEmbedding([FieldSpec("a", 3), FieldSpec("b", cardinality)], dim=4)
+    x = torch.stack([torch.randint(0, 3, (40,)), torch.randint(0, 5, (40,))], dim=1)
+    assert (emb.embedding.num_embeddings <= DISTINCT_BY_FLAGS * x.numel()) == (cardinality == 5)
+    rows, index = emb.distinct_rows(x)
+    distinct, inverse = torch.unique(x + emb.offsets, return_inverse=True)
+    assert torch.equal(rows, emb.embedding(distinct)) and torch.equal(index, inverse)
 
 
 def _assert_same_outputs_and_gradients(fast, reference, inputs) -> None:
