@@ -380,18 +380,24 @@ class FactoredAttention(nn.Module):
         self.w_out = _stacked_weight(n_layers, dim, dim)
         self.b_out = nn.Parameter(torch.zeros(n_layers, 1, dim))
 
+    # The products below are over the head dimension (d / M = 9 at Table 2's sizes) of a few (d x d) weights, once
+    # per step: as broadcast products summed over it they take a few small ops; as einsum or bmm, CPU torch ran them
+    # one (d x h) matrix at a time (APEM's three per step, forward and backward: 1.8 ms against 1.0 ms this way).
+
     def score_factor(self, queries: torch.Tensor, layers: slice) -> torch.Tensor:
-        """(L', d, Q, M): W^K_m Q_m^T per layer and head, scaled by 1/sqrt(d_head)."""
+        """(L', d, Q, M): W^K_m Q_m^T per layer and head, scaled by 1/sqrt(d_head) (a view of (L', d, M, Q))."""
         n, d, m, h = queries.shape[0], self.dim, self.heads, self.head_dim
-        q = queries.reshape(n, queries.shape[1], m, h)
-        return torch.einsum("lemh,lqmh->leqm", self.w_key[layers].reshape(n, d, m, h), q) * h ** -0.5
+        keys = self.w_key[layers].reshape(n, d, m, 1, h) * h ** -0.5
+        q = queries.reshape(n, queries.shape[1], m, h).transpose(1, 2).unsqueeze(1)  # (L', 1, M, Q, h)
+        return (keys * q).sum(-1).transpose(2, 3)
 
     def value_out(self, layers: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(L', M d, d) stacked W^V_m W^O_m blocks and the (L', 1, d) folded bias."""
         w_v, w_o = self.w_value[layers], self.w_out[layers]
         n, d, m, h = w_v.shape[0], self.dim, self.heads, self.head_dim
-        combined = torch.einsum("lemh,lmho->lmeo", w_v.reshape(n, d, m, h), w_o.reshape(n, m, h, d))
-        bias = torch.bmm(self.b_value[layers].unsqueeze(1), w_o) + self.b_out[layers]
+        values = w_v.reshape(n, d, m, h).transpose(1, 2).unsqueeze(-1)  # (L', M, d, h, 1)
+        combined = (values * w_o.reshape(n, m, 1, h, d)).sum(3)  # (L', M, d, d)
+        bias = (self.b_value[layers].unsqueeze(-1) * w_o).sum(1, keepdim=True) + self.b_out[layers]
         return combined.reshape(n, m * d, d), bias
 
 
