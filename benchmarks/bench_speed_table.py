@@ -28,7 +28,9 @@ these short runs: predict takes the general path), ``apem_nothing`` (with
 gamma, no predict-time tables), ``apem_direct`` (training only: the ASRG products over every field
 row, ``gather_fields=False``, as before the distinct-rows path), ``apem_every_point`` (training only: the
 default APEM over all K points of every layer, as before training skipped the points no row of a batch keeps,
-:meth:`apem.models.apem_model.APEM.kept_pattern_pool`), ``apem_torch_pools`` (training only: the default APEM
+:meth:`apem.models.apem_model.APEM.kept_pattern_pool`), ``apem_two_kernels`` (training only: every point, through
+the ASRG kernel and then eq. 18's kernel in turn, as before one kernel ran both per sample,
+:func:`apem.nn.native_pools.pattern_pool`), ``apem_torch_pools`` (training only: the default APEM
 with its attention poolings through torch instead of the C kernels of
 :mod:`apem.nn.native_pools`; ``apem_reference`` and ``apem_direct`` run through torch too) and, for predict only,
 ``apem_unfused`` (the trained default APEM through the ASRG kernel and then eq. 18's kernel over all K
@@ -72,6 +74,7 @@ from apem.eval.metrics import auc  # noqa: E402
 from apem.inference.model_dir import feature_frame, load_model, save_model  # noqa: E402
 from apem.models.apem_folded import FoldedAPEM  # noqa: E402
 from apem.models.registry import build_model  # noqa: E402
+from apem.nn import attention  # noqa: E402
 from apem.nn.native import DISABLE_ENV  # noqa: E402
 from apem.research.synth import SynthConfig, write_synthetic_dataset  # noqa: E402
 from apem.train.malloc_tuning import keep_freed_memory_for_reuse  # noqa: E402
@@ -81,7 +84,7 @@ VARIANTS = {"apem": ("apem", {}), "apem_fixed_rate": ("apem", {"gamma_schedule":
             "apem_nothing": ("apem", {"deselected_point": "contributes_nothing", "gamma_schedule": "planned"}),
             "apem_reference": ("apem", {"gamma_schedule": "fixed_rate"}),
             "apem_direct": ("apem", {"gather_fields": False}),
-            "apem_torch_pools": ("apem", {}), "apem_every_point": ("apem", {}),
+            "apem_torch_pools": ("apem", {}), "apem_every_point": ("apem", {}), "apem_two_kernels": ("apem", {}),
             "shared_bottom": ("shared_bottom", {}), "ple": ("ple", {})}
 # variants that run their attention poolings through torch, not the C kernels (apem.nn.native_pools):
 # the paths before them, and the default APEM with only the kernels taken away
@@ -90,12 +93,16 @@ TORCH_POOLS = {"apem_reference", "apem_direct", "apem_torch_pools"}
 
 @contextlib.contextmanager
 def pools_of(variant: str):
-    """Within: ``variant``'s attention poolings (the torch path for :data:`TORCH_POOLS`, else the kernels)."""
-    previous = os.environ.get(DISABLE_ENV)
+    """Within: ``variant``'s attention poolings (the torch path for :data:`TORCH_POOLS`, else the kernels), and for
+    ``apem_every_point`` every point kept by the batch (training then computes all K of every layer)."""
+    previous, kept_by_batch = os.environ.get(DISABLE_ENV), attention.kept_by_batch
     os.environ[DISABLE_ENV] = "0" if variant in TORCH_POOLS else "1"
+    if variant == "apem_every_point":
+        attention.kept_by_batch = lambda logits, gamma: torch.ones(logits.shape[1:], dtype=torch.bool)
     try:
         yield
     finally:
+        attention.kept_by_batch = kept_by_batch
         if previous is None:
             del os.environ[DISABLE_ENV]
         else:
@@ -112,7 +119,7 @@ def build(variant: str, fields, n_tasks: int, seed: int = 0):
     torch.manual_seed(seed)
     name, overrides = VARIANTS[variant]
     model = build_model(name, fields, n_tasks, overrides)
-    if variant == "apem_every_point":  # training as before it skipped the points no row of a batch keeps
+    if variant == "apem_two_kernels":  # training through the two kernels in turn, every point (the path after it)
         model.kept_pattern_pool = lambda rows, index, logits: None
     return as_reference(model) if variant == "apem_reference" else model
 
@@ -310,7 +317,9 @@ def table_rows(rows: int, train_rounds: dict, predict_s: dict, aucs: dict, gpu: 
     every_point = train_s["apem_every_point"]  # training over all K points of every layer, same run
     out += [("train apem_every_point / PLE", f"{every_point / train_s['ple']:.2f}", "(before: every point)"),
             ("train apem_every_point / apem (the kept points' speed-up)", f"{every_point / train_s['apem']:.2f}",
-             "(context)")]
+             "(context)"),
+            ("train apem_two_kernels / apem_every_point (one kernel for eq. 14-18: its speed-up)",
+             f"{train_s['apem_two_kernels'] / every_point:.2f}", "(context)")]
     direct = train_s["apem_direct"]  # training before the distinct-rows ASRG, same run
     out += [("train apem_direct / Shared-Bottom", f"{direct / train_s['shared_bottom']:.2f}", "(before: direct path)"),
             ("train apem_direct / PLE", f"{direct / train_s['ple']:.2f}", "(before: direct path)")]

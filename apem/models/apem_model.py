@@ -200,8 +200,8 @@ class APEM(MultiTaskModel):
             # H = rows[index] through index_select: its backward (index_add) measured ~3x faster than embedding's
             h = rows.index_select(0, index.view(-1)).view(*index.shape, rows.shape[1])
             selector_logits = self.selector_logits(h)
-            # the kernels' paths, each None where it does not apply: training skips the points no row keeps,
-            # inference runs eq. 13-18 in one kernel (each would only build and drop its factors in the other mode)
+            # the kernels' paths, each None where it does not apply: both run eq. 13-18 in one kernel per layer,
+            # training over the points some row keeps (each would only build and drop its factors in the other mode)
             pattern_pool = self.kept_pattern_pool if torch.is_grad_enabled() else self.fused_pattern_pool
             pooled = pattern_pool(rows, index, selector_logits)
             if pooled is not None:
@@ -230,10 +230,9 @@ class APEM(MultiTaskModel):
 
     def kept_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor,
                           selector_logits: torch.Tensor) -> torch.Tensor | None:
-        """Training on CPU once f_D drops points: eq. 13-18 over only the points some row of the batch keeps, per
-        layer (:meth:`apem.nn.attention.InducingPointAttention.kept_pattern_pool`); eq. 18's pooled rows
-        (L B, N M, d), or None where it does not apply (no point dropped by the whole batch, no task indicators,
-        no kernels)."""
+        """Training on CPU: eq. 13-18 in one C kernel per layer over only the points some row of the batch keeps
+        (all of them while gamma anneals; :meth:`apem.nn.attention.InducingPointAttention.kept_pattern_pool`);
+        eq. 18's pooled rows (L B, N M, d), or None where it does not apply (no task indicators, no kernels)."""
         c = self.config
         if not c.task_indicators:
             return None

@@ -10,7 +10,7 @@ from torch import nn
 
 from apem.nn.layers import StackedLayerNorm, layer_norm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
-                                  pattern_chain, row_pool_backward, row_pool_forward, value_table)
+                                  pattern_chain, pattern_pool, row_pool_backward, row_pool_forward, value_table)
 from apem.nn.selection import dynamic_activation, kept_by_batch
 
 
@@ -470,10 +470,11 @@ class InducingPointAttention(nn.Module):
     def kept_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, gamma: torch.Tensor,
                           pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor | None:
         """Training on CPU: :meth:`fused_pattern_pool`'s result with gradients, computing per layer only the points
-        some row of the batch keeps (:func:`computed_points`), through :func:`gathered_pool_norm` and
-        :func:`row_attention_pool` with eq. 18's row weights (the uniform row counted once per dropped point, or z_K).
-        Returns pooled (L B, Q, d), or None where no layer drops a block of points (gamma not yet annealed) or the
-        kernels do not run; then :meth:`forward` and :class:`PatternSelector` give the same, the reference.
+        some row of the batch keeps (:func:`computed_points`; all K while gamma anneals), in one C kernel per layer
+        that runs :func:`gathered_pool_norm` and then :func:`row_attention_pool` per sample
+        (:func:`apem.nn.native_pools.pattern_pool`), with eq. 18's row weights (the uniform row counted once per
+        dropped point, or z_K). Returns pooled (L B, Q, d), or None where the kernels do not run; then
+        :meth:`forward` and :class:`PatternSelector` give the same, the reference.
 
         Exact, not an approximation: a point with z_k = 0 in every row outputs the row every other such point
         outputs (or weighs 0), its inducing point and score columns get zero gradient either way (z_k multiplies
@@ -481,32 +482,24 @@ class InducingPointAttention(nn.Module):
         logit's gradient is 0 on both paths."""
         if not torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
             return None
-        if native_library(rows, logits, self.inducing, pattern_factor) is None:
+        lib = native_library(rows, logits, self.inducing, pattern_factor)
+        if lib is None:
             return None
         with torch.no_grad():
             kept = kept_by_batch(logits, gamma)  # (L, K)
-        if bool(kept.all()):  # while gamma anneals: the common case, decided in one check
-            return None
-        (b, n, k), m, d = logits.shape, self.heads, self.attention.dim
-        plans = [computed_points(row, uniform) for row in kept]
-        if sum(columns.numel() for columns, _ in plans) == n * k:
-            return None
+        k, m = logits.shape[2], self.heads
         factor, combined, bias = self.folded_weights()
-        pooled = []
-        for layer, (columns, counts) in enumerate(plans):
-            p, c, layers = int(kept[layer].sum()), columns.numel(), slice(layer, layer + 1)
+        z, plans = [], []
+        for layer, (columns, counts) in enumerate(computed_points(row, uniform) for row in kept):
+            p, c = int(kept[layer].sum()), columns.numel()
             # z_K of the kept points (eq. 13, with its gradient), 0 at the rest
-            z = nn.functional.pad(dynamic_activation(logits[:, layer].index_select(1, columns[:p]), gamma), (0, c - p))
-            layer_factor = factor[layers].view(1, d, m, k).index_select(3, columns).view(1, d, m * c)
-            shared = gathered_pool_norm(rows, index, layer_factor, z.unsqueeze(1), combined[layers], bias[layers],
-                                        self.inducing[layers].index_select(1, columns), self.norm.weight[layers],
-                                        self.norm.bias[layers], m, self.norm.eps)  # (1, B, C, d)
-            if not uniform:
-                weights = z.unsqueeze(0)
-            else:  # the plain softmax where every point is kept (the row-weights path writes and reads more)
-                weights = None if p == k else counts.expand(1, b, c)
-            pooled.append(row_attention_pool(shared, pattern_factor[layers], weights))  # (B, Q, d)
-        return torch.cat(pooled)
+            z.append(nn.functional.pad(dynamic_activation(logits[:, layer].index_select(1, columns[:p]), gamma),
+                                       (0, c - p)))
+            # eq. 18's row weights other than z_K: the count of points each row stands for (none where every point
+            # is kept: a plain softmax)
+            plans.append((columns, counts if uniform and p < k else None))
+        return pattern_pool(lib, rows, index, factor, z, combined, bias, self.inducing, self.norm.weight,
+                            self.norm.bias, pattern_factor, plans, not uniform, m, self.norm.eps)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
                 index: torch.Tensor | None = None) -> torch.Tensor:

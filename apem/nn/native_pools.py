@@ -9,6 +9,9 @@
 - :func:`apem.nn.attention.row_attention_pool` (``row_attention_pool.c``): per sample, the scores,
   their softmax, the pooling and every backward product with the sample's rows, the factor's
   gradient included (summed over each thread's samples, then here).
+- Training (``gathered_pool.c``, ``pattern_pool_*``): :func:`pattern_pool` runs the two in one kernel per layer,
+  forward and backward, so that eq. 17's output Y stays in cache into eq. 18 and its gradient comes straight
+  back (the two kernels in turn, which wrote Y out, padded and transposed it and read it back, trained ~1.14x slower).
 - Inference (``fused_predict.c``): :func:`fused_predict` runs the two in one kernel per layer over the
   points some row of the batch keeps, with f_D taken per sample; :func:`pattern_chain` is eq. 19's chain.
 
@@ -47,6 +50,10 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "pattern_chain": ([_I64] * 4 + [_PTR] * 3 + [ctypes.c_float, _I64] + [_PTR] * 3, None),
         "pattern_chain_slot_floats": ([_I64] * 2, _I64),
         "pattern_chain_backward": ([_I64] * 4 + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
+        "pattern_pool_work_floats": ([_PTR], _I64),
+        "pattern_pool_slot_floats": ([_PTR], _I64),
+        "pattern_pool_forward": ([_PTR, _I64, _I64] + [_PTR] * 6, None),
+        "pattern_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 6 + [_I64] + [_PTR] * 2, None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -179,6 +186,128 @@ class NativeGatheredPoolNorm(torch.autograd.Function):
             torch.mm(rows.t(), grad_values, out=grad_combined[layer])
         return (None, grad_rows, None, grad_factor, grad_mask, grad_combined, grad_bias, grad_queries, grad_nw, grad_nb,
                 None, None)
+
+
+class PatternPoolLayer(ctypes.Structure):
+    """One layer's inputs to ``gathered_pool.c``'s training kernel of eq. 14-18 (its ``PatternPoolLayer``): the ASRG
+    layer, eq. 18's factor and its row weights (0: none, 1: ``counts`` for every sample, 2: z_K, the pool's mask),
+    and the exps of the pool's score table (:func:`score_tables`) or None."""
+
+    _fields_ = [("pool", PoolLayer), ("Q", _I64), ("factor", _PTR), ("weighting", _I64), ("counts", _PTR),
+                ("exp_table", _PTR)]
+
+    @classmethod
+    def of(cls, pool: PoolLayer, pattern_factor: torch.Tensor, counts: torch.Tensor | None, mask_weights: bool,
+           exps: torch.Tensor | None) -> "PatternPoolLayer":
+        weighting = 2 if mask_weights else (0 if counts is None else 1)
+        layer = cls(pool, pattern_factor.shape[1], _ptr(pattern_factor), weighting,
+                    None if counts is None else _ptr(counts), None if exps is None else _ptr(exps))
+        layer.keep_alive = (pool, pattern_factor, counts, exps)
+        return layer
+
+
+def pattern_pool(lib: ctypes.CDLL, rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor,
+                 z: list[torch.Tensor], combined: torch.Tensor, bias: torch.Tensor, inducing: torch.Tensor,
+                 norm_weight: torch.Tensor, norm_bias: torch.Tensor, pattern_factor: torch.Tensor,
+                 plans: list[tuple[torch.Tensor, torch.Tensor | None]], mask_weights: bool, heads: int,
+                 eps: float) -> torch.Tensor:
+    """Training on CPU: per layer, :func:`apem.nn.attention.gathered_pool_norm` over the points ``plans`` names and
+    then :func:`apem.nn.attention.row_attention_pool`, in one kernel per sample (``gathered_pool.c``,
+    ``pattern_pool_*``), with gradients: Y (B, C, d) is never written out.
+
+    rows, index, factor (L, d, M K), combined (L, d, M d), bias (L, 1, d), inducing (L, K, d), norm_weight and
+    norm_bias (L, d) as :func:`gathered_pool_norm_forward`'s; pattern_factor (L, d, Q). Per layer, ``plans`` gives
+    the C points it computes (columns (C,), repeats allowed) and eq. 18's row weights shared by every sample
+    (counts (C,), or None), and ``z`` its z_K at those points (B, C); ``mask_weights``: eq. 18 weighs each row by z
+    instead ("contributes nothing"). -> pooled (L B, Q, d)."""
+    _check_index(index, rows)
+    pooled = NativePatternPool.apply(lib, (plans, mask_weights, heads, eps), rows, index, factor, combined, bias,
+                                     inducing, norm_weight, norm_bias, pattern_factor, *z)
+    return pooled.view(-1, *pooled.shape[2:])
+
+
+def _pattern_spec(setup: tuple, layer: int, tables: tuple, index: torch.Tensor, z: torch.Tensor,
+                  norm_weight: torch.Tensor, norm_bias: torch.Tensor, pattern_factor: torch.Tensor) -> PatternPoolLayer:
+    """Layer ``layer``'s :class:`PatternPoolLayer` from its ``tables``: (factor (d, M C), queries (C, d), scores, exps
+    or None, values), as :meth:`NativePatternPool.forward` builds and saves them."""
+    plans, mask_weights, heads, eps = setup
+    _, queries, scores, exps, values = tables
+    pool = PoolLayer.of(scores, values, index, z, queries, norm_weight[layer], norm_bias[layer], heads, eps)
+    return PatternPoolLayer.of(pool, pattern_factor[layer], plans[layer][1], mask_weights, exps)
+
+
+class NativePatternPool(torch.autograd.Function):
+    """Autograd for :func:`pattern_pool`, every layer in one node: forward saves each layer's tables, normalised X
+    and 1 / sigma (as :class:`NativeGatheredPoolNorm`), eq. 18's weights and, under z_K row weights, q; backward
+    recomputes each row's ASRG weights and Y, and adds each layer's share into the stacked parameters' gradients at
+    its columns."""
+
+    @staticmethod
+    def forward(ctx, lib, setup, rows, index, factor, combined, bias, inducing, norm_weight, norm_bias, pattern_factor,
+                *z):
+        plans, mask_weights, heads, _ = setup
+        (n, d, _), k, b, q = factor.shape, inducing.shape[1], index.shape[0], pattern_factor.shape[2]
+        pattern_factor, threads = pattern_factor.contiguous(), _threads(b)
+        pooled, saved = rows.new_empty(n, b, q, d), []
+        for layer, ((columns, _), z_layer) in enumerate(zip(plans, z)):
+            c = columns.numel()
+            layer_factor = factor[layer].reshape(d, heads, k).index_select(2, columns).view(d, heads * c)
+            queries = inducing[layer].index_select(0, columns)
+            # once gamma is at its floor z is binary: the samples' softmax weights then come from a table of exps
+            binary = int(((z_layer > 0) & (z_layer < 1)).sum()) * 8 <= z_layer.numel()
+            scores, exps = score_tables(lib, rows, layer_factor) if binary else (rows @ layer_factor, None)
+            tables = (layer_factor, queries, scores, exps, value_table(rows, combined[layer], bias[layer], heads))
+            spec = _pattern_spec(setup, layer, tables, index, z_layer, norm_weight, norm_bias, pattern_factor)
+            normalized, rstd, weights = rows.new_empty(b, d, c), rows.new_empty(b, c), rows.new_empty(b, q, c)
+            q_saved = rows.new_empty(b, q, c) if mask_weights else None
+            work = torch.empty(threads, lib.pattern_pool_work_floats(ctypes.byref(spec)))
+            lib.pattern_pool_forward(ctypes.byref(spec), b, threads, _ptr(pooled[layer]), _ptr(normalized),
+                                     _ptr(rstd), _ptr(weights), None if q_saved is None else _ptr(q_saved), _ptr(work))
+            saved += [*tables, normalized, rstd, weights, q_saved]
+        ctx.lib, ctx.setup, ctx.factor_shape, ctx.inducing_shape = lib, setup, factor.shape, inducing.shape
+        ctx.save_for_backward(rows, index, combined, norm_weight, norm_bias, pattern_factor, *z, *saved)
+        return pooled
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled):
+        plans, heads = ctx.setup[0], ctx.setup[2]
+        n = len(plans)
+        rows, index, combined, norm_weight, norm_bias, pattern_factor, *rest = ctx.saved_tensors
+        z, saved = rest[:n], rest[n:]
+        (u, d), b, q = rows.shape, index.shape[0], pattern_factor.shape[2]
+        grad_pooled, threads = grad_pooled.contiguous(), _threads(b)  # held here: the kernel reads it by address
+        grad_rows, grad_factor = torch.zeros_like(rows), rows.new_zeros(ctx.factor_shape)
+        grad_inducing = rows.new_zeros(ctx.inducing_shape)
+        grad_combined, grad_bias = torch.empty_like(combined), rows.new_empty(n, 1, d)
+        grad_nw, grad_nb, grad_pattern = (torch.empty_like(t) for t in (norm_weight, norm_bias, pattern_factor))
+        grad_z = []
+        for layer, (columns, _) in enumerate(plans):
+            tables, (normalized, rstd, weights, q_saved) = saved[9 * layer:][:5], saved[9 * layer + 5:][:4]
+            layer_factor, c = tables[0], columns.numel()
+            # the forward's tables: the value bias shifts each weight's gradient by the same amount over the
+            # fields, which the softmax's backward cancels
+            spec = _pattern_spec(ctx.setup, layer, tables, index, z[layer], norm_weight, norm_bias, pattern_factor)
+            # zeroed here: a slot the OpenMP runtime gives no thread to (it may give fewer than asked) adds nothing
+            slots = rows.new_zeros(threads, ctx.lib.pattern_pool_slot_floats(ctypes.byref(spec)))
+            work = torch.empty(threads, ctx.lib.pattern_pool_work_floats(ctypes.byref(spec)))
+            grad_z.append(rows.new_empty(b, c))
+            ctx.lib.pattern_pool_backward(ctypes.byref(spec), b, threads, _ptr(grad_pooled[layer]), _ptr(normalized),
+                                          _ptr(rstd), _ptr(weights), None if q_saved is None else _ptr(q_saved),
+                                          _ptr(grad_z[-1]), c, _ptr(slots), _ptr(work))
+            grad_scores, grad_values, grad_q, grad_w, grad_b, grad_vb, grad_p = (
+                slots.sum(0) if threads > 1 else slots[0]).split(
+                [u * heads * c, u * heads * d, c * d, d, d, d, d * q])
+            grad_scores, grad_values = grad_scores.view(u, heads * c), grad_values.view(u, heads * d)
+            grad_rows.addmm_(grad_scores, layer_factor.t()).addmm_(grad_values, combined[layer].t())
+            # a point computed more than once (the dropped points' padding) adds each share
+            grad_factor[layer].view(d, heads, -1).index_add_(2, columns, (rows.t() @ grad_scores).view(d, heads, c))
+            grad_inducing[layer].index_add_(0, columns, grad_q.view(c, d))
+            torch.mm(rows.t(), grad_values, out=grad_combined[layer])
+            grad_nw[layer], grad_nb[layer], grad_bias[layer, 0] = grad_w, grad_b, grad_vb
+            grad_pattern[layer] = grad_p.view(d, q)
+        return (None, None, grad_rows, None, grad_factor, grad_combined, grad_bias, grad_inducing, grad_nw, grad_nb,
+                grad_pattern, *grad_z)
 
 
 class PredictLayer(ctypes.Structure):

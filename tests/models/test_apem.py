@@ -1,4 +1,6 @@
 import dataclasses
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 from apem.models.apem_model import APEM
 from apem.data.encoding import FieldSpec
 from apem.models.registry import build_model, resolve_configs
+from apem.nn import native
 
 torch.set_num_threads(1)
 FIELDS = [FieldSpec(f"f{i}", 7 + i) for i in range(5)]
@@ -125,19 +128,20 @@ def test_z_is_exactly_binary_after_annealing(reading):
 
 
 def _output_with_asrg_rows_replaced(model, x, rows: torch.Tensor) -> torch.Tensor:
-    """Predict with the ASRG output rows where ``rows`` (B, L, K) is True replaced by noise.
+    """Predict with the ASRG output rows where ``rows`` (B, L, K) is True replaced by noise (none replaced: all
+    False).
 
-    With gradients on, so that the model runs its ASRG module and then the Pattern Selector (inference
-    without gradients fuses the two into one kernel on CPU, which no hook can reach; test_apem_fast_paths
-    holds that path to this one)."""
+    On the torch path (APEM_NATIVE_KERNELS=0), where the model runs its ASRG module and then the Pattern Selector:
+    on CPU the kernels fuse the two into one per layer, in training and in inference, which no hook can reach
+    (test_apem_fast_paths and tests/nn/test_native_pool.py hold those paths to this one)."""
     def replace(_module, _inputs, out):
         noise = torch.randn_like(out) * 5
         return torch.where(rows.transpose(0, 1).unsqueeze(-1), noise, out)
 
     handle = model.asrg.register_forward_hook(replace)
     try:
-        with torch.enable_grad():
-            return model(x).probs.detach()
+        with mock.patch.dict(os.environ, {native.DISABLE_ENV: "0"}), torch.no_grad():
+            return model(x).probs
     finally:
         handle.remove()
 
@@ -161,15 +165,19 @@ def test_a_deselected_point_changes_no_output_under_contributes_nothing():
         after_inducing = model(x).probs
     torch.testing.assert_close(after_inducing[off], before[off], atol=1e-6, rtol=0)
     assert not torch.allclose(after_inducing[~off], before[~off], atol=1e-5)
+    unchanged = _output_with_asrg_rows_replaced(model, x, torch.zeros_like(deselected))
+    torch.testing.assert_close(unchanged, after_inducing, atol=1e-5, rtol=0)  # the torch path: the same model
     # whatever a de-selected point's row of Y_ASRG holds, no output moves ...
-    torch.testing.assert_close(_output_with_asrg_rows_replaced(model, x, deselected), after_inducing, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_output_with_asrg_rows_replaced(model, x, deselected), unchanged, atol=1e-6, rtol=0)
     # ... while a selected point's row does matter
-    assert not torch.allclose(_output_with_asrg_rows_replaced(model, x, ~deselected), after_inducing, atol=1e-4)
+    assert not torch.allclose(_output_with_asrg_rows_replaced(model, x, ~deselected), unchanged, atol=1e-4)
 
 
 def test_under_uniform_attention_a_deselected_point_still_reaches_the_output():
     model, x, deselected, before = _annealed_outputs("uniform_attention")
-    assert not torch.allclose(_output_with_asrg_rows_replaced(model, x, deselected), before, atol=1e-4)
+    unchanged = _output_with_asrg_rows_replaced(model, x, torch.zeros_like(deselected))
+    torch.testing.assert_close(unchanged, before, atol=1e-5, rtol=0)  # the torch path: the same model
+    assert not torch.allclose(_output_with_asrg_rows_replaced(model, x, deselected), unchanged, atol=1e-4)
 
 
 def test_contributes_nothing_needs_the_fields_stacking():

@@ -14,8 +14,8 @@ import torch
 from apem.models.registry import build_model
 from apem.nn import native
 from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
-from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_library, row_pool_backward,
-                                  row_pool_forward, typed_library)
+from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_library, pattern_pool,
+                                  row_pool_backward, row_pool_forward, typed_library)
 from apem.nn.selection import dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
@@ -112,6 +112,89 @@ def test_row_attention_pool_kernel_matches_the_torch_path(monkeypatch, sizes, ro
         torch.set_num_threads(previous)
     assert torch.isfinite(fast[0][0]).all()
     _assert_close(fast, reference)
+
+
+def _pattern_pool_inputs(u, b, s, heads, k, d, q, z_kind, seed=0):
+    """:func:`pattern_pool`'s stacked inputs for 2 layers of K points (as :func:`_gathered_inputs`', with z_K soft or,
+    as after the annealing, binary with 3% fractional entries), its eq. 18 factor (2, d, Q), and per layer the points
+    it computes with eq. 18's counts, as :func:`computed_points` makes them: layer 0 every point, layer 1 the first
+    half, then one point standing for the 5 others (counted 5) and a repeat of it (padding, counted 0). Sample 1
+    selects no point (its z_K is all 0)."""
+    rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias = _gathered_inputs(u, b, s, 2, heads, k,
+                                                                                                 d, seed)
+    mask = mask.detach().clone()
+    if z_kind == "binary":
+        gen = torch.Generator().manual_seed(seed + 2)
+        fractional = torch.rand(mask.shape, generator=gen) < 0.03
+        mask = torch.where(fractional, mask, (torch.rand(mask.shape, generator=gen) > 0.4).float())
+    mask[1] = 0.0
+    pattern_factor = torch.randn(2, d, q, generator=torch.Generator().manual_seed(seed + 1)).requires_grad_()
+    half = torch.arange(k // 2)
+    columns = torch.cat([half, torch.tensor([k - 1, k - 1])])
+    counts = torch.cat([torch.ones(k // 2), torch.tensor([5.0, 0.0])])
+    plans = [(torch.arange(k), torch.ones(k)), (columns, counts)]
+    return (rows, index, factor, mask.requires_grad_(), combined, bias, queries, norm_weight, norm_bias,
+            pattern_factor), plans
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("weighting", ["none", "counts", "z"])
+@pytest.mark.parametrize("z_kind", ["soft", "binary"])
+@pytest.mark.parametrize("sizes", [(300, 200, 16, 2, 64, 18, 6), (40, 70, 5, 3, 12, 7, 4)],
+                         ids=["table2-avx2", "odd-portable"])
+def test_pattern_pool_kernel_matches_the_torch_path(monkeypatch, sizes, z_kind, weighting, threads):
+    """Training's one kernel of eq. 14-18 per layer (pattern_pool: Y stays in cache from eq. 17 to eq. 18, and its
+    gradient from eq. 18 back into eq. 17) against gathered_pool_norm and then row_attention_pool on the torch path
+    over the same points, for each of eq. 18's row weights: none, counts shared by every sample, and z_K itself
+    (whose gradient then has eq. 14's and eq. 18's shares); z_K soft, or binary (the softmax weights from a table of
+    exps, a few fractional entries fixed up). Outputs and every gradient (the stacked parameters' at each layer's
+    points, a repeated point's shares added), on 1 and 2 threads."""
+    heads, k, d = sizes[3], sizes[4], sizes[5]
+    inputs, plans = _pattern_pool_inputs(*sizes, z_kind)
+    rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, pattern_factor = inputs
+    params = [t for t in inputs if t.requires_grad]
+    b = mask.shape[0]
+
+    def z_of(layer, columns):
+        return mask[:, layer].index_select(1, columns)
+
+    def fused():
+        return pattern_pool(native_library(rows), rows, index, factor, [z_of(l, c) for l, (c, _) in enumerate(plans)],
+                            combined, bias, queries, norm_weight, norm_bias, pattern_factor,
+                            [(c, counts if weighting == "counts" else None) for c, counts in plans], weighting == "z",
+                            heads, 1e-5)
+
+    def reference():
+        pooled = []
+        for layer, (columns, counts) in enumerate(plans):
+            one = slice(layer, layer + 1)
+            layer_factor = factor[one].view(1, d, heads, k).index_select(3, columns).view(1, d, -1)
+            z = z_of(layer, columns)
+            shared = gathered_pool_norm(rows, index, layer_factor, z.unsqueeze(1), combined[one], bias[one],
+                                        queries[one].index_select(1, columns), norm_weight[one], norm_bias[one],
+                                        heads, 1e-5)
+            row_weights = {"none": None, "counts": counts.expand(1, b, -1), "z": z.unsqueeze(0)}[weighting]
+            pooled.append(row_attention_pool(shared, pattern_factor[one], row_weights))
+        return torch.cat(pooled)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = _outputs_and_gradients(fused, params)
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+        slow = _outputs_and_gradients(reference, params)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.isfinite(fast[0][0]).all()
+    if weighting == "z":  # the sample that selects nothing: an empty message, as weighted_softmax gives
+        assert (fast[0][0].view(2, b, -1, d)[:, 1] == 0).all()
+        # and its eq. 18 weights are 0 / 0, whose derivative in z is unbounded on both paths (in a model z = 0 comes
+        # from f_D's clamp, whose derivative there is 0, so it reaches no parameter): compared for the other samples
+        which = next(i for i, t in enumerate(params) if t is mask)
+        for _, grads in (fast, slow):
+            assert not torch.isfinite(grads[which][1]).all()
+            grads[which][1] = 0.0
+    _assert_close(fast, slow)
 
 
 GAMMA = 0.5
@@ -396,7 +479,7 @@ def test_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
     selected = "matches_the_torch_path and table2-avx2 and 2]"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                             env={**os.environ, "OMP_THREAD_LIMIT": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("4 passed"), result.stdout[-3000:]
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("10 passed"), result.stdout[-3000:]
 
 
 def test_a_compiled_model_takes_the_torch_path_and_matches_the_kernels(monkeypatch):

@@ -35,6 +35,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "pattern_attention.h"
 #include "pooling.h"
 
 /* A layer's inputs (apem.nn.native_pools.PredictLayer mirrors this struct). */
@@ -75,73 +76,6 @@ static void layer_norm_columns(float *restrict x, i64 D, i64 PC, const float *re
     layer_norm_affine(x, D, PC, nw, nb);
 }
 
-/* out[j] = scale * sum_p a[p] y[j, p] for the D rows of y (D, PC). */
-static void row_dots(const float *restrict a, const float *restrict y, i64 D, i64 PC, float scale,
-                     float *restrict out) {
-    i64 j = 0;
-#if APEM_AVX2
-    for (; j + 8 <= D; j += 8) {
-        __m256 t[8];
-        for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_setzero_ps();
-        for (i64 p = 0; p < PC; p += 8) {
-            const __m256 av = _mm256_loadu_ps(a + p);
-            for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_fmadd_ps(av, _mm256_loadu_ps(y + (j + jj) * PC + p), t[jj]);
-        }
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(lane_sums8(t), _mm256_set1_ps(scale)));
-    }
-#endif
-    for (; j < D; ++j) {
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (i64 p = 0; p < PC; ++p) acc += a[p] * y[j * PC + p];
-        out[j] = acc * scale;
-    }
-}
-
-#if APEM_AVX2
-/* eq18_scores for NQ <= 8 queries, a constant at each call (so that the accumulators stay in registers): the
- * NQ scores of 8 rows at a time, one load of y per column. */
-static inline __attribute__((always_inline)) void eq18_scores_block(const float *restrict y,
-                                                                    const float *restrict factor, i64 D, i64 PC,
-                                                                    const int NQ, float *restrict sc) {
-    for (i64 p = 0; p < PC; p += 8) {
-        __m256 a[8];
-        for (int q = 0; q < NQ; ++q) a[q] = _mm256_setzero_ps();
-        for (i64 j = 0; j < D; ++j) {
-            const __m256 yv = _mm256_loadu_ps(y + j * PC + p);
-            for (int q = 0; q < NQ; ++q) a[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(factor + j * NQ + q), yv, a[q]);
-        }
-        for (int q = 0; q < NQ; ++q) _mm256_storeu_ps(sc + q * PC + p, a[q]);
-    }
-}
-#endif
-
-/* sc (Q, PC) <- factor (D, Q) transposed times y (D, PC): eq. 18's scores of every row. */
-static void eq18_scores(const float *restrict y, const float *restrict factor, i64 D, i64 Q, i64 PC,
-                        float *restrict sc) {
-#if APEM_AVX2
-    if (PC % 8 == 0) {
-        switch (Q) {
-        case 1: eq18_scores_block(y, factor, D, PC, 1, sc); return;
-        case 2: eq18_scores_block(y, factor, D, PC, 2, sc); return;
-        case 3: eq18_scores_block(y, factor, D, PC, 3, sc); return;
-        case 4: eq18_scores_block(y, factor, D, PC, 4, sc); return;
-        case 5: eq18_scores_block(y, factor, D, PC, 5, sc); return;
-        case 6: eq18_scores_block(y, factor, D, PC, 6, sc); return;
-        case 7: eq18_scores_block(y, factor, D, PC, 7, sc); return;
-        case 8: eq18_scores_block(y, factor, D, PC, 8, sc); return;
-        default: break;
-        }
-    }
-#endif
-    for (i64 q = 0; q < Q; ++q) {
-        float *restrict s = sc + q * PC;
-        for (i64 p = 0; p < PC; ++p) s[p] = 0.0f;
-        for (i64 j = 0; j < D; ++j)
-            for (i64 p = 0; p < PC; ++p) s[p] += factor[j * Q + q] * y[j * PC + p];
-    }
-}
-
 /* Eq. 18 for one sample: out (Q, D) <- sum_p a[q, p] Y[:, p], with a = count_p e^{score} / sum count e^{score}
  * over the rows of nonzero count (weighted_softmax's reading: all-zero counts give an all-zero output).
  * Every loop runs over the PC columns, so that it vectorises. */
@@ -165,33 +99,6 @@ static void pattern_pool(const float *restrict y, const float *restrict count, c
     }
 }
 
-/* row_softmax's weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
- * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
- * yet at its floor) takes its exps here. */
-static void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
-                          const float *restrict z, float *restrict w, float *restrict top, float *restrict inv) {
-    const i64 S = L->S, M = L->M, PC = L->K, MPC = M * PC;
-    for (i64 s = 0; s < S; ++s) {
-        const float *restrict e = exp_table + idx[s] * MPC;
-        float *restrict ws = w + s * MPC;
-        for (i64 m = 0; m < M; ++m)
-            for (i64 p = 0; p < PC; ++p) ws[m * PC + p] = z[p] == 0.0f ? 1.0f : e[m * PC + p];
-    }
-    for (i64 p = 0; p < PC; ++p) {
-        if (z[p] == 0.0f || z[p] == 1.0f) continue;
-        for (i64 m = 0; m < M; ++m) {
-            const i64 c = m * PC + p;
-            top[c] = -INFINITY;
-            for (i64 s = 0; s < S; ++s) {
-                w[s * MPC + c] = z[p] * L->score_table[idx[s] * MPC + c];
-                top[c] = w[s * MPC + c] > top[c] ? w[s * MPC + c] : top[c];
-            }
-            for (i64 s = 0; s < S; ++s) w[s * MPC + c] = exp_nonpositive(w[s * MPC + c] - top[c]);
-        }
-    }
-    normalize_columns(w, S, MPC, inv);
-}
-
 static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, float *restrict pooled,
                          float *restrict work) {
     const PoolLayer *L = &PL->pool;
@@ -208,12 +115,7 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
             for (i64 p = 0; p < P; p += 8) __builtin_prefetch(logits + PL->logits_stride + PL->columns[p]);
         }
         for (i64 p = 0; p < PC; ++p) z[p] = p < P ? dynamic_activation(logits[PL->columns[p]], PL->gamma) : 0.0f;
-        i64 fractional = 0;
-        for (i64 p = 0; p < PC; ++p) fractional += z[p] != 0.0f && z[p] != 1.0f;
-        if (PL->exp_table && fractional * 8 <= PC)  /* binary z, or a few fix-ups: no exp per field */
-            table_weights(L, PL->exp_table, idx, z, w, mx, inv);
-        else
-            row_softmax(L->score_table, idx, z, S, M, PC, w, mx, inv);
+        sample_weights(L, PL->exp_table, idx, z, w, mx, inv);  /* binary z: no exp per field */
         pool_row(L->value_table, idx, w, S, M, PC, D, x);  /* x (D, PC): O transposed */
         for (i64 j = 0; j < D; ++j)                         /* eq. 17's residual z I */
             for (i64 p = 0; p < PC; ++p) x[j * PC + p] += z[p] * queries_t[j * PC + p];

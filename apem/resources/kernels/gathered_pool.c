@@ -15,6 +15,10 @@
  * runs its own ops on, so the two never compete for cores); thread t uses `work` + t *
  * gathered_pool_work_floats() floats of scratch, and the backward adds into a gradient slot of its
  * own, which the caller sums.
+ *
+ * Training runs pattern_pool_forward and pattern_pool_backward (at the end of this file): the same per-sample
+ * steps followed by the Pattern Selector's attention (eq. 18) over the sample's Y while it is in cache;
+ * gathered_pool_forward and gathered_pool_backward serve the paths without eq. 18 after them.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,6 +26,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "pattern_attention.h"
 #include "pooling.h"
 
 /* Through the pooling, for one (field s, head m) pair: gwk (K) <- d/d w[s, m] = sum_j v[j] go_t[j, k], and
@@ -113,6 +118,22 @@ i64 gathered_pool_slot_floats(const PoolLayer *L) {
     return L->U * L->M * (L->K + L->D) + L->K * L->D + 3 * L->D;
 }
 
+/* Eq. 14-17 for sample b before the LayerNorm's affine: x (D, K) <- the normalised O + I (.) z_K (transposed: the
+ * loops run over the K points), rs (K) <- its 1 / sigma; w (S, M K), mx, inv (M K each) and mean (K) are scratch. */
+static inline void forward_sample(const PoolLayer *L, const float *restrict exp_table, i64 b,
+                                  const float *restrict queries_t, float *restrict w, float *restrict mx,
+                                  float *restrict inv, float *restrict x, float *restrict mean, float *restrict rs) {
+    const i64 S = L->S, M = L->M, K = L->K, D = L->D;
+    const i64 *restrict idx = L->index + b * S;
+    const float *restrict z = L->mask + b * L->mask_stride;
+    sample_weights(L, exp_table, idx, z, w, mx, inv);
+    pool_row(L->value_table, idx, w, S, M, K, D, x);  /* x (D, K): O transposed */
+    /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
+    for (i64 j = 0; j < D; ++j)
+        for (i64 k = 0; k < K; ++k) x[j * K + k] += queries_t[j * K + k] * z[k];
+    normalize_columns_over_rows(x, D, K, L->eps, mean, rs);
+}
+
 /* Y = LayerNorm(O + I (.) z_K) for rows [row_begin, row_end) into out (B, K, D); with `normalized`, also
  * the normalised X (B, D, K) (transposed: the backward runs over the points) and 1 / sigma (B, K). */
 static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *restrict out,
@@ -120,24 +141,113 @@ static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *
     const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K;
     float *restrict w = work, *restrict mx = w + S * MK, *restrict inv = mx + MK, *restrict x = inv + MK;
     float *restrict queries_t = x + D * K, *restrict mean = queries_t + D * K, *restrict rs = mean + K;
-    const float *restrict nw = L->norm_weight, *restrict nb = L->norm_bias;
     transpose(L->queries, K, D, queries_t);
     for (i64 b = row_begin; b < row_end; ++b) {
-        const i64 *restrict idx = L->index + b * S;
-        const float *restrict z = L->mask + b * L->mask_stride;
-        if (b + 1 < row_end) prefetch_sample(L, L->score_table, idx + S);
-        row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
-        pool_row(L->value_table, idx, w, S, M, K, D, x);  /* x (D, K): O transposed */
-        /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
-        for (i64 j = 0; j < D; ++j)
-            for (i64 k = 0; k < K; ++k) x[j * K + k] += queries_t[j * K + k] * z[k];
-        normalize_columns_over_rows(x, D, K, L->eps, mean, rs);
+        if (b + 1 < row_end) prefetch_sample(L, L->score_table, L->index + (b + 1) * S);
+        forward_sample(L, NULL, b, queries_t, w, mx, inv, x, mean, rs);
         if (normalized) {
             memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
             memcpy(rstd + b * K, rs, sizeof(float) * K);
         }
-        layer_norm_affine(x, D, K, nw, nb);  /* while the points are contiguous, then out to (K, D) */
+        layer_norm_affine(x, D, K, L->norm_weight, L->norm_bias);  /* the points contiguous, then out to (K, D) */
         transpose(x, D, K, out + b * K * D);
+    }
+}
+
+/* A thread's scratch for backward_sample, carved out of gathered_pool_work_floats() floats (see backward_rows). */
+typedef struct {
+    float *w, *gw, *mx, *inv;  /* (S, M K) twice, (M K) twice */
+    float *queries_t;          /* (D, K) */
+    /* (D, K) each: the range's running sums for the queries, the norm's weight and bias, and the value bias */
+    float *grad_queries_t, *sum_nw, *sum_nb, *sum_vb;
+    float *m1, *m2;            /* (K) each */
+} BackwardScratch;
+
+/* The scratch of a thread's row range, with the queries transposed and the running sums zeroed. */
+static BackwardScratch backward_scratch(const PoolLayer *L, float *work) {
+    const i64 MK = L->M * L->K, DK = L->D * L->K;
+    BackwardScratch s;
+    s.w = work;
+    s.gw = s.w + L->S * MK;
+    s.mx = s.gw + L->S * MK;
+    s.inv = s.mx + MK;
+    s.queries_t = s.inv + MK;
+    s.grad_queries_t = s.queries_t + DK;
+    s.sum_nw = s.grad_queries_t + DK;
+    s.sum_nb = s.sum_nw + DK;
+    s.sum_vb = s.sum_nb + DK;
+    s.m1 = s.sum_vb + DK;
+    s.m2 = s.m1 + L->K;
+    transpose(L->queries, L->K, L->D, s.queries_t);
+    memset(s.grad_queries_t, 0, sizeof(float) * 4 * DK);  /* and sum_nw, sum_nb, sum_vb */
+    return s;
+}
+
+/* Sample b's row of grad_mask, zeroed, after asking for the next sample's table rows (row_end: the range's end). */
+static inline float *begin_backward_sample(const PoolLayer *L, i64 b, i64 row_end, float *grad_mask,
+                                           i64 grad_mask_stride) {
+    if (b + 1 < row_end) prefetch_sample(L, L->score_table, L->index + (b + 1) * L->S);
+    float *restrict gm = grad_mask + b * grad_mask_stride;
+    for (i64 k = 0; k < L->K; ++k) gm[k] = 0.0f;
+    return gm;
+}
+
+/* The backward of forward_sample and the affine for sample b, from go_t (D, K), the gradient of Y transposed
+ * (overwritten): adds into the thread's gradient slot (gathered_pool_slot_floats) and its running sums, and adds the
+ * sample's d/d z_K into gm (K). */
+static inline void backward_sample(const PoolLayer *L, const float *restrict exp_table, i64 b,
+                                   const float *restrict normalized,
+                                   const float *restrict rstd, float *restrict go_t, float *restrict gm,
+                                   float *restrict slot, const BackwardScratch *sc) {
+    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K, DK = D * K;
+    float *restrict grad_score_table = slot, *restrict grad_value_table = slot + L->U * MK;
+    float *restrict w = sc->w, *restrict gw = sc->gw, *restrict dot = sc->mx;  /* mx: reused once the softmax is done */
+    const float *restrict queries_t = sc->queries_t;
+    float *restrict grad_queries_t = sc->grad_queries_t, *restrict sum_vb = sc->sum_vb;
+    const i64 *restrict idx = L->index + b * S;
+    const float *restrict z = L->mask + b * L->mask_stride;
+    sample_weights(L, exp_table, idx, z, w, sc->mx, sc->inv);
+    layer_norm_backward(go_t, normalized + b * DK, rstd + b * K, L->norm_weight, D, K, sc->sum_nw, sc->sum_nb, sc->m1,
+                        sc->m2);  /* go_t: d/dX */
+    pool_row_backward(L->value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);
+    for (i64 j = 0; j < D; ++j)  /* the residual I (.) z_K: its share of d/d z_K, and d/d I; and the value bias */
+        for (i64 k = 0; k < K; ++k) {
+            gm[k] += go_t[j * K + k] * queries_t[j * K + k];
+            grad_queries_t[j * K + k] += z[k] * go_t[j * K + k];
+            sum_vb[j * K + k] += go_t[j * K + k];
+        }
+    for (i64 c = 0; c < MK; ++c) dot[c] = 0.0f;  /* softmax backward: g = w (gw - sum_s w gw) */
+    for (i64 s = 0; s < S; ++s)
+        for (i64 c = 0; c < MK; ++c) dot[c] += w[s * MK + c] * gw[s * MK + c];
+    for (i64 s = 0; s < S; ++s) {  /* scores = z * table: d/d z and d/d table rows */
+        const float *restrict t = L->score_table + idx[s] * MK;
+        float *restrict gt = grad_score_table + idx[s] * MK;
+        const float *restrict ws = w + s * MK, *restrict gws = gw + s * MK;
+        for (i64 m = 0; m < M; ++m)
+            for (i64 k = 0; k < K; ++k) {
+                const float g = ws[m * K + k] * (gws[m * K + k] - dot[m * K + k]);
+                gm[k] += g * t[m * K + k];
+                gt[m * K + k] += g * z[k];
+            }
+    }
+}
+
+/* The range's running sums into the slot's queries (K, D), norm weight, norm bias and value bias (D each). */
+static void finish_backward(const PoolLayer *L, const BackwardScratch *sc, float *restrict slot) {
+    const i64 K = L->K, D = L->D;
+    float *restrict grad_queries = slot + L->U * L->M * (K + D), *restrict grad_norm_weight = grad_queries + K * D;
+    float *restrict grad_norm_bias = grad_norm_weight + D, *restrict grad_value_bias = grad_norm_bias + D;
+    for (i64 j = 0; j < D; ++j) {
+        float a = 0.0f, c = 0.0f, e = 0.0f;
+        for (i64 k = 0; k < K; ++k) {
+            grad_queries[k * D + j] += sc->grad_queries_t[j * K + k];
+            a += sc->sum_nw[j * K + k];
+            c += sc->sum_nb[j * K + k];
+            e += sc->sum_vb[j * K + k];
+        }
+        grad_norm_weight[j] += a;
+        grad_norm_bias[j] += c;
+        grad_value_bias[j] += e;
     }
 }
 
@@ -146,65 +256,15 @@ static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *
 static void backward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, const float *restrict grad_y,
                           const float *restrict normalized, const float *restrict rstd, float *restrict grad_mask,
                           i64 grad_mask_stride, float *restrict slot, float *restrict work) {
-    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K, DK = D * K;
-    float *restrict grad_score_table = slot, *restrict grad_value_table = slot + L->U * MK;
-    float *restrict grad_queries = grad_value_table + L->U * M * D, *restrict grad_norm_weight = grad_queries + K * D;
-    float *restrict grad_norm_bias = grad_norm_weight + D, *restrict grad_value_bias = grad_norm_bias + D;
-    float *restrict w = work, *restrict gw = w + S * MK, *restrict mx = gw + S * MK, *restrict inv = mx + MK;
-    /* (D, K) each, transposed so that every loop below runs over the K points: this row's gradient of X,
-     * the queries, and the range's running sums for the queries, the norm's weight and bias, and the
-     * value bias */
-    float *restrict go_t = inv + MK, *restrict queries_t = go_t + DK, *restrict grad_queries_t = queries_t + DK;
-    float *restrict sum_nw = grad_queries_t + DK, *restrict sum_nb = sum_nw + DK, *restrict sum_vb = sum_nb + DK;
-    float *restrict m1 = sum_vb + DK, *restrict m2 = m1 + K;
-    float *restrict dot = mx;  /* reused once the softmax is done */
-    const float *restrict nw = L->norm_weight;
-    transpose(L->queries, K, D, queries_t);
-    memset(grad_queries_t, 0, sizeof(float) * 4 * DK);  /* and sum_nw, sum_nb, sum_vb */
+    const i64 K = L->K, D = L->D;
+    const BackwardScratch sc = backward_scratch(L, work);
+    float *restrict go_t = sc.m2 + K;  /* this row's gradient of Y, then of X, (D, K) */
     for (i64 b = row_begin; b < row_end; ++b) {
-        const i64 *restrict idx = L->index + b * S;
-        const float *restrict z = L->mask + b * L->mask_stride;
-        if (b + 1 < row_end) prefetch_sample(L, L->score_table, idx + S);
-        const float *restrict xh = normalized + b * DK, *restrict r = rstd + b * K;
-        float *restrict gm = grad_mask + b * grad_mask_stride;
-        row_softmax(L->score_table, idx, z, S, M, K, w, mx, inv);
+        float *restrict gm = begin_backward_sample(L, b, row_end, grad_mask, grad_mask_stride);
         transpose(grad_y + b * K * D, K, D, go_t);
-        layer_norm_backward(go_t, xh, r, nw, D, K, sum_nw, sum_nb, m1, m2);  /* go_t: d/dX */
-        pool_row_backward(L->value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);
-        for (i64 k = 0; k < K; ++k) gm[k] = 0.0f;
-        for (i64 j = 0; j < D; ++j)  /* the residual I (.) z_K: its share of d/d z_K, and d/d I; and the value bias */
-            for (i64 k = 0; k < K; ++k) {
-                gm[k] += go_t[j * K + k] * queries_t[j * K + k];
-                grad_queries_t[j * K + k] += z[k] * go_t[j * K + k];
-                sum_vb[j * K + k] += go_t[j * K + k];
-            }
-        for (i64 c = 0; c < MK; ++c) dot[c] = 0.0f;  /* softmax backward: g = w (gw - sum_s w gw) */
-        for (i64 s = 0; s < S; ++s)
-            for (i64 c = 0; c < MK; ++c) dot[c] += w[s * MK + c] * gw[s * MK + c];
-        for (i64 s = 0; s < S; ++s) {  /* scores = z * table: d/d z and d/d table rows */
-            const float *restrict t = L->score_table + idx[s] * MK;
-            float *restrict gt = grad_score_table + idx[s] * MK;
-            const float *restrict ws = w + s * MK, *restrict gws = gw + s * MK;
-            for (i64 m = 0; m < M; ++m)
-                for (i64 k = 0; k < K; ++k) {
-                    const float g = ws[m * K + k] * (gws[m * K + k] - dot[m * K + k]);
-                    gm[k] += g * t[m * K + k];
-                    gt[m * K + k] += g * z[k];
-                }
-        }
+        backward_sample(L, NULL, b, normalized, rstd, go_t, gm, slot, &sc);
     }
-    for (i64 j = 0; j < D; ++j) {
-        float a = 0.0f, c = 0.0f, e = 0.0f;
-        for (i64 k = 0; k < K; ++k) {
-            grad_queries[k * D + j] += grad_queries_t[j * K + k];
-            a += sum_nw[j * K + k];
-            c += sum_nb[j * K + k];
-            e += sum_vb[j * K + k];
-        }
-        grad_norm_weight[j] += a;
-        grad_norm_bias[j] += c;
-        grad_value_bias[j] += e;
-    }
+    finish_backward(L, &sc, slot);
 }
 
 void gathered_pool_forward(const PoolLayer *L, i64 B, i64 threads, float *out, float *normalized, float *rstd,
@@ -227,5 +287,201 @@ void gathered_pool_backward(const PoolLayer *L, i64 B, i64 threads, const float 
         const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
         backward_rows(L, B * t / n, B * (t + 1) / n, grad_y, normalized, rstd, grad_mask, grad_mask_stride,
                       slots + t * slot_floats, work + t * work_floats);
+    }
+}
+
+/* ---- Training: eq. 14-17 fused with the Pattern Selector's attention (eq. 18) over the layer's rows ----
+ *
+ * Per sample, Y (D, K) stays in cache from the LayerNorm to eq. 18, and in backward eq. 18's gradient of Y goes
+ * straight into eq. 17's backward: Y is neither written out (B, K, D) nor read back, padded or transposed (the
+ * two kernels in turn, gathered_pool_* and row_attention_pool.c's, are the path where eq. 18 does not follow).
+ * The backward rebuilds Y from the saved normalised X. Eq. 18's row weights: none (a plain softmax), `counts`
+ * (K) shared by every sample (the uniform reading's dropped points, counted once each), or z_K itself (the
+ * "contributes nothing" reading, whose gradient then has both shares). */
+typedef struct {
+    PoolLayer pool;
+    i64 Q;
+    const float *factor;   /* (D, Q): eq. 18's query-side factor (scaled) */
+    i64 weighting;         /* eq. 18's row weights: 0 none, 1 counts, 2 the sample's z_K (the pool's mask) */
+    const float *counts;   /* (K), weighting 1 */
+    const float *exp_table;  /* (U, M K) exp(score_table - its column maxima), or NULL: see sample_weights */
+} PatternPoolLayer;
+
+/* Scratch per thread: gathered_pool_work_floats() for eq. 14-17, then Y (D, K), eq. 18's d/d weights and the
+ * unsaved q (Q, K each), the pooled gradient transposed (D, Q) and one row of the factor's gradient (D). */
+i64 pattern_pool_work_floats(const PatternPoolLayer *L) {
+    const i64 D = L->pool.D, K = L->pool.K, Q = L->Q;
+    return gathered_pool_work_floats(&L->pool) + D * K + 2 * Q * K + D * Q + D;
+}
+
+/* Per-thread gradient slot: gathered_pool_slot_floats()'s, then eq. 18's factor (D, Q). */
+i64 pattern_pool_slot_floats(const PatternPoolLayer *L) {
+    return gathered_pool_slot_floats(&L->pool) + L->pool.D * L->Q;
+}
+
+static const float *row_weights_of(const PatternPoolLayer *L, i64 b) {
+    return L->weighting == 0 ? NULL : L->weighting == 1 ? L->counts : L->pool.mask + b * L->pool.mask_stride;
+}
+
+/* Rows [row_begin, row_end): pooled (B, Q, D), eq. 18's weights (B, Q, K), and q (B, Q, K) under weighting 2;
+ * the normalised X (B, D, K) and 1 / sigma (B, K) for the backward. */
+static void pattern_forward_rows(const PatternPoolLayer *PL, i64 row_begin, i64 row_end, float *restrict pooled,
+                                 float *restrict normalized, float *restrict rstd, float *restrict weights,
+                                 float *restrict q_out, float *restrict work) {
+    const PoolLayer *L = &PL->pool;
+    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K, Q = PL->Q;
+    float *restrict w = work, *restrict mx = w + S * MK, *restrict inv = mx + MK, *restrict x = inv + MK;
+    float *restrict queries_t = x + D * K, *restrict mean = queries_t + D * K, *restrict rs = mean + K;
+    float *restrict q_scratch = work + gathered_pool_work_floats(L);
+    transpose(L->queries, K, D, queries_t);
+    for (i64 b = row_begin; b < row_end; ++b) {
+        if (b + 1 < row_end) prefetch_sample(L, L->score_table, L->index + (b + 1) * S);
+        forward_sample(L, PL->exp_table, b, queries_t, w, mx, inv, x, mean, rs);
+        memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
+        memcpy(rstd + b * K, rs, sizeof(float) * K);
+        layer_norm_affine(x, D, K, L->norm_weight, L->norm_bias);  /* x: Y (D, K) */
+        const float *restrict rw = row_weights_of(PL, b);
+        float *restrict wb = weights + b * Q * K, *restrict qb = q_out ? q_out + b * Q * K : q_scratch;
+        eq18_scores(x, PL->factor, D, Q, K, wb);
+        for (i64 iq = 0; iq < Q; ++iq) softmax_over_rows(wb + iq * K, qb + iq * K, rw, K);
+        for (i64 iq = 0; iq < Q; ++iq) row_dots(wb + iq * K, x, D, K, 1.0f, pooled + (b * Q + iq) * D);
+    }
+}
+
+/* gy (D, K) <- w^T g + t^T factor^T, the gradient of eq. 18's rows through the pooling and through the scores, from
+ * w and t (Q, K), g_t and factor (D, Q). */
+static void d_rows_generic(const float *restrict w, const float *restrict t, const float *restrict g_t,
+                           const float *restrict factor, i64 D, i64 Q, i64 K, float *restrict gy) {
+    for (i64 j = 0; j < D; ++j) {
+        float *restrict gyj = gy + j * K;
+        for (i64 k = 0; k < K; ++k) gyj[k] = 0.0f;
+        for (i64 iq = 0; iq < Q; ++iq) {
+            const float gv = g_t[j * Q + iq], fv = factor[j * Q + iq];
+            const float *restrict wq = w + iq * K, *restrict tq = t + iq * K;
+            for (i64 k = 0; k < K; ++k) gyj[k] += wq[k] * gv + tq[k] * fv;
+        }
+    }
+}
+
+#if APEM_AVX2
+/* d_rows_generic for NQ <= 8 queries (a constant at each call): 8 points at a time, their w and t columns held in
+ * registers over the D rows, and each output vector stored once. */
+static inline __attribute__((always_inline)) void d_rows_block(const float *restrict w, const float *restrict t,
+                                                               const float *restrict g_t, const float *restrict factor,
+                                                               i64 D, i64 K, const int NQ, float *restrict gy) {
+    for (i64 k0 = 0; k0 < K; k0 += 8) {
+        __m256 wv[8], tv[8];
+        for (int q = 0; q < NQ; ++q) {
+            wv[q] = _mm256_loadu_ps(w + q * K + k0);
+            tv[q] = _mm256_loadu_ps(t + q * K + k0);
+        }
+        for (i64 j = 0; j < D; ++j) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int q = 0; q < NQ; ++q) {
+                acc = _mm256_fmadd_ps(wv[q], _mm256_broadcast_ss(g_t + j * NQ + q), acc);
+                acc = _mm256_fmadd_ps(tv[q], _mm256_broadcast_ss(factor + j * NQ + q), acc);
+            }
+            _mm256_storeu_ps(gy + j * K + k0, acc);
+        }
+    }
+}
+#endif
+
+static void d_rows(const float *restrict w, const float *restrict t, const float *restrict g_t,
+                   const float *restrict factor, i64 D, i64 Q, i64 K, float *restrict gy) {
+#if APEM_AVX2
+    if (K % 8 == 0) {
+        switch (Q) {
+        case 1: d_rows_block(w, t, g_t, factor, D, K, 1, gy); return;
+        case 2: d_rows_block(w, t, g_t, factor, D, K, 2, gy); return;
+        case 3: d_rows_block(w, t, g_t, factor, D, K, 3, gy); return;
+        case 4: d_rows_block(w, t, g_t, factor, D, K, 4, gy); return;
+        case 5: d_rows_block(w, t, g_t, factor, D, K, 5, gy); return;
+        case 6: d_rows_block(w, t, g_t, factor, D, K, 6, gy); return;
+        case 7: d_rows_block(w, t, g_t, factor, D, K, 7, gy); return;
+        case 8: d_rows_block(w, t, g_t, factor, D, K, 8, gy); return;
+        default: break;
+        }
+    }
+#endif
+    d_rows_generic(w, t, g_t, factor, D, Q, K, gy);
+}
+
+/* Eq. 18's backward for one sample over Y (D, K) with weights w (Q, K) and the pooled gradient g (Q, D): gy (D, K)
+ * <- d/d Y (through the pooling and the scores); adds the factor's share into grad_factor (D, Q) and, with q, d/d
+ * row weights into grw (K); t (Q, K), g_t (D, Q) and row (D) are scratch. */
+static void pattern_attention_backward(const float *restrict y, const float *restrict factor, const float *restrict w,
+                                       const float *restrict q, const float *restrict g, i64 D, i64 Q, i64 K,
+                                       float *restrict gy, float *restrict grad_factor, float *restrict grw,
+                                       float *restrict t, float *restrict g_t, float *restrict row) {
+    for (i64 iq = 0; iq < Q; ++iq)
+        for (i64 j = 0; j < D; ++j) g_t[j * Q + iq] = g[iq * D + j];
+    eq18_scores(y, g_t, D, Q, K, t);  /* d/d weights: t[q, k] = g[q] . Y[:, k] */
+    for (i64 iq = 0; iq < Q; ++iq) {  /* softmax backward: w (t - sum_k w t) */
+        const float *restrict wq = w + iq * K;
+        float *restrict tq = t + iq * K;
+        float mean = 0.0f;
+#pragma omp simd reduction(+ : mean)
+        for (i64 k = 0; k < K; ++k) mean += wq[k] * tq[k];
+        for (i64 k = 0; k < K; ++k) tq[k] -= mean;
+        if (q)  /* weights = q z: d/d z_k = sum over the queries of q_k t_k */
+            for (i64 k = 0; k < K; ++k) grw[k] += q[iq * K + k] * tq[k];
+        for (i64 k = 0; k < K; ++k) tq[k] *= wq[k];  /* t: d/d scores */
+    }
+    d_rows(w, t, g_t, factor, D, Q, K, gy);
+    for (i64 iq = 0; iq < Q; ++iq) {  /* the factor's share: t Y^T */
+        row_dots(t + iq * K, y, D, K, 1.0f, row);
+        for (i64 j = 0; j < D; ++j) grad_factor[j * Q + iq] += row[j];
+    }
+}
+
+static void pattern_backward_rows(const PatternPoolLayer *PL, i64 row_begin, i64 row_end,
+                                  const float *restrict grad_pooled, const float *restrict normalized,
+                                  const float *restrict rstd, const float *restrict weights, const float *restrict q,
+                                  float *restrict grad_mask, i64 grad_mask_stride, float *restrict slot,
+                                  float *restrict work) {
+    const PoolLayer *L = &PL->pool;
+    const i64 K = L->K, D = L->D, DK = D * K, Q = PL->Q;
+    const BackwardScratch sc = backward_scratch(L, work);
+    float *restrict go_t = sc.m2 + K;  /* d/d Y, then d/d X, (D, K) */
+    float *restrict y = work + gathered_pool_work_floats(L), *restrict t = y + DK, *restrict g_t = t + 2 * Q * K;
+    float *restrict row = g_t + D * Q;
+    float *restrict grad_factor = slot + gathered_pool_slot_floats(L);
+    for (i64 b = row_begin; b < row_end; ++b) {
+        float *restrict gm = begin_backward_sample(L, b, row_end, grad_mask, grad_mask_stride);
+        const float *restrict xh = normalized + b * DK;
+        for (i64 j = 0; j < D; ++j)  /* Y again, from the saved normalised X (eq. 17's affine) */
+            for (i64 k = 0; k < K; ++k) y[j * K + k] = xh[j * K + k] * L->norm_weight[j] + L->norm_bias[j];
+        pattern_attention_backward(y, PL->factor, weights + b * Q * K, PL->weighting == 2 ? q + b * Q * K : NULL,
+                                   grad_pooled + b * Q * D, D, Q, K, go_t, grad_factor, gm, t, g_t, row);
+        backward_sample(L, PL->exp_table, b, normalized, rstd, go_t, gm, slot, &sc);
+    }
+    finish_backward(L, &sc, slot);
+}
+
+/* pooled (B, Q, D) <- eq. 18's pooled rows over the layer's Y; saves what pattern_pool_backward reads: normalized
+ * (B, D, K), rstd (B, K), weights (B, Q, K) and, under weighting 2, q (B, Q, K) (else NULL). */
+void pattern_pool_forward(const PatternPoolLayer *L, i64 B, i64 threads, float *pooled, float *normalized,
+                          float *rstd, float *weights, float *q, float *work) {
+    const i64 work_floats = pattern_pool_work_floats(L);
+#pragma omp parallel num_threads(threads)
+    {
+        const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
+        pattern_forward_rows(L, B * t / n, B * (t + 1) / n, pooled, normalized, rstd, weights, q,
+                             work + t * work_floats);
+    }
+}
+
+/* From grad_pooled (B, Q, D): thread t adds into slots + t * pattern_pool_slot_floats(L) (zeroed by the caller,
+ * who sums them), and grad_mask (B, K) rows are written (under weighting 2 with eq. 18's share of d/d z_K). */
+void pattern_pool_backward(const PatternPoolLayer *L, i64 B, i64 threads, const float *grad_pooled,
+                           const float *normalized, const float *rstd, const float *weights, const float *q,
+                           float *grad_mask, i64 grad_mask_stride, float *slots, float *work) {
+    const i64 work_floats = pattern_pool_work_floats(L), slot_floats = pattern_pool_slot_floats(L);
+#pragma omp parallel num_threads(threads)
+    {
+        const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
+        pattern_backward_rows(L, B * t / n, B * (t + 1) / n, grad_pooled, normalized, rstd, weights, q, grad_mask,
+                              grad_mask_stride, slots + t * slot_floats, work + t * work_floats);
     }
 }

@@ -59,6 +59,47 @@ static inline void row_softmax(const float *restrict table, const i64 *restrict 
     softmax_columns(w, S, MK, mx, inv);
 }
 
+/* row_softmax's weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
+ * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
+ * yet at its floor) takes its exps here. */
+static inline void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
+                          const float *restrict z, float *restrict w, float *restrict top, float *restrict inv) {
+    const i64 S = L->S, M = L->M, PC = L->K, MPC = M * PC;
+    for (i64 s = 0; s < S; ++s) {
+        const float *restrict e = exp_table + idx[s] * MPC;
+        float *restrict ws = w + s * MPC;
+        for (i64 m = 0; m < M; ++m)
+            for (i64 p = 0; p < PC; ++p) ws[m * PC + p] = z[p] == 0.0f ? 1.0f : e[m * PC + p];
+    }
+    for (i64 p = 0; p < PC; ++p) {
+        if (z[p] == 0.0f || z[p] == 1.0f) continue;
+        for (i64 m = 0; m < M; ++m) {
+            const i64 c = m * PC + p;
+            top[c] = -INFINITY;
+            for (i64 s = 0; s < S; ++s) {
+                w[s * MPC + c] = z[p] * L->score_table[idx[s] * MPC + c];
+                top[c] = w[s * MPC + c] > top[c] ? w[s * MPC + c] : top[c];
+            }
+            for (i64 s = 0; s < S; ++s) w[s * MPC + c] = exp_nonpositive(w[s * MPC + c] - top[c]);
+        }
+    }
+    normalize_columns(w, S, MPC, inv);
+}
+
+/* w (S, M K) <- the softmax weights of eq. 14-15 for a sample's fields idx and z_K: from exp_table (U, M K) (exps of
+ * L's score table less its column maxima, or NULL) where z is binary or has a few fractional entries (at most an
+ * eighth, each fixed up by table_weights): no exp per field; else through row_softmax. Uses mx, inv (M K each). */
+static inline void sample_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
+                                  const float *restrict z, float *restrict w, float *restrict mx, float *restrict inv) {
+    i64 fractional = 0;
+    if (exp_table)
+        for (i64 k = 0; k < L->K; ++k) fractional += z[k] != 0.0f && z[k] != 1.0f;
+    if (exp_table && fractional * 8 <= L->K)
+        table_weights(L, exp_table, idx, z, w, mx, inv);
+    else
+        row_softmax(L->score_table, idx, z, L->S, L->M, L->K, w, mx, inv);
+}
+
 /* Asks for the table rows idx[0..S) (row_floats floats each) to be brought into cache. */
 static inline void prefetch_rows(const float *table, const i64 *idx, i64 S, i64 row_floats) {
     for (i64 s = 0; s < S; ++s) {

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "pattern_attention.h"
 
 static i64 padded(i64 D) { return (D + 7) / 8 * 8; }
 
@@ -160,29 +161,6 @@ static void scores_sample(const float *restrict f, const float *restrict x, i64 
 #define pool_grad pool_grad_generic
 #define scores_sample scores_sample_generic
 #endif
-
-/* w[0:R] <- the softmax over r of w; with row weights z, weights = q z with q = e / sum_r(z e) written to qq
- * (weighted_softmax's reading: all-zero row weights give all-zero weights). */
-static void softmax_over_rows(float *restrict w, float *restrict qq, const float *restrict z, i64 R) {
-    float top = -INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : top)
-    for (i64 r = 0; r < R; ++r) top = w[r] > top ? w[r] : top;
-    for (i64 r = 0; r < R; ++r) w[r] = exp_nonpositive(w[r] - top);
-    if (z) {
-#pragma omp simd reduction(+ : total)
-        for (i64 r = 0; r < R; ++r) total += w[r] * z[r];
-        const float scale = 1.0f / (total > FLT_MIN ? total : FLT_MIN);
-        for (i64 r = 0; r < R; ++r) {
-            qq[r] = w[r] * scale;
-            w[r] = qq[r] * z[r];
-        }
-    } else {
-#pragma omp simd reduction(+ : total)
-        for (i64 r = 0; r < R; ++r) total += w[r];
-        const float scale = 1.0f / total;
-        for (i64 r = 0; r < R; ++r) w[r] *= scale;
-    }
-}
 
 /* f_p (Q, DP) <- factor (D, Q) transposed and zero-padded. */
 static void padded_factor(const float *restrict factor, i64 Q, i64 D, i64 DP, float *restrict f_p) {

@@ -1,0 +1,103 @@
+/* Eq. 18's per-sample pieces over a sample's rows laid out (D, R), so that every loop runs over the R rows: the
+ * scores of the Q queries, their softmax over the rows (with row weights or none) and the pooling's dot products.
+ * Shared by fused_predict.c (inference), gathered_pool.c (training, fused with eq. 14-17) and
+ * row_attention_pool.c (the softmax, over rows laid out (R, D)). */
+#ifndef APEM_KERNEL_PATTERN_ATTENTION_H
+#define APEM_KERNEL_PATTERN_ATTENTION_H
+
+#include <float.h>
+#include <math.h>
+
+#include "common.h"
+
+/* out[j] = scale * sum_p a[p] y[j, p] for the D rows of y (D, PC). */
+static inline void row_dots(const float *restrict a, const float *restrict y, i64 D, i64 PC, float scale,
+                     float *restrict out) {
+    i64 j = 0;
+#if APEM_AVX2
+    for (; j + 8 <= D && PC % 8 == 0; j += 8) {
+        __m256 t[8];
+        for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_setzero_ps();
+        for (i64 p = 0; p < PC; p += 8) {
+            const __m256 av = _mm256_loadu_ps(a + p);
+            for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_fmadd_ps(av, _mm256_loadu_ps(y + (j + jj) * PC + p), t[jj]);
+        }
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(lane_sums8(t), _mm256_set1_ps(scale)));
+    }
+#endif
+    for (; j < D; ++j) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (i64 p = 0; p < PC; ++p) acc += a[p] * y[j * PC + p];
+        out[j] = acc * scale;
+    }
+}
+
+#if APEM_AVX2
+/* eq18_scores for NQ <= 8 queries, a constant at each call (so that the accumulators stay in registers): the
+ * NQ scores of 8 rows at a time, one load of y per column. */
+static inline __attribute__((always_inline)) void eq18_scores_block(const float *restrict y,
+                                                                    const float *restrict factor, i64 D, i64 PC,
+                                                                    const int NQ, float *restrict sc) {
+    for (i64 p = 0; p < PC; p += 8) {
+        __m256 a[8];
+        for (int q = 0; q < NQ; ++q) a[q] = _mm256_setzero_ps();
+        for (i64 j = 0; j < D; ++j) {
+            const __m256 yv = _mm256_loadu_ps(y + j * PC + p);
+            for (int q = 0; q < NQ; ++q) a[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(factor + j * NQ + q), yv, a[q]);
+        }
+        for (int q = 0; q < NQ; ++q) _mm256_storeu_ps(sc + q * PC + p, a[q]);
+    }
+}
+#endif
+
+/* sc (Q, PC) <- factor (D, Q) transposed times y (D, PC): eq. 18's scores of every row. */
+static inline void eq18_scores(const float *restrict y, const float *restrict factor, i64 D, i64 Q, i64 PC,
+                        float *restrict sc) {
+#if APEM_AVX2
+    if (PC % 8 == 0) {
+        switch (Q) {
+        case 1: eq18_scores_block(y, factor, D, PC, 1, sc); return;
+        case 2: eq18_scores_block(y, factor, D, PC, 2, sc); return;
+        case 3: eq18_scores_block(y, factor, D, PC, 3, sc); return;
+        case 4: eq18_scores_block(y, factor, D, PC, 4, sc); return;
+        case 5: eq18_scores_block(y, factor, D, PC, 5, sc); return;
+        case 6: eq18_scores_block(y, factor, D, PC, 6, sc); return;
+        case 7: eq18_scores_block(y, factor, D, PC, 7, sc); return;
+        case 8: eq18_scores_block(y, factor, D, PC, 8, sc); return;
+        default: break;
+        }
+    }
+#endif
+    for (i64 q = 0; q < Q; ++q) {
+        float *restrict s = sc + q * PC;
+        for (i64 p = 0; p < PC; ++p) s[p] = 0.0f;
+        for (i64 j = 0; j < D; ++j)
+            for (i64 p = 0; p < PC; ++p) s[p] += factor[j * Q + q] * y[j * PC + p];
+    }
+}
+
+/* w[0:R] <- the softmax over r of w; with row weights z, weights = q z with q = e / sum_r(z e) written to qq
+ * (weighted_softmax's reading: all-zero row weights give all-zero weights). */
+static inline void softmax_over_rows(float *restrict w, float *restrict qq, const float *restrict z, i64 R) {
+    float top = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (i64 r = 0; r < R; ++r) top = w[r] > top ? w[r] : top;
+    for (i64 r = 0; r < R; ++r) w[r] = exp_nonpositive(w[r] - top);
+    if (z) {
+#pragma omp simd reduction(+ : total)
+        for (i64 r = 0; r < R; ++r) total += w[r] * z[r];
+        const float scale = 1.0f / (total > FLT_MIN ? total : FLT_MIN);
+        for (i64 r = 0; r < R; ++r) {
+            qq[r] = w[r] * scale;
+            w[r] = qq[r] * z[r];
+        }
+    } else {
+#pragma omp simd reduction(+ : total)
+        for (i64 r = 0; r < R; ++r) total += w[r];
+        const float scale = 1.0f / total;
+        for (i64 r = 0; r < R; ++r) w[r] *= scale;
+    }
+}
+
+#endif
