@@ -10,8 +10,9 @@ from torch import nn
 
 from apem.nn.layers import StackedLayerNorm, layer_norm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
-                                  pattern_chain, pattern_pool, row_pool_backward, row_pool_forward, value_table)
-from apem.nn.selection import dynamic_activation, kept_by_batch
+                                  native_dynamic_activation, pattern_chain, pattern_pool, row_pool_backward,
+                                  row_pool_forward, value_table)
+from apem.nn.selection import kept_by_batch
 
 
 def float32_outside_autocast(fn):
@@ -487,19 +488,18 @@ class InducingPointAttention(nn.Module):
             return None
         with torch.no_grad():
             kept = kept_by_batch(logits, gamma)  # (L, K)
-        k, m = logits.shape[2], self.heads
-        factor, combined, bias = self.folded_weights()
-        z, plans = [], []
+        k = logits.shape[2]
+        plans = []
         for layer, (columns, counts) in enumerate(computed_points(row, uniform) for row in kept):
-            p, c = int(kept[layer].sum()), columns.numel()
-            # z_K of the kept points (eq. 13, with its gradient), 0 at the rest
-            z.append(nn.functional.pad(dynamic_activation(logits[:, layer].index_select(1, columns[:p]), gamma),
-                                       (0, c - p)))
-            # eq. 18's row weights other than z_K: the count of points each row stands for (none where every point
-            # is kept: a plain softmax)
-            plans.append((columns, counts if uniform and p < k else None))
+            # every point, or the kept ones and the dropped ones' stand-in and padding (z = 0 there: a dropped point's
+            # f_D is 0 in every row); eq. 18's row weights other than z_K: the count of points each row stands for
+            # (none where every point is kept: a plain softmax)
+            all_kept = int(kept[layer].sum()) == k
+            plans.append((None, None) if all_kept else (columns, counts if uniform else None))
+        z = native_dynamic_activation(lib, logits, gamma)  # eq. 13, (B, L, K)
+        factor, combined, bias = self.folded_weights()
         return pattern_pool(lib, rows, index, factor, z, combined, bias, self.inducing, self.norm.weight,
-                            self.norm.bias, pattern_factor, plans, not uniform, m, self.norm.eps)
+                            self.norm.bias, pattern_factor, plans, not uniform, self.heads, self.norm.eps)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor, layers: slice = slice(None),
                 index: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,6 +54,8 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "pattern_pool_slot_floats": ([_PTR], _I64),
         "pattern_pool_forward": ([_PTR, _I64, _I64] + [_PTR] * 6, None),
         "pattern_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 6 + [_I64] + [_PTR] * 2, None),
+        "dynamic_activation_forward": ([_I64, _PTR, ctypes.c_float, _I64, _PTR], None),
+        "dynamic_activation_backward": ([_I64, _PTR, ctypes.c_float, _PTR, _I64, _PTR], None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -206,23 +208,23 @@ class PatternPoolLayer(ctypes.Structure):
         return layer
 
 
-def pattern_pool(lib: ctypes.CDLL, rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor,
-                 z: list[torch.Tensor], combined: torch.Tensor, bias: torch.Tensor, inducing: torch.Tensor,
-                 norm_weight: torch.Tensor, norm_bias: torch.Tensor, pattern_factor: torch.Tensor,
-                 plans: list[tuple[torch.Tensor, torch.Tensor | None]], mask_weights: bool, heads: int,
+def pattern_pool(lib: ctypes.CDLL, rows: torch.Tensor, index: torch.Tensor, factor: torch.Tensor, z: torch.Tensor,
+                 combined: torch.Tensor, bias: torch.Tensor, inducing: torch.Tensor, norm_weight: torch.Tensor,
+                 norm_bias: torch.Tensor, pattern_factor: torch.Tensor,
+                 plans: list[tuple[torch.Tensor | None, torch.Tensor | None]], mask_weights: bool, heads: int,
                  eps: float) -> torch.Tensor:
     """Training on CPU: per layer, :func:`apem.nn.attention.gathered_pool_norm` over the points ``plans`` names and
     then :func:`apem.nn.attention.row_attention_pool`, in one kernel per sample (``gathered_pool.c``,
     ``pattern_pool_*``), with gradients: Y (B, C, d) is never written out.
 
     rows, index, factor (L, d, M K), combined (L, d, M d), bias (L, 1, d), inducing (L, K, d), norm_weight and
-    norm_bias (L, d) as :func:`gathered_pool_norm_forward`'s; pattern_factor (L, d, Q). Per layer, ``plans`` gives
-    the C points it computes (columns (C,), repeats allowed) and eq. 18's row weights shared by every sample
-    (counts (C,), or None), and ``z`` its z_K at those points (B, C); ``mask_weights``: eq. 18 weighs each row by z
-    instead ("contributes nothing"). -> pooled (L B, Q, d)."""
+    norm_bias (L, d) as :func:`gathered_pool_norm_forward`'s; pattern_factor (L, d, Q); z (B, L, K) eq. 13's z_K.
+    Per layer, ``plans`` gives the C points it computes (columns (C,), repeats allowed, or None: all K in order) and
+    eq. 18's row weights shared by every sample (counts (C,), or None); ``mask_weights``: eq. 18 weighs each row by
+    its z instead ("contributes nothing"). -> pooled (L B, Q, d)."""
     _check_index(index, rows)
     pooled = NativePatternPool.apply(lib, (plans, mask_weights, heads, eps), rows, index, factor, combined, bias,
-                                     inducing, norm_weight, norm_bias, pattern_factor, *z)
+                                     inducing, norm_weight, norm_bias, pattern_factor, z)
     return pooled.view(-1, *pooled.shape[2:])
 
 
@@ -244,15 +246,17 @@ class NativePatternPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, setup, rows, index, factor, combined, bias, inducing, norm_weight, norm_bias, pattern_factor,
-                *z):
+                z):
         plans, mask_weights, heads, _ = setup
         (n, d, _), k, b, q = factor.shape, inducing.shape[1], index.shape[0], pattern_factor.shape[2]
         pattern_factor, threads = pattern_factor.contiguous(), _threads(b)
         pooled, saved = rows.new_empty(n, b, q, d), []
-        for layer, ((columns, _), z_layer) in enumerate(zip(plans, z)):
-            c = columns.numel()
-            layer_factor = factor[layer].reshape(d, heads, k).index_select(2, columns).view(d, heads * c)
-            queries = inducing[layer].index_select(0, columns)
+        for layer, (columns, _) in enumerate(plans):
+            c = k if columns is None else columns.numel()
+            layer_factor, queries, z_layer = factor[layer], inducing[layer], z[:, layer]  # every point: views
+            if columns is not None:
+                layer_factor = layer_factor.reshape(d, heads, k).index_select(2, columns).view(d, heads * c)
+                queries, z_layer = queries.index_select(0, columns), z_layer.index_select(1, columns)
             # once gamma is at its floor z is binary: the samples' softmax weights then come from a table of exps
             binary = int(((z_layer > 0) & (z_layer < 1)).sum()) * 8 <= z_layer.numel()
             scores, exps = score_tables(lib, rows, layer_factor) if binary else (rows @ layer_factor, None)
@@ -263,9 +267,10 @@ class NativePatternPool(torch.autograd.Function):
             work = torch.empty(threads, lib.pattern_pool_work_floats(ctypes.byref(spec)))
             lib.pattern_pool_forward(ctypes.byref(spec), b, threads, _ptr(pooled[layer]), _ptr(normalized),
                                      _ptr(rstd), _ptr(weights), None if q_saved is None else _ptr(q_saved), _ptr(work))
-            saved += [*tables, normalized, rstd, weights, q_saved]
-        ctx.lib, ctx.setup, ctx.factor_shape, ctx.inducing_shape = lib, setup, factor.shape, inducing.shape
-        ctx.save_for_backward(rows, index, combined, norm_weight, norm_bias, pattern_factor, *z, *saved)
+            saved += [*tables, normalized, rstd, weights, q_saved, z_layer]
+        ctx.lib, ctx.setup, ctx.factor_shape, ctx.inducing_shape, ctx.z_shape = (lib, setup, factor.shape,
+                                                                                 inducing.shape, z.shape)
+        ctx.save_for_backward(rows, index, combined, norm_weight, norm_bias, pattern_factor, *saved)
         return pooled
 
     @staticmethod
@@ -273,41 +278,73 @@ class NativePatternPool(torch.autograd.Function):
     def backward(ctx, grad_pooled):
         plans, heads = ctx.setup[0], ctx.setup[2]
         n = len(plans)
-        rows, index, combined, norm_weight, norm_bias, pattern_factor, *rest = ctx.saved_tensors
-        z, saved = rest[:n], rest[n:]
+        rows, index, combined, norm_weight, norm_bias, pattern_factor, *saved = ctx.saved_tensors
         (u, d), b, q = rows.shape, index.shape[0], pattern_factor.shape[2]
         grad_pooled, threads = grad_pooled.contiguous(), _threads(b)  # held here: the kernel reads it by address
         grad_rows, grad_factor = torch.zeros_like(rows), rows.new_zeros(ctx.factor_shape)
         grad_inducing = rows.new_zeros(ctx.inducing_shape)
         grad_combined, grad_bias = torch.empty_like(combined), rows.new_empty(n, 1, d)
         grad_nw, grad_nb, grad_pattern = (torch.empty_like(t) for t in (norm_weight, norm_bias, pattern_factor))
-        grad_z = []
+        grad_z = rows.new_zeros(ctx.z_shape)
         for layer, (columns, _) in enumerate(plans):
-            tables, (normalized, rstd, weights, q_saved) = saved[9 * layer:][:5], saved[9 * layer + 5:][:4]
-            layer_factor, c = tables[0], columns.numel()
+            tables, (normalized, rstd, weights, q_saved, z_layer) = saved[10 * layer:][:5], saved[10 * layer + 5:][:5]
+            layer_factor, c = tables[0], z_layer.shape[1]
             # the forward's tables: the value bias shifts each weight's gradient by the same amount over the
             # fields, which the softmax's backward cancels
-            spec = _pattern_spec(ctx.setup, layer, tables, index, z[layer], norm_weight, norm_bias, pattern_factor)
+            spec = _pattern_spec(ctx.setup, layer, tables, index, z_layer, norm_weight, norm_bias, pattern_factor)
             # zeroed here: a slot the OpenMP runtime gives no thread to (it may give fewer than asked) adds nothing
             slots = rows.new_zeros(threads, ctx.lib.pattern_pool_slot_floats(ctypes.byref(spec)))
             work = torch.empty(threads, ctx.lib.pattern_pool_work_floats(ctypes.byref(spec)))
-            grad_z.append(rows.new_empty(b, c))
+            grad_z_layer = grad_z[:, layer] if columns is None else rows.new_empty(b, c)  # the kernel writes every row
             ctx.lib.pattern_pool_backward(ctypes.byref(spec), b, threads, _ptr(grad_pooled[layer]), _ptr(normalized),
                                           _ptr(rstd), _ptr(weights), None if q_saved is None else _ptr(q_saved),
-                                          _ptr(grad_z[-1]), c, _ptr(slots), _ptr(work))
+                                          _ptr(grad_z_layer), grad_z_layer.stride(0), _ptr(slots), _ptr(work))
             grad_scores, grad_values, grad_q, grad_w, grad_b, grad_vb, grad_p = (
                 slots.sum(0) if threads > 1 else slots[0]).split(
                 [u * heads * c, u * heads * d, c * d, d, d, d, d * q])
             grad_scores, grad_values = grad_scores.view(u, heads * c), grad_values.view(u, heads * d)
             grad_rows.addmm_(grad_scores, layer_factor.t()).addmm_(grad_values, combined[layer].t())
-            # a point computed more than once (the dropped points' padding) adds each share
-            grad_factor[layer].view(d, heads, -1).index_add_(2, columns, (rows.t() @ grad_scores).view(d, heads, c))
-            grad_inducing[layer].index_add_(0, columns, grad_q.view(c, d))
+            if columns is None:
+                torch.mm(rows.t(), grad_scores, out=grad_factor[layer])
+                grad_inducing[layer] = grad_q.view(c, d)
+            else:  # a point computed more than once (the dropped points' padding) adds each share
+                grad_factor[layer].view(d, heads, -1).index_add_(2, columns, (rows.t() @ grad_scores).view(d, heads, c))
+                grad_inducing[layer].index_add_(0, columns, grad_q.view(c, d))
+                grad_z[:, layer].index_add_(1, columns, grad_z_layer)
             torch.mm(rows.t(), grad_values, out=grad_combined[layer])
             grad_nw[layer], grad_nb[layer], grad_bias[layer, 0] = grad_w, grad_b, grad_vb
             grad_pattern[layer] = grad_p.view(d, q)
         return (None, None, grad_rows, None, grad_factor, grad_combined, grad_bias, grad_inducing, grad_nw, grad_nb,
-                grad_pattern, *grad_z)
+                grad_pattern, grad_z)
+
+
+def native_dynamic_activation(lib: ctypes.CDLL, x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. 13's f_D (:func:`apem.nn.selection.dynamic_activation`, the reference) through ``selection.c``: one pass
+    forward and one backward instead of torch's seven elementwise ops and their backward."""
+    return NativeDynamicActivation.apply(lib, x, float(gamma))
+
+
+class NativeDynamicActivation(torch.autograd.Function):
+    """Autograd for :func:`native_dynamic_activation`; saves x, and the backward takes f_D' from it."""
+
+    @staticmethod
+    def forward(ctx, lib, x, gamma):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        lib.dynamic_activation_forward(x.numel(), _ptr(x), gamma, _threads(x.numel() // 64), _ptr(out))
+        ctx.lib, ctx.gamma = lib, gamma
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        grad = grad.contiguous()  # held here: the kernel reads it by address
+        grad_x = torch.empty_like(x)
+        ctx.lib.dynamic_activation_backward(x.numel(), _ptr(x), ctx.gamma, _ptr(grad), _threads(x.numel() // 64),
+                                            _ptr(grad_x))
+        return None, grad_x, None
 
 
 class PredictLayer(ctypes.Structure):

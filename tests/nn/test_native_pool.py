@@ -14,8 +14,8 @@ import torch
 from apem.models.registry import build_model
 from apem.nn import native
 from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
-from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_library, pattern_pool,
-                                  row_pool_backward, row_pool_forward, typed_library)
+from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_dynamic_activation, native_library,
+                                  pattern_pool, row_pool_backward, row_pool_forward, typed_library)
 from apem.nn.selection import dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
@@ -117,9 +117,9 @@ def test_row_attention_pool_kernel_matches_the_torch_path(monkeypatch, sizes, ro
 def _pattern_pool_inputs(u, b, s, heads, k, d, q, z_kind, seed=0):
     """:func:`pattern_pool`'s stacked inputs for 2 layers of K points (as :func:`_gathered_inputs`', with z_K soft or,
     as after the annealing, binary with 3% fractional entries), its eq. 18 factor (2, d, Q), and per layer the points
-    it computes with eq. 18's counts, as :func:`computed_points` makes them: layer 0 every point, layer 1 the first
-    half, then one point standing for the 5 others (counted 5) and a repeat of it (padding, counted 0). Sample 1
-    selects no point (its z_K is all 0)."""
+    it computes with eq. 18's counts, as :func:`computed_points` makes them: layer 0 every point (columns None),
+    layer 1 the first half, then one point standing for the 5 others (counted 5) and a repeat of it (padding, counted
+    0). Sample 1 selects no point (its z_K is all 0)."""
     rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias = _gathered_inputs(u, b, s, 2, heads, k,
                                                                                                  d, seed)
     mask = mask.detach().clone()
@@ -132,7 +132,7 @@ def _pattern_pool_inputs(u, b, s, heads, k, d, q, z_kind, seed=0):
     half = torch.arange(k // 2)
     columns = torch.cat([half, torch.tensor([k - 1, k - 1])])
     counts = torch.cat([torch.ones(k // 2), torch.tensor([5.0, 0.0])])
-    plans = [(torch.arange(k), torch.ones(k)), (columns, counts)]
+    plans = [(None, torch.ones(k)), (columns, counts)]
     return (rows, index, factor, mask.requires_grad_(), combined, bias, queries, norm_weight, norm_bias,
             pattern_factor), plans
 
@@ -155,21 +155,18 @@ def test_pattern_pool_kernel_matches_the_torch_path(monkeypatch, sizes, z_kind, 
     params = [t for t in inputs if t.requires_grad]
     b = mask.shape[0]
 
-    def z_of(layer, columns):
-        return mask[:, layer].index_select(1, columns)
-
     def fused():
-        return pattern_pool(native_library(rows), rows, index, factor, [z_of(l, c) for l, (c, _) in enumerate(plans)],
-                            combined, bias, queries, norm_weight, norm_bias, pattern_factor,
+        return pattern_pool(native_library(rows), rows, index, factor, mask, combined, bias, queries, norm_weight,
+                            norm_bias, pattern_factor,
                             [(c, counts if weighting == "counts" else None) for c, counts in plans], weighting == "z",
                             heads, 1e-5)
 
     def reference():
         pooled = []
         for layer, (columns, counts) in enumerate(plans):
-            one = slice(layer, layer + 1)
+            columns, one = torch.arange(k) if columns is None else columns, slice(layer, layer + 1)
             layer_factor = factor[one].view(1, d, heads, k).index_select(3, columns).view(1, d, -1)
-            z = z_of(layer, columns)
+            z = mask[:, layer].index_select(1, columns)
             shared = gathered_pool_norm(rows, index, layer_factor, z.unsqueeze(1), combined[one], bias[one],
                                         queries[one].index_select(1, columns), norm_weight[one], norm_bias[one],
                                         heads, 1e-5)
@@ -195,6 +192,33 @@ def test_pattern_pool_kernel_matches_the_torch_path(monkeypatch, sizes, z_kind, 
             assert not torch.isfinite(grads[which][1]).all()
             grads[which][1] = 0.0
     _assert_close(fast, slow)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dynamic_activation_kernel_matches_the_torch_path(threads):
+    """Eq. 13's f_D through selection.c and through apem.nn.selection.dynamic_activation: the values (exactly 0 and 1
+    past the clamp, which the kept points rest on) and the gradient, at soft logits, at the clamp's ends, beyond them
+    and at a NaN (whose gradient the clamp stops on both paths)."""
+    gen = torch.Generator().manual_seed(4)
+    gamma = 0.3
+    x = torch.cat([(torch.rand(3000, generator=gen) - 0.5) * 2 * gamma,
+                   torch.tensor([-gamma / 2, gamma / 2, -5.0, 5.0, 0.0, float("nan")])]).view(6, 501)
+    grad = torch.randn(x.shape, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for f in (lambda t: native_dynamic_activation(native_library(t), t, gamma),
+                  lambda t: dynamic_activation(t, gamma)):
+            leaf = x.clone().requires_grad_()
+            out = f(leaf)
+            results.append((out.detach(), torch.autograd.grad(out, leaf, grad)[0]))
+    finally:
+        torch.set_num_threads(previous)
+    (fast, fast_grad), (reference, reference_grad) = results
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0, equal_nan=True)
+    assert torch.equal(fast == 0, reference == 0) and torch.equal(fast == 1, reference == 1)
+    torch.testing.assert_close(fast_grad, reference_grad, atol=1e-5, rtol=1e-5)
 
 
 GAMMA = 0.5

@@ -27,6 +27,14 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+/* Eq. 13, f_D(x) = 0.5 + u (1.5 - 2 u^2) with u = clamp(x / gamma, -1/2, 1/2): the same operations, in the same
+ * order, as apem.nn.selection.dynamic_activation, so that z is exactly 0 or 1 where it is there. */
+static inline float dynamic_activation(float x, float gamma) {
+    float u = x / gamma;
+    u = u < -0.5f ? -0.5f : (u > 0.5f ? 0.5f : u);
+    return 0.5f + u * (1.5f - 2.0f * u * u);
+}
+
 /* The AVX2 + FMA loops, unless APEM_GENERIC_KERNEL asks for the portable ones (which the tests compare). */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(APEM_GENERIC_KERNEL)
 #define APEM_AVX2 1

@@ -55,14 +55,6 @@ typedef struct {
     float gamma;             /* eq. 13's gamma */
 } PredictLayer;
 
-/* Eq. 13, f_D(x) = 0.5 + u (1.5 - 2 u^2) with u = clamp(x / gamma, -1/2, 1/2): the same operations, in the same
- * order, as apem.nn.selection.dynamic_activation, so that z is exactly 0 or 1 where it is there. */
-static inline float dynamic_activation(float x, float gamma) {
-    float u = x / gamma;
-    u = u < -0.5f ? -0.5f : (u > 0.5f ? 0.5f : u);
-    return 0.5f + u * (1.5f - 2.0f * u * u);
-}
-
 /* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima
  * and sums (M PC each), eq. 18's scores (Q, PC), row counts and z (PC each). */
 i64 fused_predict_work_floats(const PredictLayer *L) {
