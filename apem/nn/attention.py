@@ -488,14 +488,14 @@ class InducingPointAttention(nn.Module):
             return None
         with torch.no_grad():
             kept = kept_by_batch(logits, gamma)  # (L, K)
-        k = logits.shape[2]
-        plans = []
-        for layer, (columns, counts) in enumerate(computed_points(row, uniform) for row in kept):
-            # every point, or the kept ones and the dropped ones' stand-in and padding (z = 0 there: a dropped point's
-            # f_D is 0 in every row); eq. 18's row weights other than z_K: the count of points each row stands for
-            # (none where every point is kept: a plain softmax)
-            all_kept = int(kept[layer].sum()) == k
-            plans.append((None, None) if all_kept else (columns, counts if uniform else None))
+        # per layer every point (while gamma anneals, every layer), or the kept ones and the dropped ones' stand-in and
+        # padding (z = 0 there: a dropped point's f_D is 0 in every row); eq. 18's row weights other than z_K: the
+        # count of points each row stands for (none where every point is kept: a plain softmax)
+        plans = [(None, None)] * len(kept)
+        for layer, row in enumerate([] if bool(kept.all()) else kept):
+            if not bool(row.all()):
+                columns, counts = computed_points(row, uniform)
+                plans[layer] = (columns, counts if uniform else None)
         z = native_dynamic_activation(lib, logits, gamma)  # eq. 13, (B, L, K)
         factor, combined, bias = self.folded_weights()
         return pattern_pool(lib, rows, index, factor, z, combined, bias, self.inducing, self.norm.weight,

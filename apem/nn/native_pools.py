@@ -251,6 +251,7 @@ class NativePatternPool(torch.autograd.Function):
         (n, d, _), k, b, q = factor.shape, inducing.shape[1], index.shape[0], pattern_factor.shape[2]
         pattern_factor, threads = pattern_factor.contiguous(), _threads(b)
         pooled, saved = rows.new_empty(n, b, q, d), []
+        fractional = ((z > 0) & (z < 1)).sum(dim=(0, 2)).tolist()  # per layer; the dropped points' z is 0
         for layer, (columns, _) in enumerate(plans):
             c = k if columns is None else columns.numel()
             layer_factor, queries, z_layer = factor[layer], inducing[layer], z[:, layer]  # every point: views
@@ -258,7 +259,7 @@ class NativePatternPool(torch.autograd.Function):
                 layer_factor = layer_factor.reshape(d, heads, k).index_select(2, columns).view(d, heads * c)
                 queries, z_layer = queries.index_select(0, columns), z_layer.index_select(1, columns)
             # once gamma is at its floor z is binary: the samples' softmax weights then come from a table of exps
-            binary = int(((z_layer > 0) & (z_layer < 1)).sum()) * 8 <= z_layer.numel()
+            binary = fractional[layer] * 8 <= z_layer.numel()
             scores, exps = score_tables(lib, rows, layer_factor) if binary else (rows @ layer_factor, None)
             tables = (layer_factor, queries, scores, exps, value_table(rows, combined[layer], bias[layer], heads))
             spec = _pattern_spec(setup, layer, tables, index, z_layer, norm_weight, norm_bias, pattern_factor)
