@@ -118,39 +118,59 @@ i64 gathered_pool_slot_floats(const PoolLayer *L) {
     return L->U * L->M * (L->K + L->D) + L->K * L->D + 3 * L->D;
 }
 
-/* Eq. 14-17 for sample b before the LayerNorm's affine: x (D, K) <- the normalised O + I (.) z_K (transposed: the
- * loops run over the K points), rs (K) <- its 1 / sigma; w (S, M K), mx, inv (M K each) and mean (K) are scratch. */
-static inline void forward_sample(const PoolLayer *L, const float *restrict exp_table, i64 b,
-                                  const float *restrict queries_t, float *restrict w, float *restrict mx,
-                                  float *restrict inv, float *restrict x, float *restrict mean, float *restrict rs) {
+/* A thread's scratch for forward_sample, carved out of gathered_pool_work_floats() floats. */
+typedef struct {
+    float *w, *mx, *inv;  /* (S, M K), (M K) twice */
+    float *x, *queries_t;  /* (D, K) each */
+    float *mean, *rs;      /* (K) each */
+} ForwardScratch;
+
+/* The scratch of a thread's row range, with the queries transposed. */
+static ForwardScratch forward_scratch(const PoolLayer *L, float *work) {
+    const i64 MK = L->M * L->K, DK = L->D * L->K;
+    ForwardScratch s;
+    s.w = work;
+    s.mx = s.w + L->S * MK;
+    s.inv = s.mx + MK;
+    s.x = s.inv + MK;
+    s.queries_t = s.x + DK;
+    s.mean = s.queries_t + DK;
+    s.rs = s.mean + L->K;
+    transpose(L->queries, L->K, L->D, s.queries_t);
+    return s;
+}
+
+/* Eq. 14-17 for sample b of a range ending at row_end, after asking for the next sample's table rows: sc->x (D, K)
+ * <- Y = LayerNorm(O + I (.) z_K), transposed (the loops run over the K points); with `normalized`, the normalised
+ * X (B, D, K) and its 1 / sigma (B, K) are saved for the backward. */
+static inline void forward_sample(const PoolLayer *L, const float *restrict exp_table, i64 b, i64 row_end,
+                                  const ForwardScratch *sc, float *restrict normalized, float *restrict rstd) {
     const i64 S = L->S, M = L->M, K = L->K, D = L->D;
     const i64 *restrict idx = L->index + b * S;
-    const float *restrict z = L->mask + b * L->mask_stride;
-    sample_weights(L, exp_table, idx, z, w, mx, inv);
-    pool_row(L->value_table, idx, w, S, M, K, D, x);  /* x (D, K): O transposed */
+    const float *restrict z = L->mask + b * L->mask_stride, *restrict queries_t = sc->queries_t;
+    float *restrict x = sc->x;
+    if (b + 1 < row_end) prefetch_sample(L, L->score_table, idx + S);
+    sample_weights(L, exp_table, idx, z, sc->w, sc->mx, sc->inv);
+    pool_row(L->value_table, idx, sc->w, S, M, K, D, x);  /* x (D, K): O transposed */
     /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
     for (i64 j = 0; j < D; ++j)
         for (i64 k = 0; k < K; ++k) x[j * K + k] += queries_t[j * K + k] * z[k];
-    normalize_columns_over_rows(x, D, K, L->eps, mean, rs);
+    normalize_columns_over_rows(x, D, K, L->eps, sc->mean, sc->rs);
+    if (normalized) {
+        memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
+        memcpy(rstd + b * K, sc->rs, sizeof(float) * K);
+    }
+    layer_norm_affine(x, D, K, L->norm_weight, L->norm_bias);  /* while the points are contiguous */
 }
 
 /* Y = LayerNorm(O + I (.) z_K) for rows [row_begin, row_end) into out (B, K, D); with `normalized`, also
  * the normalised X (B, D, K) (transposed: the backward runs over the points) and 1 / sigma (B, K). */
 static void forward_rows(const PoolLayer *L, i64 row_begin, i64 row_end, float *restrict out,
                          float *restrict normalized, float *restrict rstd, float *restrict work) {
-    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K;
-    float *restrict w = work, *restrict mx = w + S * MK, *restrict inv = mx + MK, *restrict x = inv + MK;
-    float *restrict queries_t = x + D * K, *restrict mean = queries_t + D * K, *restrict rs = mean + K;
-    transpose(L->queries, K, D, queries_t);
+    const ForwardScratch sc = forward_scratch(L, work);
     for (i64 b = row_begin; b < row_end; ++b) {
-        if (b + 1 < row_end) prefetch_sample(L, L->score_table, L->index + (b + 1) * S);
-        forward_sample(L, NULL, b, queries_t, w, mx, inv, x, mean, rs);
-        if (normalized) {
-            memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
-            memcpy(rstd + b * K, rs, sizeof(float) * K);
-        }
-        layer_norm_affine(x, D, K, L->norm_weight, L->norm_bias);  /* the points contiguous, then out to (K, D) */
-        transpose(x, D, K, out + b * K * D);
+        forward_sample(L, NULL, b, row_end, &sc, normalized, rstd);
+        transpose(sc.x, L->D, L->K, out + b * L->K * L->D);
     }
 }
 
@@ -329,17 +349,11 @@ static void pattern_forward_rows(const PatternPoolLayer *PL, i64 row_begin, i64 
                                  float *restrict normalized, float *restrict rstd, float *restrict weights,
                                  float *restrict q_out, float *restrict work) {
     const PoolLayer *L = &PL->pool;
-    const i64 S = L->S, M = L->M, K = L->K, D = L->D, MK = M * K, Q = PL->Q;
-    float *restrict w = work, *restrict mx = w + S * MK, *restrict inv = mx + MK, *restrict x = inv + MK;
-    float *restrict queries_t = x + D * K, *restrict mean = queries_t + D * K, *restrict rs = mean + K;
-    float *restrict q_scratch = work + gathered_pool_work_floats(L);
-    transpose(L->queries, K, D, queries_t);
+    const i64 K = L->K, D = L->D, Q = PL->Q;
+    const ForwardScratch sc = forward_scratch(L, work);
+    float *restrict x = sc.x, *restrict q_scratch = work + gathered_pool_work_floats(L);
     for (i64 b = row_begin; b < row_end; ++b) {
-        if (b + 1 < row_end) prefetch_sample(L, L->score_table, L->index + (b + 1) * S);
-        forward_sample(L, PL->exp_table, b, queries_t, w, mx, inv, x, mean, rs);
-        memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
-        memcpy(rstd + b * K, rs, sizeof(float) * K);
-        layer_norm_affine(x, D, K, L->norm_weight, L->norm_bias);  /* x: Y (D, K) */
+        forward_sample(L, PL->exp_table, b, row_end, &sc, normalized, rstd);  /* x: Y (D, K) */
         const float *restrict rw = row_weights_of(PL, b);
         float *restrict wb = weights + b * Q * K, *restrict qb = q_out ? q_out + b * Q * K : q_scratch;
         eq18_scores(x, PL->factor, D, Q, K, wb);
