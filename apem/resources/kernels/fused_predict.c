@@ -10,7 +10,8 @@
  * behind each column (PredictLayer below holds the shapes). Per sample b, z = f_D(logits[b]) (eq. 13,
  * computed here as apem.nn.selection.dynamic_activation does, which the tests hold it to), and:
  * - each of the P points runs eq. 14-17 as in gathered_pool.c: weights softmax_s(z_p score_table[x_s, (m, p)]),
- *   the pooled value rows, the residual z_p I_p and the LayerNorm;
+ *   the pooled value rows, the residual z_p I_p and the LayerNorm, whose affine pattern_pool folds into eq. 18
+ *   (so the normalised rows are never written);
  * - a point with z = 0 has all-zero scores, so its row is LayerNorm(mean_s sum_m value_table[x_s, m]),
  *   the same for every such point. Under "uniform_attention" (uniform = 1) eq. 18 counts each row once
  *   and column P (all-zero scores, computed like the others) once for each of the `rest` dropped points.
@@ -55,39 +56,39 @@ typedef struct {
     float gamma;             /* eq. 13's gamma */
 } PredictLayer;
 
-/* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima
- * and sums (M PC each), eq. 18's scores (Q, PC), row counts and z (PC each). */
+/* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima and sums
+ * (M PC each), eq. 18's scores (Q, PC), row counts and z (PC each), and eq. 18's factor with eq. 17's scale folded
+ * in (D, Q). */
 i64 fused_predict_work_floats(const PredictLayer *L) {
-    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 2) * L->pool.K;
+    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 2) * L->pool.K + L->pool.D * L->Q;
 }
 
-/* Y (D, PC) <- LayerNorm over the D rows of each column of x (D, PC), with eq. 17's affine. */
-static void layer_norm_columns(float *restrict x, i64 D, i64 PC, const float *restrict nw, const float *restrict nb,
-                               float eps, float *restrict mean, float *restrict rs) {
-    normalize_columns_over_rows(x, D, PC, eps, mean, rs);
-    layer_norm_affine(x, D, PC, nw, nb);
-}
-
-/* Eq. 18 for one sample: out (Q, D) <- sum_p a[q, p] Y[:, p], with a = count_p e^{score} / sum count e^{score}
- * over the rows of nonzero count (weighted_softmax's reading: all-zero counts give an all-zero output).
- * Every loop runs over the PC columns, so that it vectorises. */
-static void pattern_pool(const float *restrict y, const float *restrict count, const float *restrict factor,
-                         i64 D, i64 Q, i64 PC, float *restrict sc, float *restrict out) {
-    eq18_scores(y, factor, D, Q, PC, sc);
+/* Eq. 18 for one sample over the LayerNorm's rows Y = xc rs nw + nb (eq. 17), from the centred X, xc (D, PC), and
+ * its 1 / sigma, rs (PC), without writing Y: the scores Y^T factor are rs (xc^T (nw (.) factor)) plus a constant
+ * per query, which the softmax over the rows cancels, and out (Q, D) <- sum_p a[q, p] Y[:, p] =
+ * nw (.) sum_p (a[q, p] rs[p]) xc[:, p] + nb (the weights sum to 1), with a = count_p e^{score} / sum count
+ * e^{score} over the rows of nonzero count (weighted_softmax's reading: all-zero counts give an all-zero output).
+ * factor_nw is nw (.) factor, (D, Q). Every loop runs over the PC columns, so that it vectorises. */
+static void pattern_pool(const float *restrict xc, const float *restrict rs, const float *restrict count,
+                         const float *restrict factor_nw, const float *restrict nw, const float *restrict nb, i64 D,
+                         i64 Q, i64 PC, float *restrict sc, float *restrict out) {
+    eq18_scores(xc, factor_nw, D, Q, PC, sc);
     for (i64 q = 0; q < Q; ++q) {
-        float *restrict s = sc + q * PC;
+        float *restrict s = sc + q * PC, *restrict o = out + q * D;
         float top = -INFINITY, total = 0.0f;
-        for (i64 p = 0; p < PC; ++p) s[p] = count[p] > 0.0f ? s[p] : -INFINITY;
+        for (i64 p = 0; p < PC; ++p) s[p] = count[p] > 0.0f ? s[p] * rs[p] : -INFINITY;
 #pragma omp simd reduction(max : top)
         for (i64 p = 0; p < PC; ++p) top = s[p] > top ? s[p] : top;
         if (top == -INFINITY) {  /* no row counts */
-            for (i64 j = 0; j < D; ++j) out[q * D + j] = 0.0f;
+            for (i64 j = 0; j < D; ++j) o[j] = 0.0f;
             continue;
         }
         for (i64 p = 0; p < PC; ++p) s[p] = count[p] * exp_nonpositive(s[p] - top);  /* -inf: clamped, times 0 */
 #pragma omp simd reduction(+ : total)
         for (i64 p = 0; p < PC; ++p) total += s[p];
-        row_dots(s, y, D, PC, 1.0f / total, out + q * D);
+        for (i64 p = 0; p < PC; ++p) s[p] *= rs[p];
+        row_dots(s, xc, D, PC, 1.0f / total, o);
+        for (i64 j = 0; j < D; ++j) o[j] = o[j] * nw[j] + nb[j];
     }
 }
 
@@ -97,8 +98,10 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     const i64 S = L->S, M = L->M, PC = L->K, D = L->D, Q = PL->Q, MPC = M * PC, P = PL->points;
     float *restrict w = work, *restrict x = w + S * MPC, *restrict mx = x + D * PC, *restrict inv = mx + MPC;
     float *restrict sc = inv + MPC, *restrict count = sc + Q * PC, *restrict queries_t = count + PC;
-    float *restrict z = queries_t + D * PC;
+    float *restrict z = queries_t + D * PC, *restrict factor_nw = z + PC;
     transpose(L->queries, PC, D, queries_t);
+    for (i64 j = 0; j < D; ++j)  /* eq. 17's scale folded into eq. 18's factor (see pattern_pool) */
+        for (i64 q = 0; q < Q; ++q) factor_nw[j * Q + q] = L->norm_weight[j] * PL->factor[j * Q + q];
     for (i64 b = row_begin; b < row_end; ++b) {
         const i64 *restrict idx = L->index + b * S;
         const float *restrict logits = PL->logits + b * PL->logits_stride;
@@ -111,10 +114,10 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
         pool_row(L->value_table, idx, w, S, M, PC, D, x);  /* x (D, PC): O transposed */
         for (i64 j = 0; j < D; ++j)                         /* eq. 17's residual z I */
             for (i64 p = 0; p < PC; ++p) x[j * PC + p] += z[p] * queries_t[j * PC + p];
-        layer_norm_columns(x, D, PC, L->norm_weight, L->norm_bias, L->eps, mx, inv);
+        centre_columns_over_rows(x, D, PC, L->eps, mx, inv);  /* inv (PC) <- 1 / sigma */
         for (i64 p = 0; p < PC; ++p) count[p] = p < P ? (PL->uniform ? 1.0f : z[p]) : 0.0f;
         if (PL->uniform && P < PC) count[P] = (float)PL->rest;
-        pattern_pool(x, count, PL->factor, D, Q, PC, sc, pooled + b * Q * D);
+        pattern_pool(x, inv, count, factor_nw, L->norm_weight, L->norm_bias, D, Q, PC, sc, pooled + b * Q * D);
     }
 }
 

@@ -160,10 +160,10 @@ static inline void transpose(const float *restrict a, i64 rows, i64 cols, float 
     transpose_strided(a + r8 * cols, rows - r8, cols, cols, a_t + r8, rows);  /* the rows past the blocks */
 }
 
-/* x (D, C) <- each column of x normalised over its D rows, (x - mean) / sqrt(var + eps) (eq. 17's LayerNorm before
- * its affine); rs (C) <- 1 / sqrt(var + eps); uses mean (C). */
-static inline void normalize_columns_over_rows(float *restrict x, i64 D, i64 C, float eps, float *restrict mean,
-                                               float *restrict rs) {
+/* x (D, C) <- each column of x less its mean over the D rows; rs (C) <- 1 / sqrt(var + eps): eq. 17's LayerNorm is
+ * then x rs, before its affine; uses mean (C). */
+static inline void centre_columns_over_rows(float *restrict x, i64 D, i64 C, float eps, float *restrict mean,
+                                            float *restrict rs) {
     for (i64 c = 0; c < C; ++c) mean[c] = rs[c] = 0.0f;
     for (i64 j = 0; j < D; ++j)
         for (i64 c = 0; c < C; ++c) mean[c] += x[j * C + c];
@@ -175,6 +175,13 @@ static inline void normalize_columns_over_rows(float *restrict x, i64 D, i64 C, 
             rs[c] += centred * centred;
         }
     for (i64 c = 0; c < C; ++c) rs[c] = 1.0f / sqrtf(rs[c] / (float)D + eps);
+}
+
+/* x (D, C) <- each column of x normalised over its D rows, (x - mean) / sqrt(var + eps) (eq. 17's LayerNorm before
+ * its affine); rs (C) <- 1 / sqrt(var + eps); uses mean (C). */
+static inline void normalize_columns_over_rows(float *restrict x, i64 D, i64 C, float eps, float *restrict mean,
+                                               float *restrict rs) {
+    centre_columns_over_rows(x, D, C, eps, mean, rs);
     for (i64 j = 0; j < D; ++j)
         for (i64 c = 0; c < C; ++c) x[j * C + c] *= rs[c];
 }
