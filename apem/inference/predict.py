@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -21,37 +23,53 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2048,
 def predict_stream(model: torch.nn.Module, chunks: Iterable[torch.Tensor], rows: int | None = None,
                    batch_size: int = 2048, device: str | torch.device = "cpu") -> np.ndarray:
     """:func:`predict` over inputs that arrive in chunks (e.g. streamed from Parquet): the model's
-    inference module is built once for ``rows`` rows (the total, when known), then every chunk is
-    scored in batches of ``batch_size``; only the (n, N) probabilities are kept."""
+    inference module is built once for ``rows`` rows (the total, when known), then each chunk is
+    scored in batches of ``batch_size``; only the (n, N) probabilities are kept, in the input's order.
+    A model may score a chunk's rows in an order of its choosing (``row_order``: APEM's puts rows that
+    share embedding rows side by side)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     fast = model.inference_module(rows) if hasattr(model, "inference_module") else model  # e.g. APEM's tables
-    batches = (x[i:i + batch_size] for x in chunks for i in range(0, x.shape[0], batch_size))
+    row_order = getattr(model, "row_order", None) if fast is model else None
 
-    def score(batch: torch.Tensor) -> torch.Tensor:
+    def score(x: torch.Tensor, order: torch.Tensor | None, start: int) -> torch.Tensor:
+        """The batch of chunk x from row ``start`` of the scoring order (gathered here: no sorted copy of x)."""
+        batch = x[start:start + batch_size] if order is None else x.index_select(0, order[start:start + batch_size])
         return fast(batch.to(device, non_blocking=True)).probs.float().cpu()
 
     workers = torch.get_num_threads() if device.type == "cpu" and getattr(fast, "parallel_batches", False) else 1
-    parts = list(map(score, batches)) if workers <= 1 else _map_in_threads(score, batches, workers)
+    parts = []
+    with _batch_map(workers) as score_all:
+        for x in chunks:  # one at a time: a stream is never read ahead of its scoring
+            order = row_order(x) if row_order is not None and x.shape[0] > batch_size else None
+            scored = score_all(partial(score, x, order), range(0, x.shape[0], batch_size))
+            if scored:
+                probs = torch.cat(scored)
+                parts.append(probs if order is None else probs.index_copy(0, order, probs))  # the input's order
     model.train(was_training)
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.n_tasks), np.float32)
 
 
-def _map_in_threads(score: Callable[[torch.Tensor], torch.Tensor], batches: Iterator[torch.Tensor],
-                    workers: int) -> list[torch.Tensor]:
-    """``score`` over the batches on ``workers`` threads, each running its ops single-threaded.
+@contextmanager
+def _batch_map(workers: int) -> Iterator[Callable[[Callable, Iterable[int]], list[torch.Tensor]]]:
+    """A map of a scoring function over a chunk's batches (named by their first row): in turn, or on ``workers``
+    threads, each running its ops single-threaded.
 
     For modules made of many small ops (``parallel_batches = True``, e.g. APEM's lookup tables),
     whole batches side by side use the cores better than splitting every small op across them.
     Torch releases the GIL inside its kernels; inference mode is per thread, so each worker enters it."""
-    def run(batch: torch.Tensor) -> torch.Tensor:
+    if workers <= 1:
+        yield lambda score, starts: list(map(score, starts))
+        return
+
+    def run(score: Callable[[int], torch.Tensor], start: int) -> torch.Tensor:
         with torch.inference_mode():
-            return score(batch)
+            return score(start)
 
     threads = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            return list(pool.map(run, batches))
+            yield lambda score, starts: list(pool.map(partial(run, score), starts))
     finally:
         torch.set_num_threads(threads)  # the workers' setting must not leak into the caller's

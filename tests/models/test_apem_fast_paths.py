@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apem.data.encoding import FieldSpec
-from apem.inference.predict import predict
+from apem.inference.predict import predict, predict_stream
 from apem.models.apem_model import APEM, FoldedAPEM
 from apem.nn.attention import computed_points
 from apem.nn.selection import kept_by_batch
@@ -147,6 +147,21 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(monkeypatch, r
     reference = predict(_use_reference(model), test_x, batch_size=300)
     assert abs(fast - reference).max() < 1e-5
     assert fast.std(axis=0).min() > 1e-3  # the trained model is not constant
+
+
+def test_predict_scores_rows_sharing_embedding_rows_together_and_answers_in_the_inputs_order():
+    """On the kernel path predict sorts each chunk by the field of the most categories (row_order), so that a batch's
+    rows share more embedding rows, and puts the predictions back in the input's order: the same as the model on
+    the whole input at once, whole or streamed in chunks."""
+    model, x = _model(600).eval(), _inputs(1000, seed=4)
+    order = model.row_order(x)
+    widest = max(range(len(FIELDS)), key=lambda f: FIELDS[f].cardinality)
+    assert bool((x[order, widest].diff() >= 0).all()) and not bool((order == torch.arange(len(x))).all())
+    with torch.inference_mode():
+        expected = model(x).probs.numpy()  # one batch, in the input's order
+    assert abs(predict(model, x, batch_size=128) - expected).max() < 1e-5
+    chunks = [x[:400], x[400:]]
+    assert abs(predict_stream(model, chunks, rows=len(x), batch_size=128) - expected).max() < 1e-5
 
 
 def test_inference_module_only_in_eval_mode_with_fields_input(monkeypatch):
