@@ -57,10 +57,10 @@ typedef struct {
 } PredictLayer;
 
 /* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima and sums
- * (M PC each), eq. 18's scores (Q, PC), row counts and z (PC each), and eq. 18's factor with eq. 17's scale folded
- * in (D, Q). */
+ * (M PC each), eq. 18's scores (Q, PC), row counts and z (PC each), eq. 18's factor with eq. 17's scale folded in
+ * (D, Q) and its queries' normalisers (Q). */
 i64 fused_predict_work_floats(const PredictLayer *L) {
-    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 2) * L->pool.K + L->pool.D * L->Q;
+    return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 2) * L->pool.K + (L->pool.D + 1) * L->Q;
 }
 
 /* Eq. 18 for one sample over the LayerNorm's rows Y = xc rs nw + nb (eq. 17), from the centred X, xc (D, PC), and
@@ -71,25 +71,28 @@ i64 fused_predict_work_floats(const PredictLayer *L) {
  * factor_nw is nw (.) factor, (D, Q). Every loop runs over the PC columns, so that it vectorises. */
 static void pattern_pool(const float *restrict xc, const float *restrict rs, const float *restrict count,
                          const float *restrict factor_nw, const float *restrict nw, const float *restrict nb, i64 D,
-                         i64 Q, i64 PC, float *restrict sc, float *restrict out) {
+                         i64 Q, i64 PC, float *restrict sc, float *restrict scale, float *restrict out) {
     eq18_scores(xc, factor_nw, D, Q, PC, sc);
-    for (i64 q = 0; q < Q; ++q) {
-        float *restrict s = sc + q * PC, *restrict o = out + q * D;
+    for (i64 q = 0; q < Q; ++q) {  /* each query's weights a[q, p] rs[p], up to its 1 / total in scale[q] */
+        float *restrict s = sc + q * PC;
         float top = -INFINITY, total = 0.0f;
         for (i64 p = 0; p < PC; ++p) s[p] = count[p] > 0.0f ? s[p] * rs[p] : -INFINITY;
 #pragma omp simd reduction(max : top)
         for (i64 p = 0; p < PC; ++p) top = s[p] > top ? s[p] : top;
-        if (top == -INFINITY) {  /* no row counts */
-            for (i64 j = 0; j < D; ++j) o[j] = 0.0f;
+        if (top == -INFINITY) {  /* no row counts: an all-zero output, below */
+            for (i64 p = 0; p < PC; ++p) s[p] = 0.0f;
+            scale[q] = 0.0f;
             continue;
         }
         for (i64 p = 0; p < PC; ++p) s[p] = count[p] * exp_nonpositive(s[p] - top);  /* -inf: clamped, times 0 */
 #pragma omp simd reduction(+ : total)
         for (i64 p = 0; p < PC; ++p) total += s[p];
         for (i64 p = 0; p < PC; ++p) s[p] *= rs[p];
-        row_dots(s, xc, D, PC, 1.0f / total, o);
-        for (i64 j = 0; j < D; ++j) o[j] = o[j] * nw[j] + nb[j];
+        scale[q] = 1.0f / total;
     }
+    query_row_dots(sc, xc, Q, D, PC, scale, out);
+    for (i64 q = 0; q < Q; ++q)
+        for (i64 j = 0; j < D; ++j) out[q * D + j] = scale[q] != 0.0f ? out[q * D + j] * nw[j] + nb[j] : 0.0f;
 }
 
 static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, float *restrict pooled,
@@ -98,7 +101,7 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     const i64 S = L->S, M = L->M, PC = L->K, D = L->D, Q = PL->Q, MPC = M * PC, P = PL->points;
     float *restrict w = work, *restrict x = w + S * MPC, *restrict mx = x + D * PC, *restrict inv = mx + MPC;
     float *restrict sc = inv + MPC, *restrict count = sc + Q * PC, *restrict queries_t = count + PC;
-    float *restrict z = queries_t + D * PC, *restrict factor_nw = z + PC;
+    float *restrict z = queries_t + D * PC, *restrict factor_nw = z + PC, *restrict scale = factor_nw + D * Q;
     transpose(L->queries, PC, D, queries_t);
     for (i64 j = 0; j < D; ++j)  /* eq. 17's scale folded into eq. 18's factor (see pattern_pool) */
         for (i64 q = 0; q < Q; ++q) factor_nw[j * Q + q] = L->norm_weight[j] * PL->factor[j * Q + q];
@@ -117,7 +120,7 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
         centre_columns_over_rows(x, D, PC, L->eps, mx, inv);  /* inv (PC) <- 1 / sigma */
         for (i64 p = 0; p < PC; ++p) count[p] = p < P ? (PL->uniform ? 1.0f : z[p]) : 0.0f;
         if (PL->uniform && P < PC) count[P] = (float)PL->rest;
-        pattern_pool(x, inv, count, factor_nw, L->norm_weight, L->norm_bias, D, Q, PC, sc, pooled + b * Q * D);
+        pattern_pool(x, inv, count, factor_nw, L->norm_weight, L->norm_bias, D, Q, PC, sc, scale, pooled + b * Q * D);
     }
 }
 

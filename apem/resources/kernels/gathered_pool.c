@@ -328,10 +328,10 @@ typedef struct {
 } PatternPoolLayer;
 
 /* Scratch per thread: gathered_pool_work_floats() for eq. 14-17, then Y (D, K), eq. 18's d/d weights and the
- * unsaved q (Q, K each), the pooled gradient transposed (D, Q) and one row of the factor's gradient (D). */
+ * unsaved q (Q, K each), the pooled gradient transposed (D, Q) and a sample's share of the factor's gradient (Q, D). */
 i64 pattern_pool_work_floats(const PatternPoolLayer *L) {
     const i64 D = L->pool.D, K = L->pool.K, Q = L->Q;
-    return gathered_pool_work_floats(&L->pool) + D * K + 2 * Q * K + D * Q + D;
+    return gathered_pool_work_floats(&L->pool) + D * K + 2 * Q * K + 2 * D * Q;
 }
 
 /* Per-thread gradient slot: gathered_pool_slot_floats()'s, then eq. 18's factor (D, Q). */
@@ -358,7 +358,7 @@ static void pattern_forward_rows(const PatternPoolLayer *PL, i64 row_begin, i64 
         float *restrict wb = weights + b * Q * K, *restrict qb = q_out ? q_out + b * Q * K : q_scratch;
         eq18_scores(x, PL->factor, D, Q, K, wb);
         for (i64 iq = 0; iq < Q; ++iq) softmax_over_rows(wb + iq * K, qb + iq * K, rw, K);
-        for (i64 iq = 0; iq < Q; ++iq) row_dots(wb + iq * K, x, D, K, 1.0f, pooled + (b * Q + iq) * D);
+        query_row_dots(wb, x, Q, D, K, NULL, pooled + b * Q * D);
     }
 }
 
@@ -423,11 +423,11 @@ static void d_rows(const float *restrict w, const float *restrict t, const float
 
 /* Eq. 18's backward for one sample over Y (D, K) with weights w (Q, K) and the pooled gradient g (Q, D): gy (D, K)
  * <- d/d Y (through the pooling and the scores); adds the factor's share into grad_factor (D, Q) and, with q, d/d
- * row weights into grw (K); t (Q, K), g_t (D, Q) and row (D) are scratch. */
+ * row weights into grw (K); t (Q, K), g_t (D, Q) and rows (Q, D) are scratch. */
 static void pattern_attention_backward(const float *restrict y, const float *restrict factor, const float *restrict w,
                                        const float *restrict q, const float *restrict g, i64 D, i64 Q, i64 K,
                                        float *restrict gy, float *restrict grad_factor, float *restrict grw,
-                                       float *restrict t, float *restrict g_t, float *restrict row) {
+                                       float *restrict t, float *restrict g_t, float *restrict rows) {
     for (i64 iq = 0; iq < Q; ++iq)
         for (i64 j = 0; j < D; ++j) g_t[j * Q + iq] = g[iq * D + j];
     eq18_scores(y, g_t, D, Q, K, t);  /* d/d weights: t[q, k] = g[q] . Y[:, k] */
@@ -443,10 +443,9 @@ static void pattern_attention_backward(const float *restrict y, const float *res
         for (i64 k = 0; k < K; ++k) tq[k] *= wq[k];  /* t: d/d scores */
     }
     d_rows(w, t, g_t, factor, D, Q, K, gy);
-    for (i64 iq = 0; iq < Q; ++iq) {  /* the factor's share: t Y^T */
-        row_dots(t + iq * K, y, D, K, 1.0f, row);
-        for (i64 j = 0; j < D; ++j) grad_factor[j * Q + iq] += row[j];
-    }
+    query_row_dots(t, y, Q, D, K, NULL, rows);  /* the factor's share: t Y^T, (Q, D) */
+    for (i64 iq = 0; iq < Q; ++iq)
+        for (i64 j = 0; j < D; ++j) grad_factor[j * Q + iq] += rows[iq * D + j];
 }
 
 static void pattern_backward_rows(const PatternPoolLayer *PL, i64 row_begin, i64 row_end,
@@ -459,7 +458,7 @@ static void pattern_backward_rows(const PatternPoolLayer *PL, i64 row_begin, i64
     const BackwardScratch sc = backward_scratch(L, work);
     float *restrict go_t = sc.m2 + K;  /* d/d Y, then d/d X, (D, K) */
     float *restrict y = work + gathered_pool_work_floats(L), *restrict t = y + DK, *restrict g_t = t + 2 * Q * K;
-    float *restrict row = g_t + D * Q;
+    float *restrict rows = g_t + D * Q;
     float *restrict grad_factor = slot + gathered_pool_slot_floats(L);
     for (i64 b = row_begin; b < row_end; ++b) {
         float *restrict gm = begin_backward_sample(L, b, row_end, grad_mask, grad_mask_stride);
@@ -467,7 +466,7 @@ static void pattern_backward_rows(const PatternPoolLayer *PL, i64 row_begin, i64
         for (i64 j = 0; j < D; ++j)  /* Y again, from the saved normalised X (eq. 17's affine) */
             for (i64 k = 0; k < K; ++k) y[j * K + k] = xh[j * K + k] * L->norm_weight[j] + L->norm_bias[j];
         pattern_attention_backward(y, PL->factor, weights + b * Q * K, PL->weighting == 2 ? q + b * Q * K : NULL,
-                                   grad_pooled + b * Q * D, D, Q, K, go_t, grad_factor, gm, t, g_t, row);
+                                   grad_pooled + b * Q * D, D, Q, K, go_t, grad_factor, gm, t, g_t, rows);
         backward_sample(L, PL->exp_table, b, normalized, rstd, go_t, gm, slot, &sc);
     }
     finish_backward(L, &sc, slot);

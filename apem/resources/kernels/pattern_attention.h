@@ -10,27 +10,58 @@
 
 #include "common.h"
 
-/* out[j] = scale * sum_p a[p] y[j, p] for the D rows of y (D, PC). */
-static inline void row_dots(const float *restrict a, const float *restrict y, i64 D, i64 PC, float scale,
-                     float *restrict out) {
-    i64 j = 0;
+/* out (Q, D) <- a y^T, out[q, j] = scale[q] sum_p a[q, p] y[j, p], for the Q rows of a (Q, PC) and the D rows of
+ * y (D, PC) (scale NULL: 1): eq. 18's pooling and its gradient's share of the factor. Per query the rows go 8 at a
+ * time (one load of a per 8 products, the 8 sums reduced together by lane_sums8); the (query, row) pairs of the rows
+ * after the last 8 go 8 pairs at a time, since one pair's own horizontal sum cost as much as a block of 8 (at d = 18
+ * the last two rows, one pair at a time, took a sixth of inference's eq. 18). */
+static inline void query_row_dots(const float *restrict a, const float *restrict y, i64 Q, i64 D, i64 PC,
+                                  const float *restrict scale, float *restrict out) {
+    i64 blocked = 0;
 #if APEM_AVX2
-    for (; j + 8 <= D && PC % 8 == 0; j += 8) {
-        __m256 t[8];
-        for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_setzero_ps();
-        for (i64 p = 0; p < PC; p += 8) {
-            const __m256 av = _mm256_loadu_ps(a + p);
-            for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_fmadd_ps(av, _mm256_loadu_ps(y + (j + jj) * PC + p), t[jj]);
+    if (PC % 8 == 0) {
+        blocked = D - D % 8;
+        for (i64 q = 0; q < Q; ++q)
+            for (i64 j = 0; j < blocked; j += 8) {
+                __m256 t[8];
+                for (int jj = 0; jj < 8; ++jj) t[jj] = _mm256_setzero_ps();
+                for (i64 p = 0; p < PC; p += 8) {
+                    const __m256 av = _mm256_loadu_ps(a + q * PC + p);
+                    for (int jj = 0; jj < 8; ++jj)
+                        t[jj] = _mm256_fmadd_ps(av, _mm256_loadu_ps(y + (j + jj) * PC + p), t[jj]);
+                }
+                _mm256_storeu_ps(out + q * D + j, _mm256_mul_ps(lane_sums8(t), _mm256_set1_ps(scale ? scale[q] : 1.0f)));
+            }
+        const i64 rest = D - blocked, pairs = Q * rest;
+        for (i64 first = 0; first < pairs; first += 8) {
+            const float *ar[8], *yr[8];
+            __m256 t[8];
+            for (int i = 0; i < 8; ++i) {  /* past the last pair: the first one again, its sum unused */
+                const i64 pair = first + i < pairs ? first + i : first;
+                ar[i] = a + pair / rest * PC;
+                yr[i] = y + (blocked + pair % rest) * PC;
+                t[i] = _mm256_setzero_ps();
+            }
+            for (i64 p = 0; p < PC; p += 8)
+                for (int i = 0; i < 8; ++i)
+                    t[i] = _mm256_fmadd_ps(_mm256_loadu_ps(ar[i] + p), _mm256_loadu_ps(yr[i] + p), t[i]);
+            float sums[8];
+            _mm256_storeu_ps(sums, lane_sums8(t));
+            for (i64 i = 0; i < 8 && first + i < pairs; ++i) {
+                const i64 q = (first + i) / rest, j = blocked + (first + i) % rest;
+                out[q * D + j] = sums[i] * (scale ? scale[q] : 1.0f);
+            }
         }
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(lane_sums8(t), _mm256_set1_ps(scale)));
+        return;
     }
 #endif
-    for (; j < D; ++j) {
-        float acc = 0.0f;
+    for (i64 q = 0; q < Q; ++q)
+        for (i64 j = blocked; j < D; ++j) {
+            float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-        for (i64 p = 0; p < PC; ++p) acc += a[p] * y[j * PC + p];
-        out[j] = acc * scale;
-    }
+            for (i64 p = 0; p < PC; ++p) acc += a[q * PC + p] * y[j * PC + p];
+            out[q * D + j] = acc * (scale ? scale[q] : 1.0f);
+        }
 }
 
 #if APEM_AVX2
