@@ -194,6 +194,27 @@ def test_pattern_pool_kernel_matches_the_torch_path(monkeypatch, sizes, z_kind, 
     _assert_close(fast, slow)
 
 
+def test_pattern_pool_softmax_holds_where_a_samples_scores_span_more_than_exps_range(monkeypatch):
+    """Eq. 18's scores spread over hundreds within a sample (a large factor): the kernel's softmax must subtract each
+    query's true maximum (taken 8 queries at a time), or the exps overflow to inf. The rows match the torch path's to
+    1e-3: at that scale float32's rounding of a score moves its weight by ~1e-4."""
+    heads, k, d = 2, 64, 18
+    inputs, plans = _pattern_pool_inputs(300, 200, 16, heads, k, d, 6, "binary")
+    rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, pattern_factor = (
+        t.detach() for t in inputs)
+    pattern_factor = pattern_factor * 100.0
+    plans = [(columns, None) for columns, _ in plans]
+    with torch.no_grad():
+        fast = pattern_pool(native_library(rows), rows, index, factor, mask, combined, bias, queries, norm_weight,
+                            norm_bias, pattern_factor, plans, False, heads, 1e-5)
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+        shared = gathered_pool_norm(rows, index, factor, mask, combined, bias, queries, norm_weight, norm_bias, heads,
+                                    1e-5)
+        reference = row_attention_pool(shared[:1], pattern_factor[:1])  # layer 0 computes every point
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast.view(2, -1)[0], reference.reshape(-1), atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_dynamic_activation_kernel_matches_the_torch_path(threads):
     """Eq. 13's f_D through selection.c and through apem.nn.selection.dynamic_activation: the values (exactly 0 and 1

@@ -49,6 +49,17 @@ static inline __m256 lane_sums8(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
+/* r[i] = the maximum of the 8 lanes of v[i], for 8 vectors at once: lane_sums8 with each pairwise add a max. */
+static inline __m256 lane_max8(const __m256 *v) {
+#define APEM_PAIR_MAX(a, b) _mm256_max_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD))
+    __m256 t0 = APEM_PAIR_MAX(v[0], v[1]), t1 = APEM_PAIR_MAX(v[2], v[3]);
+    __m256 t2 = APEM_PAIR_MAX(v[4], v[5]), t3 = APEM_PAIR_MAX(v[6], v[7]);
+    t0 = APEM_PAIR_MAX(t0, t1);
+    t1 = APEM_PAIR_MAX(t2, t3);
+#undef APEM_PAIR_MAX
+    return _mm256_max_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
 static inline float lane_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

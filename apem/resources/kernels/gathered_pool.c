@@ -357,7 +357,7 @@ static void pattern_forward_rows(const PatternPoolLayer *PL, i64 row_begin, i64 
         const float *restrict rw = row_weights_of(PL, b);
         float *restrict wb = weights + b * Q * K, *restrict qb = q_out ? q_out + b * Q * K : q_scratch;
         eq18_scores(x, PL->factor, D, Q, K, wb);
-        for (i64 iq = 0; iq < Q; ++iq) softmax_over_rows(wb + iq * K, qb + iq * K, rw, K);
+        softmax_queries(wb, qb, rw, Q, K);
         query_row_dots(wb, x, Q, D, K, NULL, pooled + b * Q * D);
     }
 }
@@ -431,13 +431,12 @@ static void pattern_attention_backward(const float *restrict y, const float *res
     for (i64 iq = 0; iq < Q; ++iq)
         for (i64 j = 0; j < D; ++j) g_t[j * Q + iq] = g[iq * D + j];
     eq18_scores(y, g_t, D, Q, K, t);  /* d/d weights: t[q, k] = g[q] . Y[:, k] */
-    for (i64 iq = 0; iq < Q; ++iq) {  /* softmax backward: w (t - sum_k w t) */
+    float means[Q];
+    paired_row_dots(w, t, Q, K, means);  /* softmax backward: w (t - sum_k w t) */
+    for (i64 iq = 0; iq < Q; ++iq) {
         const float *restrict wq = w + iq * K;
         float *restrict tq = t + iq * K;
-        float mean = 0.0f;
-#pragma omp simd reduction(+ : mean)
-        for (i64 k = 0; k < K; ++k) mean += wq[k] * tq[k];
-        for (i64 k = 0; k < K; ++k) tq[k] -= mean;
+        for (i64 k = 0; k < K; ++k) tq[k] -= means[iq];
         if (q)  /* weights = q z: d/d z_k = sum over the queries of q_k t_k */
             for (i64 k = 0; k < K; ++k) grw[k] += q[iq * K + k] * tq[k];
         for (i64 k = 0; k < K; ++k) tq[k] *= wq[k];  /* t: d/d scores */

@@ -108,27 +108,98 @@ static inline void eq18_scores(const float *restrict y, const float *restrict fa
     }
 }
 
-/* w[0:R] <- the softmax over r of w; with row weights z, weights = q z with q = e / sum_r(z e) written to qq
- * (weighted_softmax's reading: all-zero row weights give all-zero weights). */
-static inline void softmax_over_rows(float *restrict w, float *restrict qq, const float *restrict z, i64 R) {
-    float top = -INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : top)
-    for (i64 r = 0; r < R; ++r) top = w[r] > top ? w[r] : top;
-    for (i64 r = 0; r < R; ++r) w[r] = exp_nonpositive(w[r] - top);
-    if (z) {
+/* out[q] = a[q] . b[q] for the Q rows of a and b (Q, R): 8 rows' sums reduced together (lane_sums8), as
+ * query_row_dots' pairs. */
+static inline void paired_row_dots(const float *restrict a, const float *restrict b, i64 Q, i64 R,
+                                   float *restrict out) {
+#if APEM_AVX2
+    if (R % 8 == 0) {
+        for (i64 q0 = 0; q0 < Q; q0 += 8) {
+            const i64 n = Q - q0 < 8 ? Q - q0 : 8;
+            __m256 acc[8];
+            float sums[8];
+            for (int i = 0; i < 8; ++i) {  /* past the last row: the first one again, unused */
+                const i64 q = q0 + (i < n ? i : 0);
+                acc[i] = _mm256_setzero_ps();
+                for (i64 r = 0; r < R; r += 8)
+                    acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + q * R + r), _mm256_loadu_ps(b + q * R + r), acc[i]);
+            }
+            _mm256_storeu_ps(sums, lane_sums8(acc));
+            for (i64 i = 0; i < n; ++i) out[q0 + i] = sums[i];
+        }
+        return;
+    }
+#endif
+    for (i64 q = 0; q < Q; ++q) {
+        float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (i64 r = 0; r < R; ++r) total += w[r] * z[r];
+        for (i64 r = 0; r < R; ++r) total += a[q * R + r] * b[q * R + r];
+        out[q] = total;
+    }
+}
+
+/* w[0:R] <- w / total, its softmax once w holds the exps; with row weights z, weights = q z with q = e / sum_r(z e)
+ * written to qq, total being sum_r(z e) (weighted_softmax's reading: all-zero row weights give all-zero weights). */
+static inline void normalize_softmax_row(float *restrict w, float *restrict qq, const float *restrict z, i64 R,
+                                         float total) {
+    if (z) {
         const float scale = 1.0f / (total > FLT_MIN ? total : FLT_MIN);
         for (i64 r = 0; r < R; ++r) {
             qq[r] = w[r] * scale;
             w[r] = qq[r] * z[r];
         }
     } else {
-#pragma omp simd reduction(+ : total)
-        for (i64 r = 0; r < R; ++r) total += w[r];
         const float scale = 1.0f / total;
         for (i64 r = 0; r < R; ++r) w[r] *= scale;
     }
+}
+
+/* w[0:R] <- the softmax over r of w; with row weights z, weights = q z with q = e / sum_r(z e) written to qq
+ * (normalize_softmax_row). */
+static inline void softmax_over_rows(float *restrict w, float *restrict qq, const float *restrict z, i64 R) {
+    float top = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (i64 r = 0; r < R; ++r) top = w[r] > top ? w[r] : top;
+    for (i64 r = 0; r < R; ++r) w[r] = exp_nonpositive(w[r] - top);
+#pragma omp simd reduction(+ : total)
+    for (i64 r = 0; r < R; ++r) total += z ? w[r] * z[r] : w[r];
+    normalize_softmax_row(w, qq, z, R, total);
+}
+
+/* softmax_over_rows for the Q rows of w (Q, R) (qq (Q, R) with z): the queries' maxima and totals reduced 8 queries at
+ * a time (lane_max8, lane_sums8), where one reduction per query and row cost as much as its row's exps. */
+static inline void softmax_queries(float *restrict w, float *restrict qq, const float *restrict z, i64 Q, i64 R) {
+#if APEM_AVX2
+    if (R % 8 == 0) {
+        for (i64 q0 = 0; q0 < Q; q0 += 8) {
+            const i64 n = Q - q0 < 8 ? Q - q0 : 8;
+            __m256 acc[8];
+            float top[8], total[8];
+            for (int i = 0; i < 8; ++i) {  /* past the last query: the first one again, unused */
+                const float *restrict wq = w + (q0 + (i < n ? i : 0)) * R;
+                acc[i] = _mm256_set1_ps(-INFINITY);
+                for (i64 r = 0; r < R; r += 8) acc[i] = _mm256_max_ps(acc[i], _mm256_loadu_ps(wq + r));
+            }
+            _mm256_storeu_ps(top, lane_max8(acc));
+            for (i64 i = 0; i < n; ++i) {
+                float *restrict wq = w + (q0 + i) * R;
+                for (i64 r = 0; r < R; ++r) wq[r] = exp_nonpositive(wq[r] - top[i]);
+            }
+            for (int i = 0; i < 8; ++i) {
+                const float *restrict wq = w + (q0 + (i < n ? i : 0)) * R;
+                acc[i] = _mm256_setzero_ps();
+                for (i64 r = 0; r < R; r += 8)
+                    acc[i] = z ? _mm256_fmadd_ps(_mm256_loadu_ps(wq + r), _mm256_loadu_ps(z + r), acc[i])
+                               : _mm256_add_ps(acc[i], _mm256_loadu_ps(wq + r));
+            }
+            _mm256_storeu_ps(total, lane_sums8(acc));
+            for (i64 i = 0; i < n; ++i)
+                normalize_softmax_row(w + (q0 + i) * R, qq ? qq + (q0 + i) * R : NULL, z, R, total[i]);
+        }
+        return;
+    }
+#endif
+    for (i64 q = 0; q < Q; ++q) softmax_over_rows(w + q * R, qq ? qq + q * R : NULL, z, R);
 }
 
 #endif
