@@ -12,7 +12,7 @@
 - Training (``gathered_pool.c``, ``pattern_pool_*``): :func:`pattern_pool` runs the two in one kernel per layer,
   forward and backward, so that eq. 17's output Y stays in cache into eq. 18 and its gradient comes straight
   back (the two kernels in turn, which wrote Y out, padded and transposed it and read it back, trained 1.15-1.20x
-  slower in bench_speed_table).
+  slower in bench_speed_table; 1.26-1.31x since eq. 18's per-query sums in the one kernel go 8 at a time).
 - Inference (``fused_predict.c``): :func:`fused_predict` runs the two in one kernel per layer over the
   points some row of the batch keeps, with f_D taken per sample; :func:`pattern_chain` is eq. 19's chain.
 
