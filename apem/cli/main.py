@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     """The ``apem`` console script: :func:`main`, then exit with its code.
 
-    After a Beam pipeline ran in this process, exit without interpreter teardown: gRPC threads of
-    Beam's portable runner can abort a finished process during teardown ("terminate called without
-    an active exception", SIGABRT), which turned a completed ``apem split`` into exit code 134 (seen
-    once in a fresh-clone suite run). By then every output is published and closed; the logs and
-    the standard streams are flushed first."""
+    After a Beam pipeline ran in this process, exit without interpreter teardown: C++ threads still
+    alive then (Arrow's pools; once, the gRPC thread of Beam's Prism attempt) can abort a finished
+    process during teardown ("terminate called without an active exception", SIGABRT), which turned
+    a completed ``apem split`` into exit code 134 (seen once in a fresh-clone suite run). By then
+    every output is published and closed; the logs and the standard streams are flushed first. A
+    pipeline component's process ends the same way (``beam_options.end_executor_without_teardown``)."""
     code = main()
     if ran_a_beam_pipeline():
         logging.shutdown()
