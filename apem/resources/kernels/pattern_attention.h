@@ -13,8 +13,9 @@
 /* out (Q, D) <- a y^T, out[q, j] = scale[q] sum_p a[q, p] y[j, p], for the Q rows of a (Q, PC) and the D rows of
  * y (D, PC) (scale NULL: 1): eq. 18's pooling and its gradient's share of the factor. Per query the rows go 8 at a
  * time (one load of a per 8 products, the 8 sums reduced together by lane_sums8); the (query, row) pairs of the rows
- * after the last 8 go 8 pairs at a time, since one pair's own horizontal sum cost as much as a block of 8 (at d = 18
- * the last two rows, one pair at a time, took a sixth of inference's eq. 18). */
+ * after the last 8 go 8 pairs at a time: at d = 18, the last two rows' 12 pairs one at a time, each with its own
+ * 16-lane horizontal sum (gathered_pool.c's width), had cost ~9% of a training step (inference's 8-lane loops
+ * measured no difference). */
 static inline void query_row_dots(const float *restrict a, const float *restrict y, i64 Q, i64 D, i64 PC,
                                   const float *restrict scale, float *restrict out) {
     i64 blocked = 0;
