@@ -119,11 +119,12 @@ static inline void paired_row_dots(const float *restrict a, const float *restric
             const i64 n = Q - q0 < 8 ? Q - q0 : 8;
             __m256 acc[8];
             float sums[8];
-            for (int i = 0; i < 8; ++i) {  /* past the last row: the first one again, unused */
-                const i64 q = q0 + (i < n ? i : 0);
+            for (int i = 0; i < 8; ++i) {  /* past the last row: zero, unused */
                 acc[i] = _mm256_setzero_ps();
-                for (i64 r = 0; r < R; r += 8)
-                    acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + q * R + r), _mm256_loadu_ps(b + q * R + r), acc[i]);
+                if (i < n)
+                    for (i64 r = 0; r < R; r += 8)
+                        acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + (q0 + i) * R + r),
+                                                 _mm256_loadu_ps(b + (q0 + i) * R + r), acc[i]);
             }
             _mm256_storeu_ps(sums, lane_sums8(acc));
             for (i64 i = 0; i < n; ++i) out[q0 + i] = sums[i];
@@ -176,10 +177,11 @@ static inline void softmax_queries(float *restrict w, float *restrict qq, const 
             const i64 n = Q - q0 < 8 ? Q - q0 : 8;
             __m256 acc[8];
             float top[8], total[8];
-            for (int i = 0; i < 8; ++i) {  /* past the last query: the first one again, unused */
-                const float *restrict wq = w + (q0 + (i < n ? i : 0)) * R;
+            for (int i = 0; i < 8; ++i) {  /* past the last query: -inf, unused */
                 acc[i] = _mm256_set1_ps(-INFINITY);
-                for (i64 r = 0; r < R; r += 8) acc[i] = _mm256_max_ps(acc[i], _mm256_loadu_ps(wq + r));
+                if (i < n)
+                    for (i64 r = 0; r < R; r += 8)
+                        acc[i] = _mm256_max_ps(acc[i], _mm256_loadu_ps(w + (q0 + i) * R + r));
             }
             _mm256_storeu_ps(top, lane_max8(acc));
             for (i64 i = 0; i < n; ++i) {
@@ -187,11 +189,12 @@ static inline void softmax_queries(float *restrict w, float *restrict qq, const 
                 for (i64 r = 0; r < R; ++r) wq[r] = exp_nonpositive(wq[r] - top[i]);
             }
             for (int i = 0; i < 8; ++i) {
-                const float *restrict wq = w + (q0 + (i < n ? i : 0)) * R;
                 acc[i] = _mm256_setzero_ps();
-                for (i64 r = 0; r < R; r += 8)
-                    acc[i] = z ? _mm256_fmadd_ps(_mm256_loadu_ps(wq + r), _mm256_loadu_ps(z + r), acc[i])
-                               : _mm256_add_ps(acc[i], _mm256_loadu_ps(wq + r));
+                if (i < n)
+                    for (i64 r = 0; r < R; r += 8) {
+                        const __m256 e = _mm256_loadu_ps(w + (q0 + i) * R + r);
+                        acc[i] = z ? _mm256_fmadd_ps(e, _mm256_loadu_ps(z + r), acc[i]) : _mm256_add_ps(acc[i], e);
+                    }
             }
             _mm256_storeu_ps(total, lane_sums8(acc));
             for (i64 i = 0; i < n; ++i)
