@@ -63,7 +63,8 @@ static inline void row_softmax(const float *restrict table, const i64 *restrict 
  * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
  * yet at its floor) takes its exps here. */
 static inline void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
-                          const float *restrict z, float *restrict w, float *restrict top, float *restrict inv) {
+                                 const float *restrict z, i64 fractional, float *restrict w, float *restrict top,
+                                 float *restrict inv) {
     const i64 S = L->S, M = L->M, PC = L->K, MPC = M * PC;
     for (i64 s = 0; s < S; ++s) {
         const float *restrict e = exp_table + idx[s] * MPC;
@@ -71,8 +72,9 @@ static inline void table_weights(const PoolLayer *L, const float *restrict exp_t
         for (i64 m = 0; m < M; ++m)
             for (i64 p = 0; p < PC; ++p) ws[m * PC + p] = z[p] == 0.0f ? 1.0f : e[m * PC + p];
     }
-    for (i64 p = 0; p < PC; ++p) {
+    for (i64 p = 0; p < PC && fractional > 0; ++p) {
         if (z[p] == 0.0f || z[p] == 1.0f) continue;
+        --fractional;
         for (i64 m = 0; m < M; ++m) {
             const i64 c = m * PC + p;
             top[c] = -INFINITY;
@@ -92,10 +94,10 @@ static inline void table_weights(const PoolLayer *L, const float *restrict exp_t
 static inline void sample_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
                                   const float *restrict z, float *restrict w, float *restrict mx, float *restrict inv) {
     i64 fractional = 0;
-    if (exp_table)
-        for (i64 k = 0; k < L->K; ++k) fractional += z[k] != 0.0f && z[k] != 1.0f;
+    if (exp_table)  /* one pass without branches: most samples have none */
+        for (i64 k = 0; k < L->K; ++k) fractional += (z[k] != 0.0f) & (z[k] != 1.0f);
     if (exp_table && fractional * 8 <= L->K)
-        table_weights(L, exp_table, idx, z, w, mx, inv);
+        table_weights(L, exp_table, idx, z, fractional, w, mx, inv);
     else
         row_softmax(L->score_table, idx, z, L->S, L->M, L->K, w, mx, inv);
 }
