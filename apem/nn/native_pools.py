@@ -28,7 +28,7 @@ import functools
 import torch
 
 from apem.nn.native import load_kernels
-from apem.nn.selection import kept_by_batch
+from apem.nn.selection import deselected, kept_by_batch
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -375,12 +375,24 @@ def score_tables(lib: ctypes.CDLL, rows: torch.Tensor,
     return scores, exps if usable else None
 
 
-def kept_points(logits: torch.Tensor, gamma: float) -> list[tuple[torch.Tensor, int]]:
+def kept_points(logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple[torch.Tensor, int]]:
     """Per layer of eq. 11's selector logits (B, L', K), the points some row of the batch keeps
-    (:func:`apem.nn.selection.kept_by_batch`): their indices (P,) and the kernel's padded column count (a multiple
-    of 8 above P, so that column P is free for the dropped points)."""
+    (:func:`apem.nn.selection.kept_by_batch`): their indices (P,) and the kernel's column count, a multiple of 8
+    (at least 8) from P. Under the uniform reading (``uniform``) the K - P dropped points share one row, which a
+    row's own de-selected points output too (all-zero scores): the kernel counts them there, and in column P,
+    past the kept ones, for a row that keeps all P; only then, with P a multiple of 8, does the count grow by 8
+    (at d = 18 a sixth to a fifth of the layer's work)."""
     kept = kept_by_batch(logits, gamma)  # (L', K)
-    return [(used, (used.numel() + 8) // 8 * 8) for used in (row.nonzero().view(-1) for row in kept)]
+    points = []
+    for layer, row in enumerate(kept):
+        used = row.nonzero().view(-1)
+        p = used.numel()
+        columns = max(8, -(-p // 8) * 8)
+        if uniform and columns == p < row.numel() and not deselected(logits[:, layer].index_select(1, used),
+                                                                    gamma).any(1).all():
+            columns += 8
+        points.append((used, columns))
+    return points
 
 
 def _padded_columns(t: torch.Tensor, used: torch.Tensor, columns: int) -> torch.Tensor:
@@ -404,7 +416,7 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
     pattern_factor = pattern_factor.contiguous()
     logits = logits if logits.stride(2) == 1 else logits.contiguous()  # the kernel reads each row's K logits
     threads = _threads(b)
-    for layer, (used, columns) in enumerate(kept_points(logits, gamma)):
+    for layer, (used, columns) in enumerate(kept_points(logits, gamma, uniform)):
         layer_factor = _padded_columns(factor[layer].view(-1, heads, k), used, columns).view(-1, heads * columns)
         scores, exps = score_tables(lib, rows, layer_factor)  # the kernel uses exps for the samples whose z is binary
         pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, logits[:, layer],

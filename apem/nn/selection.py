@@ -19,14 +19,20 @@ def dynamic_activation(z: torch.Tensor, gamma: float | torch.Tensor) -> torch.Te
     return 0.5 + u * (1.5 - 2.0 * u * u)
 
 
+def deselected(logits: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    """Where f_D(logit) is exactly 0, as a boolean of the logits' shape: logit / gamma <= -1/2
+    (:func:`dynamic_activation` clamps u there, and its derivative 3/2 - 6 u^2 is exactly 0 at u = -1/2 too); a
+    NaN logit is not de-selected, so that it reaches the output."""
+    return logits / gamma <= -0.5
+
+
 def kept_by_batch(logits: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
     """Which points some row of the batch keeps: f_D(logit) != 0 in at least one row of eq. 11's logits
-    (B, ..., K), as a boolean (..., K). f_D is exactly 0 where logit / gamma <= -1/2 (:func:`dynamic_activation`
-    clamps u there, and its derivative 3/2 - 6 u^2 is exactly 0 at u = -1/2 too); a NaN logit counts as kept, so
-    that it reaches the output. One reduction over the batch (torch's boolean ``any`` measured ~5x slower)."""
+    (B, ..., K), as a boolean (..., K) (:func:`deselected` by no row). One reduction over the batch (torch's
+    boolean ``any`` measured ~5x slower)."""
     if logits.shape[0] == 0:  # an empty batch keeps nothing (amax has no identity to return)
         return logits.new_zeros(logits.shape[1:], dtype=torch.bool)
-    return ~(logits.amax(dim=0) / gamma <= -0.5)
+    return ~deselected(logits.amax(dim=0), gamma)
 
 
 def gamma_at(step: int, start: float = 10.0, decay: float = 1e-2, minimum: float = 1e-3) -> float:

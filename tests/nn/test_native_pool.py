@@ -14,8 +14,8 @@ import torch
 from apem.models.registry import build_model
 from apem.nn import native
 from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
-from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, native_dynamic_activation, native_library,
-                                  pattern_pool, row_pool_backward, row_pool_forward, typed_library)
+from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, kept_points, native_dynamic_activation,
+                                  native_library, pattern_pool, row_pool_backward, row_pool_forward, typed_library)
 from apem.nn.selection import dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
@@ -257,6 +257,15 @@ def _predict_logits(kind: str, layers: int, b: int, k: int, gen: torch.Generator
         logits = (torch.rand(b, layers, k, generator=gen) - 0.5) * GAMMA
         logits[:, :, 0] = -GAMMA
         return logits
+    if kind.startswith("eight-kept"):  # the batch keeps points 0-7, each row drops one of them, or one row none
+        kept = torch.zeros(b, layers, k, dtype=torch.bool)
+        kept[:, :, :8] = torch.rand(b, layers, 8, generator=gen) < 0.7
+        rows = torch.arange(b)
+        kept[rows, :, rows % 8] = False
+        kept[rows, :, (rows + 1) % 8] = True
+        if kind == "eight-kept-one-row-all":
+            kept[b // 2, :, :8] = True
+        return torch.where(kept, 2.0, -2.0) * GAMMA
     kept = torch.rand(b, layers, k, generator=gen) < torch.rand(1, layers, k, generator=gen)
     logits = torch.where(kept, 2.0, -2.0) * GAMMA
     logits[:, :, 1] = -GAMMA  # kept by no row: dropped for the whole batch
@@ -289,7 +298,20 @@ def _fused_and_reference(monkeypatch, sizes, kind, uniform, score_scale=0.5, lib
     return fused, reference
 
 
-PREDICT_MASKS = ["binary", "binary-and-fractional", "soft", "none-kept", "all-kept"]
+PREDICT_MASKS = ["binary", "binary-and-fractional", "soft", "none-kept", "all-kept", "eight-kept-each-row-drops-one",
+                 "eight-kept-one-row-all"]
+
+
+@pytest.mark.parametrize("kind, uniform, columns", [
+    ("eight-kept-each-row-drops-one", True, 8),  # each row's own de-selected point holds the dropped points' row
+    ("eight-kept-one-row-all", True, 16),        # a row that keeps all 8 needs column 8 for it
+    ("eight-kept-one-row-all", False, 8),        # no row for the dropped points under "contributes nothing"
+    ("all-kept", True, 64),                      # nothing dropped
+    ("none-kept", False, 8),                     # at least one block of 8
+])
+def test_kept_points_add_a_column_block_only_for_a_row_that_keeps_them_all(kind, uniform, columns):
+    logits = _predict_logits(kind, 2, 50, 64, torch.Generator().manual_seed(7))
+    assert [c for _, c in kept_points(logits, GAMMA, uniform)] == [columns] * 2
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -124,7 +124,12 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
             for (i64 p = 0; p < PC; ++p) x[j * PC + p] += z[p] * queries_t[j * PC + p];
         centre_columns_over_rows(x, D, PC, L->eps, mx, inv);  /* inv (PC) <- 1 / sigma */
         for (i64 p = 0; p < PC; ++p) count[p] = p < P ? (PL->uniform ? 1.0f : z[p]) : 0.0f;
-        if (PL->uniform && P < PC) count[P] = (float)PL->rest;
+        if (PL->uniform && PL->rest > 0) {  /* the dropped points' row: column P, or the sample's first z = 0 */
+            i64 shared = P;  /* (apem.nn.native_pools.kept_points leaves column P free where a sample has none) */
+            if (P == PC)
+                for (shared = 0; shared < P && z[shared] != 0.0f; ++shared) {}
+            if (shared < PC) count[shared] += (float)PL->rest;
+        }
         pattern_pool(x, inv, count, factor_nw, L->norm_weight, L->norm_bias, D, Q, PC, sc, scale, pooled + b * Q * D);
     }
 }
