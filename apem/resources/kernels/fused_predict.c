@@ -73,22 +73,25 @@ static void pattern_pool(const float *restrict xc, const float *restrict rs, con
                          const float *restrict factor_nw, const float *restrict nw, const float *restrict nb, i64 D,
                          i64 Q, i64 PC, float *restrict sc, float *restrict scale, float *restrict out) {
     eq18_scores(xc, factor_nw, D, Q, PC, sc);
-    for (i64 q = 0; q < Q; ++q) {  /* each query's weights a[q, p] rs[p], up to its 1 / total in scale[q] */
-        float *restrict s = sc + q * PC;
-        float top = -INFINITY, total = 0.0f;
-        for (i64 p = 0; p < PC; ++p) s[p] = count[p] > 0.0f ? s[p] * rs[p] : -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (i64 p = 0; p < PC; ++p) top = s[p] > top ? s[p] : top;
-        if (top == -INFINITY) {  /* no row counts: an all-zero output, below */
-            for (i64 p = 0; p < PC; ++p) s[p] = 0.0f;
-            scale[q] = 0.0f;
-            continue;
+    for (i64 q = 0; q < Q; ++q)
+        for (i64 p = 0; p < PC; ++p) sc[q * PC + p] = count[p] > 0.0f ? sc[q * PC + p] * rs[p] : -INFINITY;
+    for (i64 q0 = 0; q0 < Q; q0 += 8) {  /* each query's weights a[q, p] rs[p], up to its 1 / total in scale[q] */
+        const i64 n = Q - q0 < 8 ? Q - q0 : 8;
+        float top[8], total[8];
+        block_maxima(sc + q0 * PC, n, PC, top);
+        for (i64 i = 0; i < n; ++i) {
+            float *restrict s = sc + (q0 + i) * PC;
+            if (top[i] == -INFINITY)  /* no row counts: an all-zero output, below */
+                for (i64 p = 0; p < PC; ++p) s[p] = 0.0f;
+            else  /* -inf: clamped, times 0 */
+                for (i64 p = 0; p < PC; ++p) s[p] = count[p] * exp_nonpositive(s[p] - top[i]);
         }
-        for (i64 p = 0; p < PC; ++p) s[p] = count[p] * exp_nonpositive(s[p] - top);  /* -inf: clamped, times 0 */
-#pragma omp simd reduction(+ : total)
-        for (i64 p = 0; p < PC; ++p) total += s[p];
-        for (i64 p = 0; p < PC; ++p) s[p] *= rs[p];
-        scale[q] = 1.0f / total;
+        block_totals(sc + q0 * PC, NULL, n, PC, total);
+        for (i64 i = 0; i < n; ++i) {
+            float *restrict s = sc + (q0 + i) * PC;
+            for (i64 p = 0; p < PC; ++p) s[p] *= rs[p];
+            scale[q0 + i] = top[i] == -INFINITY ? 0.0f : 1.0f / total[i];
+        }
     }
     query_row_dots(sc, xc, Q, D, PC, scale, out);
     for (i64 q = 0; q < Q; ++q)

@@ -168,42 +168,75 @@ static inline void softmax_over_rows(float *restrict w, float *restrict qq, cons
     normalize_softmax_row(w, qq, z, R, total);
 }
 
-/* softmax_over_rows for the Q rows of w (Q, R) (qq (Q, R) with z): the queries' maxima and totals reduced 8 queries at
- * a time (lane_max8, lane_sums8), where one reduction per query and row cost as much as its row's exps. */
-static inline void softmax_queries(float *restrict w, float *restrict qq, const float *restrict z, i64 Q, i64 R) {
+/* top[i] <- max_r w[i, r] for the n <= 8 rows of w (n, R): under AVX2 (R a multiple of 8) the 8 rows' maxima
+ * reduced together (lane_max8), where one reduction per row (a chain of scalar maxima) cost as much as its row's
+ * exps. */
+static inline void block_maxima(const float *restrict w, i64 n, i64 R, float *restrict top) {
 #if APEM_AVX2
     if (R % 8 == 0) {
-        for (i64 q0 = 0; q0 < Q; q0 += 8) {
-            const i64 n = Q - q0 < 8 ? Q - q0 : 8;
-            __m256 acc[8];
-            float top[8], total[8];
-            for (int i = 0; i < 8; ++i) {  /* past the last query: -inf, unused */
-                acc[i] = _mm256_set1_ps(-INFINITY);
-                if (i < n)
-                    for (i64 r = 0; r < R; r += 8)
-                        acc[i] = _mm256_max_ps(acc[i], _mm256_loadu_ps(w + (q0 + i) * R + r));
-            }
-            _mm256_storeu_ps(top, lane_max8(acc));
-            for (i64 i = 0; i < n; ++i) {
-                float *restrict wq = w + (q0 + i) * R;
-                for (i64 r = 0; r < R; ++r) wq[r] = exp_nonpositive(wq[r] - top[i]);
-            }
-            for (int i = 0; i < 8; ++i) {
-                acc[i] = _mm256_setzero_ps();
-                if (i < n)
-                    for (i64 r = 0; r < R; r += 8) {
-                        const __m256 e = _mm256_loadu_ps(w + (q0 + i) * R + r);
-                        acc[i] = z ? _mm256_fmadd_ps(e, _mm256_loadu_ps(z + r), acc[i]) : _mm256_add_ps(acc[i], e);
-                    }
-            }
-            _mm256_storeu_ps(total, lane_sums8(acc));
-            for (i64 i = 0; i < n; ++i)
-                normalize_softmax_row(w + (q0 + i) * R, qq ? qq + (q0 + i) * R : NULL, z, R, total[i]);
+        __m256 acc[8];
+        float tops[8];
+        for (int i = 0; i < 8; ++i) {  /* past the last row: -inf, unused */
+            acc[i] = _mm256_set1_ps(-INFINITY);
+            if (i < n)
+                for (i64 r = 0; r < R; r += 8) acc[i] = _mm256_max_ps(acc[i], _mm256_loadu_ps(w + i * R + r));
         }
+        _mm256_storeu_ps(tops, lane_max8(acc));
+        for (i64 i = 0; i < n; ++i) top[i] = tops[i];
         return;
     }
 #endif
-    for (i64 q = 0; q < Q; ++q) softmax_over_rows(w + q * R, qq ? qq + q * R : NULL, z, R);
+    for (i64 i = 0; i < n; ++i) {
+        float t = -INFINITY;
+#pragma omp simd reduction(max : t)
+        for (i64 r = 0; r < R; ++r) t = w[i * R + r] > t ? w[i * R + r] : t;
+        top[i] = t;
+    }
+}
+
+/* total[i] <- sum_r w[i, r] z[r] (z NULL: 1) for the n <= 8 rows of w (n, R), as block_maxima (lane_sums8). */
+static inline void block_totals(const float *restrict w, const float *restrict z, i64 n, i64 R,
+                                float *restrict total) {
+#if APEM_AVX2
+    if (R % 8 == 0) {
+        __m256 acc[8];
+        float totals[8];
+        for (int i = 0; i < 8; ++i) {  /* past the last row: zero, unused */
+            acc[i] = _mm256_setzero_ps();
+            if (i < n)
+                for (i64 r = 0; r < R; r += 8) {
+                    const __m256 e = _mm256_loadu_ps(w + i * R + r);
+                    acc[i] = z ? _mm256_fmadd_ps(e, _mm256_loadu_ps(z + r), acc[i]) : _mm256_add_ps(acc[i], e);
+                }
+        }
+        _mm256_storeu_ps(totals, lane_sums8(acc));
+        for (i64 i = 0; i < n; ++i) total[i] = totals[i];
+        return;
+    }
+#endif
+    for (i64 i = 0; i < n; ++i) {
+        float t = 0.0f;
+#pragma omp simd reduction(+ : t)
+        for (i64 r = 0; r < R; ++r) t += z ? w[i * R + r] * z[r] : w[i * R + r];
+        total[i] = t;
+    }
+}
+
+/* softmax_over_rows for the Q rows of w (Q, R) (qq (Q, R) with z), 8 queries at a time (block_maxima,
+ * block_totals). */
+static inline void softmax_queries(float *restrict w, float *restrict qq, const float *restrict z, i64 Q, i64 R) {
+    for (i64 q0 = 0; q0 < Q; q0 += 8) {
+        const i64 n = Q - q0 < 8 ? Q - q0 : 8;
+        float top[8], total[8];
+        block_maxima(w + q0 * R, n, R, top);
+        for (i64 i = 0; i < n; ++i) {
+            float *restrict wq = w + (q0 + i) * R;
+            for (i64 r = 0; r < R; ++r) wq[r] = exp_nonpositive(wq[r] - top[i]);
+        }
+        block_totals(w + q0 * R, z, n, R, total);
+        for (i64 i = 0; i < n; ++i)
+            normalize_softmax_row(w + (q0 + i) * R, qq ? qq + (q0 + i) * R : NULL, z, R, total[i]);
+    }
 }
 
 #endif
