@@ -59,13 +59,62 @@ static inline void row_softmax(const float *restrict table, const i64 *restrict 
     softmax_columns(w, S, MK, mx, inv);
 }
 
+/* table_weights for a binary z: each column's sum over the S rows first (S where z = 0), then each weight read and
+ * scaled once; written in one pass, where a copy, the sums and the scaling had each passed over w (~10% of the
+ * inference kernel, half of it in stores). Uses inv (M K). */
+static inline void binary_table_weights(const float *restrict exp_table, const i64 *restrict idx,
+                                        const float *restrict z, i64 S, i64 M, i64 K, float *restrict w,
+                                        float *restrict inv) {
+    const i64 MK = M * K;
+#if APEM_AVX2
+    if (K % 8 == 0) {  /* the sums 8 columns at a time in a register, over the rows */
+        const __m256 ones = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), rows = _mm256_set1_ps((float)S);
+        for (i64 m = 0; m < M; ++m)
+            for (i64 k = 0; k < K; k += 8) {
+                const i64 c = m * K + k;
+                __m256 total = zero;
+                for (i64 s = 0; s < S; ++s)
+                    total = _mm256_add_ps(total, _mm256_loadu_ps(exp_table + idx[s] * MK + c));
+                const __m256 off = _mm256_cmp_ps(_mm256_loadu_ps(z + k), zero, _CMP_EQ_OQ);
+                _mm256_storeu_ps(inv + c, _mm256_div_ps(ones, _mm256_blendv_ps(total, rows, off)));
+            }
+        for (i64 s = 0; s < S; ++s) {
+            const float *restrict e = exp_table + idx[s] * MK;
+            for (i64 m = 0; m < M; ++m)
+                for (i64 k = 0; k < K; k += 8) {
+                    const i64 c = m * K + k;
+                    const __m256 off = _mm256_cmp_ps(_mm256_loadu_ps(z + k), zero, _CMP_EQ_OQ);
+                    const __m256 weight = _mm256_blendv_ps(_mm256_loadu_ps(e + c), ones, off);
+                    _mm256_storeu_ps(w + s * MK + c, _mm256_mul_ps(weight, _mm256_loadu_ps(inv + c)));
+                }
+        }
+        return;
+    }
+#endif
+    for (i64 c = 0; c < MK; ++c) inv[c] = 0.0f;
+    for (i64 s = 0; s < S; ++s)
+        for (i64 m = 0; m < M; ++m)
+            for (i64 k = 0; k < K; ++k) inv[m * K + k] += z[k] == 0.0f ? 1.0f : exp_table[idx[s] * MK + m * K + k];
+    for (i64 c = 0; c < MK; ++c) inv[c] = 1.0f / inv[c];
+    for (i64 s = 0; s < S; ++s)
+        for (i64 m = 0; m < M; ++m)
+            for (i64 k = 0; k < K; ++k) {
+                const i64 c = m * K + k;
+                w[s * MK + c] = (z[k] == 0.0f ? 1.0f : exp_table[idx[s] * MK + c]) * inv[c];
+            }
+}
+
 /* row_softmax's weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
  * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
- * yet at its floor) takes its exps here. */
+ * yet at its floor, `fractional` of them) takes its exps here. */
 static inline void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
                                  const float *restrict z, i64 fractional, float *restrict w, float *restrict top,
                                  float *restrict inv) {
     const i64 S = L->S, M = L->M, PC = L->K, MPC = M * PC;
+    if (fractional == 0) {
+        binary_table_weights(exp_table, idx, z, S, M, PC, w, inv);
+        return;
+    }
     for (i64 s = 0; s < S; ++s) {
         const float *restrict e = exp_table + idx[s] * MPC;
         float *restrict ws = w + s * MPC;
