@@ -47,7 +47,8 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "row_attention_pool_backward": ([_I64] * 5 + [_PTR] * 9, None),
         "fused_predict_work_floats": ([_PTR], _I64),
         "fused_predict": ([_PTR, _I64, _I64, _PTR, _PTR], None),
-        "fused_predict_tables": ([_PTR, _I64, _I64, _PTR, _I64, ctypes.c_float, _PTR, _PTR, _PTR], _I64),
+        "fused_predict_tables": ([_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, ctypes.c_float, _PTR, _PTR,
+                                  _PTR], _I64),
         "pattern_chain": ([_I64] * 4 + [_PTR] * 3 + [ctypes.c_float, _I64] + [_PTR] * 3, None),
         "pattern_chain_slot_floats": ([_I64] * 2, _I64),
         "pattern_chain_backward": ([_I64] * 4 + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
@@ -99,16 +100,18 @@ class PoolLayer(ctypes.Structure):
                 ("norm_weight", _PTR), ("norm_bias", _PTR), ("eps", ctypes.c_float)]
 
     @classmethod
-    def of(cls, score_table, value_table, index, mask, queries, norm_weight, norm_bias, heads, eps) -> "PoolLayer":
+    def of(cls, score_table, value_table, index, mask, queries, norm_weight, norm_bias, heads, eps,
+           points: int | None = None) -> "PoolLayer":
         """score_table (U, M K), value_table (U, M d) (bias / M included), index (B, S) int64, mask (B, K) (unit
-        column stride), queries (K, d), norm_weight and norm_bias (d,)."""
+        column stride), queries (K, d), norm_weight and norm_bias (d,); K = ``points`` where given (fused_predict's
+        columns; its queries are every point's)."""
         mask = mask if mask.stride(1) == 1 else mask.contiguous()
         index = index.to(torch.int64)  # what the kernel reads, in forward and in backward
         tensors = [t.contiguous() for t in (score_table, value_table, index, queries, norm_weight, norm_bias)]
         score_table, value_table, index, queries, norm_weight, norm_bias = tensors
         (u, _), (_, s), (k, d) = score_table.shape, index.shape, queries.shape
-        layer = cls(u, s, heads, k, d, _ptr(score_table), _ptr(value_table), _ptr(index), _ptr(mask), mask.stride(0),
-                    _ptr(queries), _ptr(norm_weight), _ptr(norm_bias), eps)
+        layer = cls(u, s, heads, k if points is None else points, d, _ptr(score_table), _ptr(value_table),
+                    _ptr(index), _ptr(mask), mask.stride(0), _ptr(queries), _ptr(norm_weight), _ptr(norm_bias), eps)
         layer.keep_alive = (*tensors, mask)
         return layer
 
@@ -362,16 +365,23 @@ class PredictLayer(ctypes.Structure):
 MAX_EXP_RANGE = 60.0
 
 
-def score_tables(lib: ctypes.CDLL, rows: torch.Tensor,
-                 factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def score_tables(lib: ctypes.CDLL, rows: torch.Tensor, factor: torch.Tensor, heads: int = 1,
+                 columns: torch.Tensor | None = None, width: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """rows (U, d) times factor (d, C): the (U, C) score table, and exp(scores - their column maxima), the
     softmax weights of a point with z = 1 up to the normalisation (a shift per column cancels); None instead
-    when a column spans more than :data:`MAX_EXP_RANGE`, where the smallest weights would underflow."""
+    when a column spans more than :data:`MAX_EXP_RANGE`, where the smallest weights would underflow. With
+    ``columns`` (P,) int64, factor is (d, M K) and each of its M = ``heads`` blocks is read at those columns,
+    zero-padded to ``width``: tables (U, M width)."""
     rows, factor = rows.contiguous(), factor.contiguous()
     (u, d), c = rows.shape, factor.shape[1]
-    scores, exps, work = rows.new_empty(u, c), rows.new_empty(u, c), rows.new_empty(2 * c)
-    usable = lib.fused_predict_tables(_ptr(rows), u, d, _ptr(factor), c, MAX_EXP_RANGE, _ptr(scores), _ptr(exps),
-                                      _ptr(work))
+    k, p = c // heads, 0
+    if columns is not None:
+        c, p = heads * width, columns.numel()
+    scores, exps = rows.new_empty(u, c), rows.new_empty(u, c)
+    work = rows.new_empty((2 + (0 if columns is None else d)) * c)
+    usable = lib.fused_predict_tables(_ptr(rows), u, d, _ptr(factor), heads, k,
+                                      None if columns is None else _ptr(columns), p, c // heads, MAX_EXP_RANGE,
+                                      _ptr(scores), _ptr(exps), _ptr(work))
     return scores, exps if usable else None
 
 
@@ -388,18 +398,13 @@ def kept_points(logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple
         used = row.nonzero().view(-1)
         p = used.numel()
         columns = max(8, -(-p // 8) * 8)
-        if uniform and columns == p < row.numel() and not deselected(logits[:, layer].index_select(1, used),
-                                                                    gamma).any(1).all():
+        # every row de-selects one of the P points where the largest of the rows' smallest logits does (f_D is
+        # monotone; a NaN propagates and counts as a row that keeps them all)
+        if uniform and columns == p < row.numel() and not deselected(
+                logits[:, layer].index_select(1, used).amin(1).amax(), gamma):
             columns += 8
         points.append((used, columns))
     return points
-
-
-def _padded_columns(t: torch.Tensor, used: torch.Tensor, columns: int) -> torch.Tensor:
-    """t (..., K) at the columns ``used``, zero-padded to ``columns``: (..., columns)."""
-    out = t.new_zeros(*t.shape[:-1], columns)
-    out[..., :used.numel()] = t.index_select(-1, used)
-    return out
 
 
 def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias, queries, norm_weight, norm_bias,
@@ -417,11 +422,10 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
     logits = logits if logits.stride(2) == 1 else logits.contiguous()  # the kernel reads each row's K logits
     threads = _threads(b)
     for layer, (used, columns) in enumerate(kept_points(logits, gamma, uniform)):
-        layer_factor = _padded_columns(factor[layer].view(-1, heads, k), used, columns).view(-1, heads * columns)
-        scores, exps = score_tables(lib, rows, layer_factor)  # the kernel uses exps for the samples whose z is binary
+        # the kernel uses exps for the samples whose z is binary
+        scores, exps = score_tables(lib, rows, factor[layer], heads, used, columns)
         pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, logits[:, layer],
-                            _padded_columns(queries[layer].t(), used, columns).t(), norm_weight[layer],
-                            norm_bias[layer], heads, eps)
+                            queries[layer], norm_weight[layer], norm_bias[layer], heads, eps, points=columns)
         pool.mask = None  # the kernel takes z from the logits, at the kept columns
         spec = PredictLayer(pool, q, _ptr(pattern_factor[layer]), int(uniform), used.numel(), k - used.numel(),
                             None if exps is None else _ptr(exps), _ptr(logits[:, layer]), logits.stride(0), _ptr(used),

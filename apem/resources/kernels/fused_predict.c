@@ -42,7 +42,8 @@
 /* A layer's inputs (apem.nn.native_pools.PredictLayer mirrors this struct). */
 typedef struct {
     PoolLayer pool;       /* the ASRG layer as gathered_pool.c reads it, over K = PC columns (a multiple of 8);
-                           * its mask is unused: z comes from the logits below */
+                           * its mask is unused (z comes from the logits below), and its queries are all the layer's
+                           * points' (the kept ones read at `columns`) */
     i64 Q;
     const float *factor;  /* (D, Q): eq. 18's query-side factor (scaled) */
     i64 uniform;          /* 1: "uniform_attention", 0: "contributes_nothing" */
@@ -57,8 +58,8 @@ typedef struct {
 } PredictLayer;
 
 /* Scratch per thread: weights (S, M PC), X and the inducing points transposed (D, PC each), column maxima and sums
- * (M PC each), eq. 18's scores (Q, PC), row counts, z and the kept columns' logits (PC each), eq. 18's factor with eq. 17's scale folded in
- * (D, Q) and its queries' normalisers (Q). */
+ * (M PC each), eq. 18's scores (Q, PC), row counts, z and the kept columns' logits (PC each), eq. 18's factor
+ * with eq. 17's scale folded in (D, Q) and its queries' normalisers (Q). */
 i64 fused_predict_work_floats(const PredictLayer *L) {
     return (L->pool.S * L->pool.M + 2 * L->pool.D + 2 * L->pool.M + L->Q + 3) * L->pool.K + (L->pool.D + 1) * L->Q;
 }
@@ -107,7 +108,8 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     float *restrict z = queries_t + D * PC, *restrict factor_nw = z + PC, *restrict scale = factor_nw + D * Q;
     float *restrict kept_logits = scale + Q;
     for (i64 p = P; p < PC; ++p) kept_logits[p] = -INFINITY;  /* padding: z = f_D(-inf) = 0 exactly */
-    transpose(L->queries, PC, D, queries_t);
+    for (i64 j = 0; j < D; ++j)  /* the kept points' queries, transposed; zero past them */
+        for (i64 p = 0; p < PC; ++p) queries_t[j * PC + p] = p < P ? L->queries[PL->columns[p] * D + j] : 0.0f;
     for (i64 j = 0; j < D; ++j)  /* eq. 17's scale folded into eq. 18's factor (see pattern_pool) */
         for (i64 q = 0; q < Q; ++q) factor_nw[j * Q + q] = L->norm_weight[j] * PL->factor[j * Q + q];
     for (i64 b = row_begin; b < row_end; ++b) {
@@ -137,32 +139,42 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
     }
 }
 
-/* A layer's tables for fused_predict, per batch: scores (U, C) <- rows (U, D) times factor (D, C) (the kept
- * columns of eq. 15's score factor), and, when every column spans at most max_range (so that no weight
- * underflows), exps (U, C) <- exp(scores - the column's maximum); returns whether it wrote exps. One pass over
- * the rows for both (torch's product, reductions and exp measured ~1.3 us a row at batch 2048). */
-i64 fused_predict_tables(const float *rows, i64 U, i64 D, const float *factor, i64 C, float max_range,
-                         float *scores, float *exps, float *work) {
-    float *restrict top = work, *restrict bottom = work + C;
-    for (i64 c = 0; c < C; ++c) {
+/* A layer's tables for fused_predict, per batch: scores (U, M C) <- rows (U, D) times eq. 15's score factor (D, M K)
+ * at each head's `columns` (P of them, then C - P zero columns; NULL: all K, with C = K), and, when every column
+ * spans at most max_range (so that no weight underflows), exps (U, M C) <- exp(scores - the column's maximum);
+ * returns whether it wrote exps. One pass over the rows for both (torch's product, reductions and exp measured
+ * ~1.3 us a row at batch 2048). Uses work: 2 M C floats, and D M C more with columns. */
+i64 fused_predict_tables(const float *rows, i64 U, i64 D, const float *factor, i64 M, i64 K, const i64 *columns,
+                         i64 P, i64 C, float max_range, float *scores, float *exps, float *work) {
+    const i64 MC = M * C;
+    float *restrict top = work, *restrict bottom = work + MC;
+    if (columns) {  /* the kept columns, gathered */
+        float *restrict kept = work + 2 * MC;
+        for (i64 j = 0; j < D; ++j)
+            for (i64 m = 0; m < M; ++m)
+                for (i64 c = 0; c < C; ++c)
+                    kept[j * MC + m * C + c] = c < P ? factor[(j * M + m) * K + columns[c]] : 0.0f;
+        factor = kept;
+    }
+    for (i64 c = 0; c < MC; ++c) {
         top[c] = -INFINITY;
         bottom[c] = INFINITY;
     }
     for (i64 u = 0; u < U; ++u) {
-        float *restrict out = scores + u * C;
+        float *restrict out = scores + u * MC;
         const float *restrict r = rows + u * D;
-        for (i64 c = 0; c < C; ++c) out[c] = 0.0f;
+        for (i64 c = 0; c < MC; ++c) out[c] = 0.0f;
         for (i64 j = 0; j < D; ++j)
-            for (i64 c = 0; c < C; ++c) out[c] += r[j] * factor[j * C + c];
-        for (i64 c = 0; c < C; ++c) {
+            for (i64 c = 0; c < MC; ++c) out[c] += r[j] * factor[j * MC + c];
+        for (i64 c = 0; c < MC; ++c) {
             top[c] = out[c] > top[c] ? out[c] : top[c];
             bottom[c] = out[c] < bottom[c] ? out[c] : bottom[c];
         }
     }
-    for (i64 c = 0; c < C; ++c)
+    for (i64 c = 0; c < MC; ++c)
         if (!(top[c] - bottom[c] <= max_range)) return 0;  /* also a NaN */
     for (i64 u = 0; u < U; ++u)
-        for (i64 c = 0; c < C; ++c) exps[u * C + c] = exp_nonpositive(scores[u * C + c] - top[c]);
+        for (i64 c = 0; c < MC; ++c) exps[u * MC + c] = exp_nonpositive(scores[u * MC + c] - top[c]);
     return 1;
 }
 
