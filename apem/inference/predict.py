@@ -31,7 +31,7 @@ def predict_stream(model: torch.nn.Module, chunks: Iterable[torch.Tensor], rows:
     was_training = model.training
     model.eval()
     fast = model.inference_module(rows) if hasattr(model, "inference_module") else model  # e.g. APEM's tables
-    row_order = getattr(model, "row_order", None) if fast is model else None
+    row_order = getattr(fast, "row_order", None)
 
     def score(x: torch.Tensor, order: torch.Tensor | None, start: int) -> torch.Tensor:
         """The batch of chunk x from row ``start`` of the scoring order (gathered here: no sorted copy of x)."""

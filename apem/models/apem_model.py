@@ -86,6 +86,16 @@ class APEMConfig(EmbeddingConfig):
     task_indicators: bool = True
 
 
+@dataclass(frozen=True)
+class InferenceWeights:
+    """The products of APEM's weights that its kernel path reads per batch: eq. 14-16's folded factors
+    (:meth:`apem.nn.attention.InducingPointAttention.folded_weights`), eq. 18's score factor and its
+    W^V W^O blocks (:class:`apem.nn.attention.PatternSelector`)."""
+    folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    pattern_factor: torch.Tensor
+    pattern_value_out: tuple[torch.Tensor, torch.Tensor]
+
+
 @register_model("apem")
 class APEM(MultiTaskModel):
     name = "apem"
@@ -193,7 +203,9 @@ class APEM(MultiTaskModel):
         logits = self.towers(self.pattern_selector(shared, self.pattern_selector_weights(mask)))
         return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, weights: InferenceWeights | None = None) -> ModelOutput:
+        """``weights``: :meth:`inference_weights`, held by :class:`KernelInference` for a whole prediction (else the
+        kernel path takes them per batch)."""
         table = self.embedding.distinct_rows(x) if self.gathers_fields() else None
         if table is not None:  # every layer attends over H = rows[index]: products per distinct row
             rows, index = table
@@ -202,10 +214,13 @@ class APEM(MultiTaskModel):
             selector_logits = self.selector_logits(h)
             # the kernels' paths, each None where it does not apply: both run eq. 13-18 in one kernel per layer,
             # training over the points some row keeps (each would only build and drop its factors in the other mode)
-            pattern_pool = self.kept_pattern_pool if torch.is_grad_enabled() else self.fused_pattern_pool
-            pooled = pattern_pool(rows, index, selector_logits)
+            if torch.is_grad_enabled():
+                pooled = self.kept_pattern_pool(rows, index, selector_logits)
+            else:
+                pooled = self.fused_pattern_pool(rows, index, selector_logits, weights)
             if pooled is not None:
-                logits = self.towers(self.pattern_selector.from_pooled(pooled))
+                logits = self.towers(self.pattern_selector.from_pooled(
+                    pooled, None if weights is None else weights.pattern_value_out))
                 return ModelOutput(probs=torch.sigmoid(logits), aux={"logits": logits})
             mask = dynamic_activation(selector_logits, self.gamma)
             return self.head(self.asrg(rows, mask, index=index), mask)
@@ -215,8 +230,8 @@ class APEM(MultiTaskModel):
         mask = self.selector_mask(h)
         return self.head(self.asrg_layers(h, mask), mask)
 
-    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor,
-                           selector_logits: torch.Tensor) -> torch.Tensor | None:
+    def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, selector_logits: torch.Tensor,
+                           weights: InferenceWeights | None = None) -> torch.Tensor | None:
         """Inference on CPU: eq. 13-18 in one C kernel that skips the points no row of the batch keeps
         (:meth:`apem.nn.attention.InducingPointAttention.fused_pattern_pool`), from H = rows[index] and eq. 11's
         logits (B, L, K); eq. 18's pooled rows (L B, N M, d), or None where it does not apply (gradients, no
@@ -224,9 +239,17 @@ class APEM(MultiTaskModel):
         c = self.config
         if not c.task_indicators:
             return None
-        return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma),
-                                            self.pattern_selector.score_factor(),
-                                            uniform=c.deselected_point == "uniform_attention")
+        if weights is None:
+            return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma),
+                                                self.pattern_selector.score_factor(),
+                                                uniform=c.deselected_point == "uniform_attention")
+        return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma), weights.pattern_factor,
+                                            uniform=c.deselected_point == "uniform_attention", folded=weights.folded)
+
+    def inference_weights(self) -> InferenceWeights:
+        """The products of weights the kernel path reads (it needs task indicators)."""
+        return InferenceWeights(self.asrg.folded_weights(), self.pattern_selector.score_factor(),
+                                self.pattern_selector.attention.value_out(slice(None)))
 
     def kept_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor,
                           selector_logits: torch.Tensor) -> torch.Tensor | None:
@@ -253,8 +276,9 @@ class APEM(MultiTaskModel):
         row, the direct path one per (row, field) of the input, so for fewer than
         (embedding rows / fields) input rows (e.g. a single serving request) the model itself is faster.
         Where the C kernels run this model (float32 on CPU, :mod:`apem.nn.native_pools`), the model itself
-        predicts, through the fused inference kernel (:meth:`fused_pattern_pool`): it measured 2.2-2.6x faster
-        than the tables (``benchmarks/bench_speed_table.py``). On a GPU the model itself predicts too."""
+        predicts, through the fused inference kernel (:meth:`fused_pattern_pool`), with its weights' products
+        taken once (:class:`KernelInference`): it measured 2.2-2.6x faster than the tables
+        (``benchmarks/bench_speed_table.py``). On a GPU the model itself predicts too."""
         c = self.config
         if self.training or not c.dynamic_activation or c.layer_input != "fields":
             return self
@@ -265,7 +289,7 @@ class APEM(MultiTaskModel):
         if rows is not None and rows * len(self.fields) < self.embedding.embedding.num_embeddings:
             return self
         if self.gathers_fields() and native_library(self.embedding.embedding.weight) is not None:
-            return self
+            return KernelInference(self) if c.task_indicators else self
         return FoldedAPEM(self)
 
     def row_order(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -286,3 +310,24 @@ class APEM(MultiTaskModel):
         if not self.config.dynamic_activation:
             raise ValueError("selection rates need the dynamic activation layer (dynamic_activation=True)")
         return (self.selector_mask(self.embedding(x)) > 0).float().mean(dim=(1, 2))
+
+
+class KernelInference(nn.Module):
+    """APEM's eval-mode prediction through its kernel path (:meth:`APEM.fused_pattern_pool`) with
+    :meth:`APEM.inference_weights` taken once, where the model itself takes them per batch (~3% of a
+    prediction at batch 2048). Built per prediction (:meth:`APEM.inference_module`): it holds the weights'
+    values of that moment."""
+
+    parallel_batches = True  # as APEM: many small ops per batch
+
+    def __init__(self, model: APEM) -> None:
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            self.weights = model.inference_weights()
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return self.model(x, weights=self.weights)
+
+    def row_order(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.model.row_order(x)

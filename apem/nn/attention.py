@@ -451,17 +451,20 @@ class InducingPointAttention(nn.Module):
                          layers)
 
     def fused_pattern_pool(self, rows: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, gamma: float,
-                           pattern_factor: torch.Tensor, uniform: bool) -> torch.Tensor | None:
+                           pattern_factor: torch.Tensor, uniform: bool,
+                           folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                           ) -> torch.Tensor | None:
         """Inference only: this ASRG over ``rows[index]`` (as :meth:`forward` with ``index``) with z_K = f_D(``logits``)
         (B, L, K) (eq. 13 with ``gamma``), followed by eq. 18's attention with ``pattern_factor`` (L, d, Q)
         (:meth:`PatternSelector.score_factor`), in one C kernel that computes only the points some row of the
         batch keeps (:func:`apem.nn.native_pools.fused_predict`). A point with z_k = 0 attends uniformly
         (``uniform``, one shared row) or weighs 0 in eq. 18 (row weights z_K). Returns
         :func:`row_attention_pool`'s pooled (L B, Q, d), or None where the kernels do not run (then
-        :meth:`forward` and :class:`PatternSelector` give the same, the reference)."""
+        :meth:`forward` and :class:`PatternSelector` give the same, the reference). ``folded``: this layer's
+        :meth:`folded_weights`, when the caller holds them (else they are computed here)."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
             return None
-        factor, combined, bias = self.folded_weights()
+        factor, combined, bias = self.folded_weights() if folded is None else folded
         lib = native_library(rows, factor, logits, combined, bias, self.inducing, self.norm.weight, pattern_factor)
         if lib is None:
             return None
@@ -550,12 +553,13 @@ class PatternSelector(nn.Module):
         n, d = self.indicator.shape[0], self.indicator.shape[2]
         return self.attention.score_factor(self.indicator, slice(None)).reshape(n, d, self.n_tasks * self.heads)
 
-    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+    def from_pooled(self, pooled: torch.Tensor,
+                    value_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """T^L (B, N, d) from eq. 18's pooled rows (L B, N M, d) (:func:`row_attention_pool`): W^V W^O per task
-        (eq. 16) and eq. 19's chain."""
+        (eq. 16) and eq. 19's chain. ``value_out``: ``self.attention.value_out()``, when the caller holds it."""
         n, d = self.norm.weight.shape
         b = pooled.shape[0] // n
-        combined, bias = self.attention.value_out(slice(None))
+        combined, bias = self.attention.value_out(slice(None)) if value_out is None else value_out
         task_parts = torch.baddbmm(bias, pooled.view(n, b * self.n_tasks, self.heads * d), combined)
         return self.chain(task_parts.view(n, b, self.n_tasks, d))
 

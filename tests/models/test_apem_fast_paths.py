@@ -10,7 +10,7 @@ import torch
 
 from apem.data.encoding import FieldSpec
 from apem.inference.predict import predict, predict_stream
-from apem.models.apem_model import APEM, FoldedAPEM
+from apem.models.apem_model import APEM, FoldedAPEM, KernelInference
 from apem.nn.attention import computed_points
 from apem.nn.selection import kept_by_batch
 from apem.train.trainer import EncodedData, TrainConfig, fit
@@ -136,7 +136,7 @@ def test_every_fast_path_matches_the_reference_on_a_trained_model(monkeypatch, r
     assert model.schedule_settled()
     test_x = _inputs(1000, seed=3)
     monkeypatch.setenv("APEM_NATIVE_KERNELS", kernels)
-    assert type(model.eval().inference_module(len(test_x))) is (APEM if kernels == "1" else FoldedAPEM)
+    assert type(model.eval().inference_module(len(test_x))) is (KernelInference if kernels == "1" else FoldedAPEM)
     if kernels == "1":  # the model predicts through the fused inference kernel, not its training path
         with torch.inference_mode():
             rows, index = model.embedding.distinct_rows(test_x)
@@ -164,12 +164,28 @@ def test_predict_scores_rows_sharing_embedding_rows_together_and_answers_in_the_
     assert abs(predict_stream(model, chunks, rows=len(x), batch_size=128) - expected).max() < 1e-5
 
 
+def test_kernel_inference_takes_the_weights_products_once_per_prediction(monkeypatch):
+    """predict's module on the kernel path folds the weights once, not per batch, and predicts as the model does."""
+    model, x = _model(600).eval(), _inputs(1000, seed=5)
+    folds = []
+    folded_weights = model.asrg.folded_weights
+    monkeypatch.setattr(model.asrg, "folded_weights", lambda *a: folds.append(1) or folded_weights(*a))
+    with torch.inference_mode():
+        expected = model(x).probs.numpy()
+    assert len(folds) == 1
+    assert abs(predict(model, x, batch_size=128) - expected).max() < 1e-6  # 8 batches
+    assert len(folds) == 2
+
+
 def test_inference_module_only_in_eval_mode_with_fields_input(monkeypatch):
     assert _model(0).train().inference_module().__class__ is APEM
     assert _model(0, layer_input="previous").eval().inference_module().__class__ is APEM
     few_rows = -(-sum(f.cardinality for f in FIELDS) // len(FIELDS)) - 1  # tables would cost more than they save
     assert _model(0).eval().inference_module(few_rows).__class__ is APEM
-    assert _model(0).eval().inference_module(few_rows + 1).__class__ is APEM  # the C kernels: faster than tables
+    # the C kernels (faster than tables), with the weights' products taken once; without task indicators there are
+    # none to take
+    assert _model(0).eval().inference_module(few_rows + 1).__class__ is KernelInference
+    assert _model(0, task_indicators=False).eval().inference_module(few_rows + 1).__class__ is APEM
     monkeypatch.setenv("APEM_NATIVE_KERNELS", "0")
     assert _model(0).eval().inference_module(few_rows + 1).__class__ is FoldedAPEM
     # the tables are a CPU structure (built with CPU tensors); any other device ("meta" stands in for a GPU here,
