@@ -71,7 +71,24 @@ static inline void query_row_dots(const float *restrict a, const float *restrict
 static inline __attribute__((always_inline)) void eq18_scores_block(const float *restrict y,
                                                                     const float *restrict factor, i64 D, i64 PC,
                                                                     const int NQ, float *restrict sc) {
-    for (i64 p = 0; p < PC; p += 8) {
+    i64 p = 0;
+    for (; p + 16 <= PC; p += 16) {  /* 16 rows: each broadcast of the factor feeds two products */
+        __m256 a[8], b[8];
+        for (int q = 0; q < NQ; ++q) a[q] = b[q] = _mm256_setzero_ps();
+        for (i64 j = 0; j < D; ++j) {
+            const __m256 yv = _mm256_loadu_ps(y + j * PC + p), yw = _mm256_loadu_ps(y + j * PC + p + 8);
+            for (int q = 0; q < NQ; ++q) {
+                const __m256 f = _mm256_broadcast_ss(factor + j * NQ + q);
+                a[q] = _mm256_fmadd_ps(f, yv, a[q]);
+                b[q] = _mm256_fmadd_ps(f, yw, b[q]);
+            }
+        }
+        for (int q = 0; q < NQ; ++q) {
+            _mm256_storeu_ps(sc + q * PC + p, a[q]);
+            _mm256_storeu_ps(sc + q * PC + p + 8, b[q]);
+        }
+    }
+    for (; p < PC; p += 8) {
         __m256 a[8];
         for (int q = 0; q < NQ; ++q) a[q] = _mm256_setzero_ps();
         for (i64 j = 0; j < D; ++j) {
