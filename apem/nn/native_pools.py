@@ -28,7 +28,7 @@ import functools
 import torch
 
 from apem.nn.native import load_kernels
-from apem.nn.selection import deselected, kept_by_batch
+from apem.nn.selection import deselected
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -386,21 +386,21 @@ def score_tables(lib: ctypes.CDLL, rows: torch.Tensor, factor: torch.Tensor, hea
 
 
 def kept_points(logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple[torch.Tensor, int]]:
-    """Per layer of eq. 11's selector logits (B, L', K), the points some row of the batch keeps
-    (:func:`apem.nn.selection.kept_by_batch`): their indices (P,) and the kernel's column count, a multiple of 8
-    (at least 8) from P. Under the uniform reading (``uniform``) the K - P dropped points share one row, which a
-    row's own de-selected points output too (all-zero scores): the kernel counts them there, and in column P,
-    past the kept ones, for a row that keeps all P; only then, with P a multiple of 8, does the count grow by 8
-    (at d = 18 a sixth to a fifth of the layer's work)."""
-    kept = kept_by_batch(logits, gamma)  # (L', K)
+    """Per layer of eq. 11's selector logits (B, L', K), the points some row of the batch keeps (f_D != 0, see
+    :func:`apem.nn.selection.deselected`), those kept by the most rows first: the kernel computes a sample's columns
+    up to its last kept point. Their indices (P,) and the kernel's column count, a multiple of 8 (at least 8) from
+    P. Under the uniform reading (``uniform``) the K - P dropped points share one row, which a row's own de-selected
+    points output too (all-zero scores): the kernel counts them there, and in column P, past the kept ones, for a
+    row that keeps all P; only then, with P a multiple of 8, does the count grow by 8."""
+    keeping = (~deselected(logits, gamma)).sum(0)  # (L', K): how many rows keep each point
     points = []
-    for layer, row in enumerate(kept):
-        used = row.nonzero().view(-1)
-        p = used.numel()
+    for layer, counts in enumerate(keeping):
+        p = int((counts > 0).sum())
+        used = torch.argsort(counts, descending=True, stable=True)[:p]
         columns = max(8, -(-p // 8) * 8)
         # every row de-selects one of the P points where the largest of the rows' smallest logits does (f_D is
         # monotone; a NaN propagates and counts as a row that keeps them all)
-        if uniform and columns == p < row.numel() and not deselected(
+        if uniform and columns == p < counts.numel() and not deselected(
                 logits[:, layer].index_select(1, used).amin(1).amax(), gamma):
             columns += 8
         points.append((used, columns))

@@ -150,7 +150,7 @@ static inline void forward_sample(const PoolLayer *L, const float *restrict exp_
     const float *restrict z = L->mask + b * L->mask_stride, *restrict queries_t = sc->queries_t;
     float *restrict x = sc->x;
     if (b + 1 < row_end) prefetch_sample(L, L->score_table, idx + S);
-    sample_weights(L, exp_table, idx, z, sc->w, sc->mx, sc->inv);
+    sample_weights(L, exp_table, idx, z, K, sc->w, sc->mx, sc->inv);
     pool_row(L->value_table, idx, sc->w, S, M, K, D, x);  /* x (D, K): O transposed */
     /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
     for (i64 j = 0; j < D; ++j)
@@ -226,7 +226,7 @@ static inline void backward_sample(const PoolLayer *L, const float *restrict exp
     float *restrict grad_queries_t = sc->grad_queries_t, *restrict sum_vb = sc->sum_vb;
     const i64 *restrict idx = L->index + b * S;
     const float *restrict z = L->mask + b * L->mask_stride;
-    sample_weights(L, exp_table, idx, z, w, sc->mx, sc->inv);
+    sample_weights(L, exp_table, idx, z, K, w, sc->mx, sc->inv);
     layer_norm_backward(go_t, normalized + b * DK, rstd + b * K, L->norm_weight, D, K, sc->sum_nw, sc->sum_nb, sc->m1,
                         sc->m2);  /* go_t: d/dX */
     pool_row_backward(L->value_table, idx, w, go_t, S, M, K, D, gw, grad_value_table);

@@ -41,114 +41,116 @@ static inline void softmax_columns(float *restrict w, i64 S, i64 C, const float 
     normalize_columns(w, S, C, inv);
 }
 
-/* w (S, M K) <- softmax over s of mask[k] * table[idx[s], (m, k)]; uses mx, inv (M K each). */
+/* w (S, M W) <- softmax over s of mask[k] * table[idx[s], (m, k)] for the first W <= K columns of each head of the
+ * table (U, M K); uses mx, inv (M W each). */
 static inline void row_softmax(const float *restrict table, const i64 *restrict idx, const float *restrict mask,
-                        i64 S, i64 M, i64 K, float *restrict w, float *restrict mx, float *restrict inv) {
-    const i64 MK = M * K;
-    for (i64 c = 0; c < MK; ++c) mx[c] = -INFINITY;
+                               i64 S, i64 M, i64 K, i64 W, float *restrict w, float *restrict mx,
+                               float *restrict inv) {
+    const i64 MW = M * W;
+    for (i64 c = 0; c < MW; ++c) mx[c] = -INFINITY;
     for (i64 s = 0; s < S; ++s) {
-        const float *restrict t = table + idx[s] * MK;
-        float *restrict ws = w + s * MK;
+        const float *restrict t = table + idx[s] * M * K;
+        float *restrict ws = w + s * MW;
         for (i64 m = 0; m < M; ++m)
-            for (i64 k = 0; k < K; ++k) {
+            for (i64 k = 0; k < W; ++k) {
                 float v = mask[k] * t[m * K + k];
-                ws[m * K + k] = v;
-                mx[m * K + k] = v > mx[m * K + k] ? v : mx[m * K + k];
+                ws[m * W + k] = v;
+                mx[m * W + k] = v > mx[m * W + k] ? v : mx[m * W + k];
             }
     }
-    softmax_columns(w, S, MK, mx, inv);
+    softmax_columns(w, S, MW, mx, inv);
 }
 
 /* table_weights for a binary z: each column's sum over the S rows first (S where z = 0), then each weight read and
  * scaled once; written in one pass, where a copy, the sums and the scaling had each passed over w (~10% of the
- * inference kernel, half of it in stores). Uses inv (M K). */
+ * inference kernel, half of it in stores). Uses inv (M W). */
 static inline void binary_table_weights(const float *restrict exp_table, const i64 *restrict idx,
-                                        const float *restrict z, i64 S, i64 M, i64 K, float *restrict w,
+                                        const float *restrict z, i64 S, i64 M, i64 K, i64 W, float *restrict w,
                                         float *restrict inv) {
-    const i64 MK = M * K;
+    const i64 MK = M * K, MW = M * W;
 #if APEM_AVX2
-    if (K % 8 == 0) {  /* the sums 8 columns at a time in a register, over the rows */
+    if (W % 8 == 0) {  /* the sums 8 columns at a time in a register, over the rows */
         const __m256 ones = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), rows = _mm256_set1_ps((float)S);
         for (i64 m = 0; m < M; ++m)
-            for (i64 k = 0; k < K; k += 8) {
-                const i64 c = m * K + k;
+            for (i64 k = 0; k < W; k += 8) {
                 __m256 total = zero;
                 for (i64 s = 0; s < S; ++s)
-                    total = _mm256_add_ps(total, _mm256_loadu_ps(exp_table + idx[s] * MK + c));
+                    total = _mm256_add_ps(total, _mm256_loadu_ps(exp_table + idx[s] * MK + m * K + k));
                 const __m256 off = _mm256_cmp_ps(_mm256_loadu_ps(z + k), zero, _CMP_EQ_OQ);
-                _mm256_storeu_ps(inv + c, _mm256_div_ps(ones, _mm256_blendv_ps(total, rows, off)));
+                _mm256_storeu_ps(inv + m * W + k, _mm256_div_ps(ones, _mm256_blendv_ps(total, rows, off)));
             }
         for (i64 s = 0; s < S; ++s) {
             const float *restrict e = exp_table + idx[s] * MK;
             for (i64 m = 0; m < M; ++m)
-                for (i64 k = 0; k < K; k += 8) {
-                    const i64 c = m * K + k;
+                for (i64 k = 0; k < W; k += 8) {
+                    const i64 c = m * W + k;
                     const __m256 off = _mm256_cmp_ps(_mm256_loadu_ps(z + k), zero, _CMP_EQ_OQ);
-                    const __m256 weight = _mm256_blendv_ps(_mm256_loadu_ps(e + c), ones, off);
-                    _mm256_storeu_ps(w + s * MK + c, _mm256_mul_ps(weight, _mm256_loadu_ps(inv + c)));
+                    const __m256 weight = _mm256_blendv_ps(_mm256_loadu_ps(e + m * K + k), ones, off);
+                    _mm256_storeu_ps(w + s * MW + c, _mm256_mul_ps(weight, _mm256_loadu_ps(inv + c)));
                 }
         }
         return;
     }
 #endif
-    for (i64 c = 0; c < MK; ++c) inv[c] = 0.0f;
+    for (i64 c = 0; c < MW; ++c) inv[c] = 0.0f;
     for (i64 s = 0; s < S; ++s)
         for (i64 m = 0; m < M; ++m)
-            for (i64 k = 0; k < K; ++k) inv[m * K + k] += z[k] == 0.0f ? 1.0f : exp_table[idx[s] * MK + m * K + k];
-    for (i64 c = 0; c < MK; ++c) inv[c] = 1.0f / inv[c];
+            for (i64 k = 0; k < W; ++k) inv[m * W + k] += z[k] == 0.0f ? 1.0f : exp_table[idx[s] * MK + m * K + k];
+    for (i64 c = 0; c < MW; ++c) inv[c] = 1.0f / inv[c];
     for (i64 s = 0; s < S; ++s)
         for (i64 m = 0; m < M; ++m)
-            for (i64 k = 0; k < K; ++k) {
-                const i64 c = m * K + k;
-                w[s * MK + c] = (z[k] == 0.0f ? 1.0f : exp_table[idx[s] * MK + c]) * inv[c];
-            }
+            for (i64 k = 0; k < W; ++k)
+                w[s * MW + m * W + k] = (z[k] == 0.0f ? 1.0f : exp_table[idx[s] * MK + m * K + k]) * inv[m * W + k];
 }
 
 /* row_softmax's weights from the exp table: a column with z = 1 weighs exp(score - its table maximum), the same
  * softmax once normalised; one with z = 0 weighs 1 (all-zero scores); the rare fractional z (gamma not
- * yet at its floor, `fractional` of them) takes its exps here. */
+ * yet at its floor, `fractional` of them) takes its exps here. The first W of each head's K columns. */
 static inline void table_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
-                                 const float *restrict z, i64 fractional, float *restrict w, float *restrict top,
-                                 float *restrict inv) {
-    const i64 S = L->S, M = L->M, PC = L->K, MPC = M * PC;
+                                 const float *restrict z, i64 fractional, i64 W, float *restrict w,
+                                 float *restrict top, float *restrict inv) {
+    const i64 S = L->S, M = L->M, K = L->K, MK = M * K, MW = M * W;
     if (fractional == 0) {
-        binary_table_weights(exp_table, idx, z, S, M, PC, w, inv);
+        binary_table_weights(exp_table, idx, z, S, M, K, W, w, inv);
         return;
     }
     for (i64 s = 0; s < S; ++s) {
-        const float *restrict e = exp_table + idx[s] * MPC;
-        float *restrict ws = w + s * MPC;
+        const float *restrict e = exp_table + idx[s] * MK;
+        float *restrict ws = w + s * MW;
         for (i64 m = 0; m < M; ++m)
-            for (i64 p = 0; p < PC; ++p) ws[m * PC + p] = z[p] == 0.0f ? 1.0f : e[m * PC + p];
+            for (i64 p = 0; p < W; ++p) ws[m * W + p] = z[p] == 0.0f ? 1.0f : e[m * K + p];
     }
-    for (i64 p = 0; p < PC && fractional > 0; ++p) {
+    for (i64 p = 0; p < W && fractional > 0; ++p) {
         if (z[p] == 0.0f || z[p] == 1.0f) continue;
         --fractional;
         for (i64 m = 0; m < M; ++m) {
-            const i64 c = m * PC + p;
+            const i64 c = m * W + p;
             top[c] = -INFINITY;
             for (i64 s = 0; s < S; ++s) {
-                w[s * MPC + c] = z[p] * L->score_table[idx[s] * MPC + c];
-                top[c] = w[s * MPC + c] > top[c] ? w[s * MPC + c] : top[c];
+                w[s * MW + c] = z[p] * L->score_table[idx[s] * MK + m * K + p];
+                top[c] = w[s * MW + c] > top[c] ? w[s * MW + c] : top[c];
             }
-            for (i64 s = 0; s < S; ++s) w[s * MPC + c] = exp_nonpositive(w[s * MPC + c] - top[c]);
+            for (i64 s = 0; s < S; ++s) w[s * MW + c] = exp_nonpositive(w[s * MW + c] - top[c]);
         }
     }
-    normalize_columns(w, S, MPC, inv);
+    normalize_columns(w, S, MW, inv);
 }
 
-/* w (S, M K) <- the softmax weights of eq. 14-15 for a sample's fields idx and z_K: from exp_table (U, M K) (exps of
- * L's score table less its column maxima, or NULL) where z is binary or has a few fractional entries (at most an
- * eighth, each fixed up by table_weights): no exp per field; else through row_softmax. Uses mx, inv (M K each). */
+/* w (S, M W) <- the softmax weights of eq. 14-15 for a sample's fields idx and z_K, at the first W of the K points
+ * (all K in training; inference computes a sample's points up to its last kept one): from exp_table (U, M K) (exps
+ * of L's score table less its column maxima, or NULL) where z is binary or has a few fractional entries (at most
+ * an eighth, each fixed up by table_weights): no exp per field; else through row_softmax. Uses mx, inv (M W
+ * each). */
 static inline void sample_weights(const PoolLayer *L, const float *restrict exp_table, const i64 *restrict idx,
-                                  const float *restrict z, float *restrict w, float *restrict mx, float *restrict inv) {
+                                  const float *restrict z, i64 W, float *restrict w, float *restrict mx,
+                                  float *restrict inv) {
     i64 fractional = 0;
     if (exp_table)  /* one pass without branches: most samples have none */
-        for (i64 k = 0; k < L->K; ++k) fractional += (z[k] != 0.0f) & (z[k] != 1.0f);
-    if (exp_table && fractional * 8 <= L->K)
-        table_weights(L, exp_table, idx, z, fractional, w, mx, inv);
+        for (i64 k = 0; k < W; ++k) fractional += (z[k] != 0.0f) & (z[k] != 1.0f);
+    if (exp_table && fractional * 8 <= W)
+        table_weights(L, exp_table, idx, z, fractional, W, w, mx, inv);
     else
-        row_softmax(L->score_table, idx, z, L->S, L->M, L->K, w, mx, inv);
+        row_softmax(L->score_table, idx, z, L->S, L->M, L->K, W, w, mx, inv);
 }
 
 /* Asks for the table rows idx[0..S) (row_floats floats each) to be brought into cache. */
