@@ -58,6 +58,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "pattern_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 6 + [_I64] + [_PTR] * 2, None),
         "dynamic_activation_forward": ([_I64, _PTR, ctypes.c_float, _I64, _PTR], None),
         "dynamic_activation_backward": ([_I64, _PTR, ctypes.c_float, _PTR, _I64, _PTR], None),
+        "kept_counts": ([_I64, _I64, _PTR, _I64, ctypes.c_float, _PTR], None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -385,14 +386,17 @@ def score_tables(lib: ctypes.CDLL, rows: torch.Tensor, factor: torch.Tensor, hea
     return scores, exps if usable else None
 
 
-def kept_points(logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple[torch.Tensor, int]]:
+def kept_points(lib: ctypes.CDLL, logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple[torch.Tensor, int]]:
     """Per layer of eq. 11's selector logits (B, L', K), the points some row of the batch keeps (f_D != 0, see
     :func:`apem.nn.selection.deselected`), those kept by the most rows first: the kernel computes a sample's columns
     up to its last kept point. Their indices (P,) and the kernel's column count, a multiple of 8 (at least 8) from
     P. Under the uniform reading (``uniform``) the K - P dropped points share one row, which a row's own de-selected
     points output too (all-zero scores): the kernel counts them there, and in column P, past the kept ones, for a
     row that keeps all P; only then, with P a multiple of 8, does the count grow by 8."""
-    keeping = (~deselected(logits, gamma)).sum(0)  # (L', K): how many rows keep each point
+    b, layers, k = logits.shape
+    logits = logits.contiguous()
+    keeping = torch.empty(layers, k, dtype=torch.int64)  # how many rows keep each point (selection.c)
+    lib.kept_counts(b, layers * k, _ptr(logits), layers * k, gamma, _ptr(keeping))
     points = []
     for layer, counts in enumerate(keeping):
         p = int((counts > 0).sum())
@@ -400,8 +404,8 @@ def kept_points(logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple
         columns = max(8, -(-p // 8) * 8)
         # every row de-selects one of the P points where the largest of the rows' smallest logits does (f_D is
         # monotone; a NaN propagates and counts as a row that keeps them all)
-        if uniform and columns == p < counts.numel() and not deselected(
-                logits[:, layer].index_select(1, used).amin(1).amax(), gamma):
+        if uniform and columns == p < k and not deselected(logits[:, layer].index_select(1, used).amin(1).amax(),
+                                                           gamma):
             columns += 8
         points.append((used, columns))
     return points
@@ -421,7 +425,7 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
     pattern_factor = pattern_factor.contiguous()
     logits = logits if logits.stride(2) == 1 else logits.contiguous()  # the kernel reads each row's K logits
     threads = _threads(b)
-    for layer, (used, columns) in enumerate(kept_points(logits, gamma, uniform)):
+    for layer, (used, columns) in enumerate(kept_points(lib, logits, gamma, uniform)):
         # the kernel uses exps for the samples whose z is binary
         scores, exps = score_tables(lib, rows, factor[layer], heads, used, columns)
         pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, logits[:, layer],

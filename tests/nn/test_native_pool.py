@@ -16,7 +16,7 @@ from apem.nn import native
 from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, kept_points, native_dynamic_activation,
                                   native_library, pattern_pool, row_pool_backward, row_pool_forward, typed_library)
-from apem.nn.selection import dynamic_activation
+from apem.nn.selection import deselected, dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
 from apem.data.encoding import FeatureEncoder, FieldSpec
@@ -245,6 +245,26 @@ def test_dynamic_activation_kernel_matches_the_torch_path(threads):
 GAMMA = 0.5
 
 
+def test_kept_points_counts_the_rows_as_deselected_does_and_orders_by_them():
+    """The C count of the rows that keep each point (selection.c) against apem.nn.selection.deselected, at the
+    clamp's end (-gamma / 2: de-selected), just inside it, beyond it and at a NaN (kept); the kept points come most
+    kept first, the others dropped."""
+    gamma = 0.3
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.rand(300, 2, 16, generator=gen) - 0.7) * gamma
+    logits[:5, 0, 3] = torch.tensor([-gamma / 2, float(torch.nextafter(torch.tensor(-gamma / 2), torch.tensor(0.0))),
+                                     -5.0, 5.0, float("nan")])
+    logits[:, 1, 7] = -gamma  # kept by no row
+    expected = (~deselected(logits, gamma)).sum(0)
+    for layer, (used, _) in enumerate(kept_points(native_library(logits), logits, gamma, True)):
+        counts = expected[layer]
+        assert sorted(used.tolist()) == counts.nonzero().view(-1).tolist()
+        assert counts[used].tolist() == sorted(counts[used].tolist(), reverse=True)
+    assert 7 not in kept_points(native_library(logits), logits, gamma, True)[1][0].tolist()
+
+
+
+
 def _predict_logits(kind: str, layers: int, b: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """Selector logits (B, L, K) whose z_K = f_D(logits / GAMMA) is of a kind predict meets: binary after the
     annealing (some points kept by no row, some by every row), binary with a few fractional entries, soft
@@ -311,7 +331,7 @@ PREDICT_MASKS = ["binary", "binary-and-fractional", "soft", "none-kept", "all-ke
 ])
 def test_kept_points_add_a_column_block_only_for_a_row_that_keeps_them_all(kind, uniform, columns):
     logits = _predict_logits(kind, 2, 50, 64, torch.Generator().manual_seed(7))
-    assert [c for _, c in kept_points(logits, GAMMA, uniform)] == [columns] * 2
+    assert [c for _, c in kept_points(native_library(logits), logits, GAMMA, uniform)] == [columns] * 2
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -23,3 +23,15 @@ void dynamic_activation_backward(i64 n, const float *x, float gamma, const float
         grad_x[i] = u >= -0.5f && u <= 0.5f ? grad[i] * (1.5f - 6.0f * u * u) / gamma : 0.0f;
     }
 }
+
+/* counts[c] <- how many of the n rows keep point c of C: f_D(x) != 0, i.e. not x / gamma <= -1/2
+ * (apem.nn.selection.deselected; a NaN keeps), for rows of C logits at row_stride. Inference orders the points a
+ * batch keeps by it (apem.nn.native_pools.kept_points): in torch the boolean count over the batch took ~1 ms a
+ * batch of 2048 (L' K = 256). */
+void kept_counts(i64 n, i64 C, const float *logits, i64 row_stride, float gamma, i64 *counts) {
+    for (i64 c = 0; c < C; ++c) counts[c] = 0;
+    for (i64 r = 0; r < n; ++r) {
+        const float *restrict x = logits + r * row_stride;
+        for (i64 c = 0; c < C; ++c) counts[c] += !(x[c] / gamma <= -0.5f);
+    }
+}
