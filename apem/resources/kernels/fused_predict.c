@@ -29,6 +29,9 @@
  * without AVX-512 this changes nothing. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=256")
+/* Its loops are short (a sample's columns, 8 at a time) and their trip counts vary with the batch: unrolled, predict
+ * measured 0.954-0.960x in A/B runs (1 and 2 threads); the training kernels and the chain measured no difference. */
+#pragma GCC optimize("unroll-loops")
 #endif
 
 #include <float.h>
