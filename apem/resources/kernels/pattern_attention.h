@@ -173,18 +173,6 @@ static inline void normalize_softmax_row(float *restrict w, float *restrict qq, 
     }
 }
 
-/* w[0:R] <- the softmax over r of w; with row weights z, weights = q z with q = e / sum_r(z e) written to qq
- * (normalize_softmax_row). */
-static inline void softmax_over_rows(float *restrict w, float *restrict qq, const float *restrict z, i64 R) {
-    float top = -INFINITY, total = 0.0f;
-#pragma omp simd reduction(max : top)
-    for (i64 r = 0; r < R; ++r) top = w[r] > top ? w[r] : top;
-    for (i64 r = 0; r < R; ++r) w[r] = exp_nonpositive(w[r] - top);
-#pragma omp simd reduction(+ : total)
-    for (i64 r = 0; r < R; ++r) total += z ? w[r] * z[r] : w[r];
-    normalize_softmax_row(w, qq, z, R, total);
-}
-
 /* top[i] <- max_r w[i, r] for the n <= 8 rows of w (n, R): under AVX2 (R a multiple of 8) the 8 rows' maxima
  * reduced together (lane_max8), where one reduction per row (a chain of scalar maxima) cost as much as its row's
  * exps. */
@@ -239,7 +227,8 @@ static inline void block_totals(const float *restrict w, const float *restrict z
     }
 }
 
-/* softmax_over_rows for the Q rows of w (Q, R) (qq (Q, R) with z), 8 queries at a time (block_maxima,
+/* w (Q, R) <- the softmax over r of each of its Q rows; with row weights z, weights = q z with q = e / sum_r(z e)
+ * written to qq (Q, R) (normalize_softmax_row). The queries' maxima and totals go 8 at a time (block_maxima,
  * block_totals). */
 static inline void softmax_queries(float *restrict w, float *restrict qq, const float *restrict z, i64 Q, i64 R) {
     for (i64 q0 = 0; q0 < Q; q0 += 8) {

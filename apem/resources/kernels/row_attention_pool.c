@@ -178,8 +178,8 @@ static void forward_samples(i64 row_begin, i64 row_end, i64 B, i64 R, i64 Q, i64
         pad_rows(shared + b * R * D, R, D, DP, x_p);
         scores_sample(f_p, x_p, Q, R, DP, weights + b * R, B * R);
         for (i64 iq = 0; iq < Q; ++iq)
-            softmax_over_rows(weights + (iq * B + b) * R, q_out ? q_out + (iq * B + b) * R : NULL,
-                              row_weights ? row_weights + b * R : NULL, R);
+            softmax_queries(weights + (iq * B + b) * R, q_out ? q_out + (iq * B + b) * R : NULL,
+                            row_weights ? row_weights + b * R : NULL, 1, R);
         pool_sample(weights + b * R, B * R, x_p, Q, R, DP, 0, out_p);
         unpad_rows(out_p, Q, D, DP, pooled + b * Q * D);
     }
