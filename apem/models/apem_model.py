@@ -239,12 +239,11 @@ class APEM(MultiTaskModel):
         c = self.config
         if not c.task_indicators:
             return None
-        if weights is None:
-            return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma),
-                                                self.pattern_selector.score_factor(),
-                                                uniform=c.deselected_point == "uniform_attention")
-        return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma), weights.pattern_factor,
-                                            uniform=c.deselected_point == "uniform_attention", folded=weights.folded)
+        # without held weights: eq. 18's score factor here, the ASRG's folded factors in the ASRG
+        pattern_factor = self.pattern_selector.score_factor() if weights is None else weights.pattern_factor
+        return self.asrg.fused_pattern_pool(rows, index, selector_logits, float(self.gamma), pattern_factor,
+                                            uniform=c.deselected_point == "uniform_attention",
+                                            folded=None if weights is None else weights.folded)
 
     def inference_weights(self) -> InferenceWeights:
         """The products of weights the kernel path reads (it needs task indicators)."""

@@ -269,8 +269,6 @@ def test_kept_points_counts_the_rows_as_deselected_does_and_orders_by_them():
     assert 7 not in kept_points(native_library(logits), logits, gamma, True)[1][0].tolist()
 
 
-
-
 def _predict_logits(kind: str, layers: int, b: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """Selector logits (B, L, K) whose z_K = f_D(logits / GAMMA) is of a kind predict meets: binary after the
     annealing (some points kept by no row, some by every row), binary with a few fractional entries, soft
