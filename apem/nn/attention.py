@@ -10,8 +10,8 @@ from torch import nn
 
 from apem.nn.layers import StackedLayerNorm, layer_norm
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, gathered_pool_norm_forward, native_library,
-                                  native_dynamic_activation, pattern_chain, pattern_pool, row_pool_backward,
-                                  row_pool_forward, value_table)
+                                  native_dynamic_activation, pattern_chain, pattern_chain_pooled, pattern_pool,
+                                  row_pool_backward, row_pool_forward, value_table)
 from apem.nn.selection import kept_by_batch
 
 
@@ -560,6 +560,10 @@ class PatternSelector(nn.Module):
         n, d = self.norm.weight.shape
         b = pooled.shape[0] // n
         combined, bias = self.attention.value_out(slice(None)) if value_out is None else value_out
+        lib = None if torch.is_grad_enabled() else native_library(pooled, combined, bias, self.norm.weight)
+        if lib is not None:  # inference on CPU: both in one C pass over the rows
+            return pattern_chain_pooled(lib, pooled.view(n, b, self.n_tasks, self.heads * d), combined, bias,
+                                        self.norm.weight, self.norm.bias, self.norm.eps)
         task_parts = torch.baddbmm(bias, pooled.view(n, b * self.n_tasks, self.heads * d), combined)
         return self.chain(task_parts.view(n, b, self.n_tasks, d))
 

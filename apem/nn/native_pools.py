@@ -14,7 +14,8 @@
   back (the two kernels in turn, which wrote Y out, padded and transposed it and read it back, trained 1.15-1.20x
   slower in bench_speed_table; 1.26-1.31x since eq. 18's per-query sums in the one kernel go 8 at a time).
 - Inference (``fused_predict.c``): :func:`fused_predict` runs the two in one kernel per layer over the
-  points some row of the batch keeps, with f_D taken per sample; :func:`pattern_chain` is eq. 19's chain.
+  points some row of the batch keeps, with f_D taken per sample; :func:`pattern_chain` is eq. 19's chain, and
+  :func:`pattern_chain_pooled` takes it from eq. 18's pooled rows, eq. 16's W^V W^O on the way.
 
 A batch is split into one row range per torch thread, run on the OpenMP pool torch's own ops use;
 in backward each range adds into its own gradient tables, summed here.
@@ -50,6 +51,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fused_predict_tables": ([_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, ctypes.c_float, _PTR, _PTR,
                                   _PTR], _I64),
         "pattern_chain": ([_I64] * 4 + [_PTR] * 3 + [ctypes.c_float, _I64] + [_PTR] * 3, None),
+        "pattern_chain_pooled": ([_I64] * 5 + [_PTR] * 5 + [ctypes.c_float, _I64, _PTR], None),
         "pattern_chain_slot_floats": ([_I64] * 2, _I64),
         "pattern_chain_backward": ([_I64] * 4 + [_PTR] * 4 + [_I64] + [_PTR] * 2, None),
         "pattern_pool_work_floats": ([_PTR], _I64),
@@ -447,6 +449,21 @@ def pattern_chain(lib: ctypes.CDLL, task_parts: torch.Tensor, norm_weight: torch
     if torch.is_grad_enabled():
         return NativePatternChain.apply(lib, task_parts, norm_weight, norm_bias, eps)
     return _pattern_chain_forward(lib, task_parts, norm_weight, norm_bias, eps, for_backward=False)[0]
+
+
+def pattern_chain_pooled(lib: ctypes.CDLL, pooled: torch.Tensor, combined: torch.Tensor, bias: torch.Tensor,
+                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Inference: :meth:`apem.nn.attention.PatternSelector.from_pooled` in one C pass (``pattern_chain.c``), eq. 16's
+    W^V W^O per task and eq. 19's chain, from eq. 18's pooled rows (L, B, N, M d), combined (L, M d, d) and bias
+    (L, 1, d) (:meth:`apem.nn.attention.FactoredAttention.value_out`) and the norms' (L, d) -> T^L (B, N, d)."""
+    n, b, tasks, width = pooled.shape
+    d = combined.shape[-1]
+    pooled, combined, bias = pooled.contiguous(), combined.contiguous(), bias.reshape(n, d).contiguous()
+    norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
+    out = pooled.new_empty(b, tasks, d)
+    lib.pattern_chain_pooled(n, b, tasks, d, width, _ptr(pooled), _ptr(combined), _ptr(bias), _ptr(norm_weight),
+                             _ptr(norm_bias), eps, _threads(b), _ptr(out))
+    return out
 
 
 def _pattern_chain_forward(lib: ctypes.CDLL, task_parts: torch.Tensor, norm_weight: torch.Tensor,

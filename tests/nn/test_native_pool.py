@@ -15,7 +15,8 @@ from apem.models.registry import build_model
 from apem.nn import native
 from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, kept_points, native_dynamic_activation,
-                                  native_library, pattern_pool, row_pool_backward, row_pool_forward, typed_library)
+                                  native_library, pattern_chain_pooled, pattern_pool, row_pool_backward,
+                                  row_pool_forward, typed_library)
 from apem.nn.selection import deselected, dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
@@ -425,6 +426,31 @@ def test_pattern_chain_kernel_matches_the_torch_path(monkeypatch, sizes, threads
     torch.testing.assert_close(no_grad, reference[0][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sizes", [(4, 300, 3, 18, 2), (1, 70, 2, 6, 2), (2, 37, 3, 20, 4), (3, 9, 1, 5, 1)],
+                         ids=["table2-avx2", "one-layer", "overlapping-column-blocks", "odd-portable"])
+def test_from_pooled_kernel_matches_the_torch_path(monkeypatch, sizes, threads):
+    """Inference's PatternSelector.from_pooled, eq. 16's W^V W^O per task and eq. 19's chain in one C pass
+    (pattern_chain_pooled), against torch's product and chain: over row blocks full and partial, at widths that the
+    blocks of 6 columns divide and do not, and below them (the portable loops)."""
+    layers, b, tasks, d, heads = sizes
+    gen = torch.Generator().manual_seed(7)
+    selector = PatternSelector(layers, tasks, d, heads)
+    with torch.no_grad():
+        for parameter in selector.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=gen))
+    pooled = torch.randn(layers * b, tasks * heads, d, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            fast, reference = _both_paths(monkeypatch, lambda: selector.from_pooled(pooled))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert fast.shape == (b, tasks, d)
+
+
 def test_portable_build_matches_the_avx2_build(monkeypatch):
     """APEM_GENERIC_KERNEL builds the loops a CPU without AVX2 runs; both builds agree at Table 2's sizes."""
     generic = native.load_kernels(defines=("APEM_GENERIC_KERNEL",))
@@ -448,6 +474,11 @@ def test_portable_build_matches_the_avx2_build(monkeypatch):
     fused = [_fused_and_reference(monkeypatch, (300, 150, 16, 2, 2, 64, 18, 6), "binary-and-fractional",
                                   True, lib=lib)[0] for lib in builds]
     torch.testing.assert_close(fused[0], fused[1], atol=1e-5, rtol=1e-5)
+    chain_inputs = (torch.randn(2, 150, 3, 36, generator=gen), torch.randn(2, 36, 18, generator=gen) / 6,
+                    torch.randn(2, 1, 18, generator=gen), 1 + torch.randn(2, 18, generator=gen) / 4,
+                    torch.randn(2, 18, generator=gen))
+    chains = [pattern_chain_pooled(lib, *chain_inputs, 1e-5) for lib in builds]
+    torch.testing.assert_close(chains[0], chains[1], atol=1e-5, rtol=1e-5)
 
 
 def _rows_away_from_relu_kinks(model, x: torch.Tensor, y: torch.Tensor, margin: float = 1e-5):
@@ -570,7 +601,7 @@ def test_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
     selected = "matches_the_torch_path and table2-avx2 and 2]"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                             env={**os.environ, "OMP_THREAD_LIMIT": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("10 passed"), result.stdout[-3000:]
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("11 passed"), result.stdout[-3000:]
 
 
 def test_a_compiled_model_takes_the_torch_path_and_matches_the_kernels(monkeypatch):
