@@ -29,7 +29,6 @@ import functools
 import torch
 
 from apem.nn.native import load_kernels
-from apem.nn.selection import deselected
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -60,7 +59,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "pattern_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 6 + [_I64] + [_PTR] * 2, None),
         "dynamic_activation_forward": ([_I64, _PTR, ctypes.c_float, _I64, _PTR], None),
         "dynamic_activation_backward": ([_I64, _PTR, ctypes.c_float, _PTR, _I64, _PTR], None),
-        "kept_counts": ([_I64, _I64, _PTR, _I64, ctypes.c_float, _PTR], None),
+        "kept_order": ([_I64] * 3 + [_PTR, _I64, ctypes.c_float] + [_PTR] * 4, None),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -122,15 +121,21 @@ class PoolLayer(ctypes.Structure):
 def value_table(rows: torch.Tensor, combined: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
     """(U, M d_v) value rows S_u C_{l, m} plus W^V W^O's folded bias / M: each head's weights sum to 1 over
     the fields, so adding bias / M to every value row adds exactly the bias to the output (as FoldedAPEM's
-    tables do)."""
-    dv = combined.shape[1] // heads
-    return torch.addmm(bias.view(1, 1, dv).expand(1, heads, dv).reshape(1, heads * dv), rows, combined,
-                       alpha=1.0, beta=1.0 / heads)
+    tables do). With every layer's combined (L', d, M d_v) and bias (L', 1, d_v): the (L', U, M d_v) tables in one
+    product (inference's per-batch tables: one layer at a time measured ~50 us a layer, nearly all of it per call)."""
+    dv = combined.shape[-1] // heads
+    bias_rows = bias.reshape(-1, 1, 1, dv).expand(-1, 1, heads, dv).reshape(-1, 1, heads * dv)
+    if combined.dim() == 2:
+        return torch.addmm(bias_rows[0], rows, combined, alpha=1.0, beta=1.0 / heads)
+    return torch.baddbmm(bias_rows, rows.expand(combined.shape[0], *rows.shape), combined, alpha=1.0, beta=1.0 / heads)
 
 
 def _check_index(index: torch.Tensor, rows: torch.Tensor) -> None:
     """IndexError unless every entry of ``index`` is a row of ``rows``: the kernels read rows[index] unchecked."""
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):
+    if not index.numel():
+        return
+    lowest, highest = torch.aminmax(index)  # one pass over the index
+    if int(lowest) < 0 or int(highest) >= rows.shape[0]:
         raise IndexError(f"index out of range for {rows.shape[0]} rows")
 
 
@@ -397,19 +402,17 @@ def kept_points(lib: ctypes.CDLL, logits: torch.Tensor, gamma: float, uniform: b
     row that keeps all P; only then, with P a multiple of 8, does the count grow by 8."""
     b, layers, k = logits.shape
     logits = logits.contiguous()
-    keeping = torch.empty(layers, k, dtype=torch.int64)  # how many rows keep each point (selection.c)
-    lib.kept_counts(b, layers * k, _ptr(logits), layers * k, gamma, _ptr(keeping))
+    # per layer: how many rows keep each point, the points by that count, how many some row keeps, and the most one
+    # row keeps (selection.c)
+    counts, order = torch.empty(layers, k, dtype=torch.int64), torch.empty(layers, k, dtype=torch.int64)
+    kept, most = torch.empty(layers, dtype=torch.int64), torch.empty(layers, dtype=torch.int64)
+    lib.kept_order(b, layers, k, _ptr(logits), layers * k, gamma, _ptr(counts), _ptr(order), _ptr(kept), _ptr(most))
     points = []
-    for layer, counts in enumerate(keeping):
-        p = int((counts > 0).sum())
-        used = torch.argsort(counts, descending=True, stable=True)[:p]
+    for layer, (p, widest) in enumerate(zip(kept.tolist(), most.tolist())):
         columns = max(8, -(-p // 8) * 8)
-        # every row de-selects one of the P points where the largest of the rows' smallest logits does (f_D is
-        # monotone; a NaN propagates and counts as a row that keeps them all)
-        if uniform and columns == p < k and not deselected(logits[:, layer].index_select(1, used).amin(1).amax(),
-                                                           gamma):
+        if uniform and columns == p < k and widest == p:  # a row keeps all P: the shared row needs column P
             columns += 8
-        points.append((used, columns))
+        points.append((order[layer, :p], columns))
     return points
 
 
@@ -427,10 +430,11 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
     pattern_factor = pattern_factor.contiguous()
     logits = logits if logits.stride(2) == 1 else logits.contiguous()  # the kernel reads each row's K logits
     threads = _threads(b)
+    values = value_table(rows, combined, bias, heads)  # (L', U, M d_v)
     for layer, (used, columns) in enumerate(kept_points(lib, logits, gamma, uniform)):
         # the kernel uses exps for the samples whose z is binary
         scores, exps = score_tables(lib, rows, factor[layer], heads, used, columns)
-        pool = PoolLayer.of(scores, value_table(rows, combined[layer], bias[layer], heads), index, logits[:, layer],
+        pool = PoolLayer.of(scores, values[layer], index, logits[:, layer],
                             queries[layer], norm_weight[layer], norm_bias[layer], heads, eps, points=columns)
         pool.mask = None  # the kernel takes z from the logits, at the kept columns
         spec = PredictLayer(pool, q, _ptr(pattern_factor[layer]), int(uniform), used.numel(), k - used.numel(),

@@ -255,7 +255,7 @@ GAMMA = 0.5
 def test_kept_points_counts_the_rows_as_deselected_does_and_orders_by_them():
     """The C count of the rows that keep each point (selection.c) against apem.nn.selection.deselected, at the
     clamp's end (-gamma / 2: de-selected), just inside it, beyond it and at a NaN (kept); the kept points come most
-    kept first, the others dropped."""
+    kept first (ties in point order), the others dropped."""
     gamma = 0.3
     gen = torch.Generator().manual_seed(5)
     logits = (torch.rand(300, 2, 16, generator=gen) - 0.7) * gamma
@@ -267,6 +267,8 @@ def test_kept_points_counts_the_rows_as_deselected_does_and_orders_by_them():
         counts = expected[layer]
         assert sorted(used.tolist()) == counts.nonzero().view(-1).tolist()
         assert counts[used].tolist() == sorted(counts[used].tolist(), reverse=True)
+        # ties in point order (a stable sort), so that the columns do not depend on how the sort is written
+        assert used.tolist() == torch.argsort(counts, descending=True, stable=True)[:used.numel()].tolist()
     assert 7 not in kept_points(native_library(logits), logits, gamma, True)[1][0].tolist()
 
 
