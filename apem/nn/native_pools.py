@@ -59,6 +59,7 @@ def typed_library(lib: ctypes.CDLL) -> ctypes.CDLL:
         "pattern_pool_backward": ([_PTR, _I64, _I64] + [_PTR] * 6 + [_I64] + [_PTR] * 2, None),
         "dynamic_activation_forward": ([_I64, _PTR, ctypes.c_float, _I64, _PTR], None),
         "dynamic_activation_backward": ([_I64, _PTR, ctypes.c_float, _PTR, _I64, _PTR], None),
+        "distinct_rows": ([_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], _I64),
         "kept_order": ([_I64] * 3 + [_PTR, _I64, ctypes.c_float] + [_PTR] * 4, None),
     }
     for name, (argtypes, restype) in signatures.items():
@@ -391,6 +392,24 @@ def score_tables(lib: ctypes.CDLL, rows: torch.Tensor, factor: torch.Tensor, hea
                                       None if columns is None else _ptr(columns), p, c // heads, MAX_EXP_RANGE,
                                       _ptr(scores), _ptr(exps), _ptr(work))
     return scores, exps if usable else None
+
+
+def distinct_rows(lib: ctypes.CDLL, x: torch.Tensor, offsets: torch.Tensor, table_rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table rows that x (B, >= F) int64 looks up at x[:, f] + offsets[f] (F = offsets' length), ascending (U,),
+    and where each lookup is among them (B, F), in one C pass (``distinct_rows.c``) with a flag per table row, as
+    :meth:`apem.nn.layers.FieldEmbedding.distinct_rows` does in torch (its reference); IndexError for a lookup outside
+    the table's ``table_rows`` rows."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    offsets = offsets.contiguous()
+    b, f = x.shape[0], offsets.numel()
+    rank, distinct = x.new_empty(table_rows), x.new_empty(table_rows)
+    index = x.new_empty(b, f)
+    count = lib.distinct_rows(b, f, _ptr(x), x.stride(0), _ptr(offsets), table_rows, _ptr(rank), _ptr(distinct),
+                              _ptr(index))
+    if count < 0:
+        raise IndexError(f"an embedding lookup falls outside the table's {table_rows} rows")
+    return distinct[:count], index
 
 
 def kept_points(lib: ctypes.CDLL, logits: torch.Tensor, gamma: float, uniform: bool) -> list[tuple[torch.Tensor, int]]:

@@ -7,6 +7,7 @@ from apem.nn.layers import (DISTINCT_BY_FLAGS, MLP, FieldEmbedding, TaskTowers, 
                              uses_rowwise_layer_norm)
 from apem.nn.attention import (InducingPointAttention, PatternSelector, multihead_attention, row_attention_pool,
                                 weighted_softmax)
+from apem.nn import native
 from apem.nn.selection import dynamic_activation, gamma_at
 from apem.data.encoding import FieldSpec
 
@@ -144,16 +145,36 @@ def test_field_embedding_distinct_rows_rebuild_the_lookup():
     assert dense.distinct_rows(torch.tensor([[0, 1, 100]])) is None  # a dense field's row depends on its value
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "torch"])
 @pytest.mark.parametrize("cardinality", [5, 5000], ids=["flags", "sort"])
-def test_field_embedding_distinct_rows_are_torch_uniques(cardinality):
-    """Both ways of finding the distinct rows (flags over a small table, a sort of the entries over a large one) give
-    torch.unique's rows, in its order, and its inverse."""
+def test_field_embedding_distinct_rows_are_torch_uniques(monkeypatch, cardinality, kernels):
+    """Every way of finding the distinct rows (flags over a small table, in C where the kernels are built, else in
+    torch; a sort of the entries over a large one) gives torch.unique's rows, in its order, and its inverse, also from
+    a strided view of a wider input."""
+    monkeypatch.setenv(native.DISABLE_ENV, kernels)
     emb = FieldEmbedding([FieldSpec("a", 3), FieldSpec("b", cardinality)], dim=4)
-    x = torch.stack([torch.randint(0, 3, (40,)), torch.randint(0, 5, (40,))], dim=1)
-    assert (emb.embedding.num_embeddings <= DISTINCT_BY_FLAGS * x.numel()) == (cardinality == 5)
-    rows, index = emb.distinct_rows(x)
-    distinct, inverse = torch.unique(x + emb.offsets, return_inverse=True)
-    assert torch.equal(rows, emb.embedding(distinct)) and torch.equal(index, inverse)
+    gen = torch.Generator().manual_seed(2)
+    wide = torch.stack([torch.randint(0, 3, (40,), generator=gen), torch.randint(0, 5, (40,), generator=gen)] * 2,
+                       dim=1)
+    for x in (wide[:, :2].contiguous(), wide[::2, 1:3]):
+        assert (emb.embedding.num_embeddings <= DISTINCT_BY_FLAGS * x.numel()) == (cardinality == 5)
+        rows, index = emb.distinct_rows(x)
+        distinct, inverse = torch.unique(x[:, :2] + emb.offsets, return_inverse=True)
+        assert torch.equal(rows, emb.embedding(distinct)) and torch.equal(index, inverse)
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["c-kernels", "torch"])
+@pytest.mark.parametrize("row", [[-1, 0], [2, 3]], ids=["negative", "past-the-last-field"])
+def test_field_embedding_distinct_rows_refuse_a_lookup_outside_the_table(monkeypatch, row, kernels):
+    """A lookup outside the table (below its first row, or past the last field's rows) raises IndexError on both
+    paths, as the direct lookup does, instead of the C pass writing outside its flags or torch's wrapping around."""
+    monkeypatch.setenv(native.DISABLE_ENV, kernels)
+    emb = FieldEmbedding([FieldSpec("a", 3), FieldSpec("b", 3)], dim=4)
+    x = torch.tensor([[0, 1], row])
+    with pytest.raises(IndexError):
+        emb(x)
+    with pytest.raises(IndexError):
+        emb.distinct_rows(x)
 
 
 def _assert_same_outputs_and_gradients(fast, reference, inputs) -> None:
