@@ -70,11 +70,11 @@ static void pooled_parts(const float *restrict rows, i64 C, i64 H, i64 D, const 
 
 /* The chain of rows [first, first + C) through every layer, from parts (L, B N, D), or, with combined, from pooled
  * rows (parts then being (L, B N, H), see pooled_parts; f and p_t its scratch). */
-static inline __attribute__((always_inline)) void chain_rows(i64 L, i64 BN, i64 D, i64 first, i64 C, const float *restrict parts, i64 H,
-                       const float *restrict combined, const float *restrict bias,
-                       const float *restrict norm_weight, const float *restrict norm_bias, float eps,
-                       float *restrict out, float *restrict xhat, float *restrict rstd, float *restrict t,
-                       float *restrict mean, float *restrict rs, float *restrict f, float *restrict p_t) {
+static inline __attribute__((always_inline)) void chain_rows(
+    i64 L, i64 BN, i64 D, i64 first, i64 C, const float *restrict parts, i64 H, const float *restrict combined,
+    const float *restrict bias, const float *restrict norm_weight, const float *restrict norm_bias, float eps,
+    float *restrict out, float *restrict xhat, float *restrict rstd, float *restrict t, float *restrict mean,
+    float *restrict rs, float *restrict f, float *restrict p_t) {
     for (i64 l = 0; l < L; ++l) {
         if (combined) {
             pooled_parts(parts + (l * BN + first) * H, C, H, D, combined + l * H * D, bias + l * D, p_t, f);
