@@ -27,9 +27,9 @@ def validate(
     import os
     import shlex
     import shutil
-    import tempfile
 
     from apem.data import storage
+    from apem.data.atomic import scratch_dir
     from apem.dataplane.beam_options import artifact_location
     from apem.dataplane.validation import (REPORT_FILE, STATS_FILE, ValidationFailed, download_baseline,
                                            statistics_html as html_of, validate_dataset)
@@ -37,11 +37,10 @@ def validate(
 
     compute = statistics_for(engine, beam_runner, shlex.split(beam_args))  # None: in memory
     data = artifact_location(dataset.path, dataset.uri, beam_runner)  # remote Beam workers need the URI
-    scratch = tempfile.mkdtemp(prefix="apem-baseline-")
-    baseline_uri, baseline_stats = download_baseline(output_root, scratch)
-
     failure = None
-    try:
+    # the baseline's local copy: removed on exit, and, left by a run killed here, by the next validate on this machine
+    with scratch_dir("apem-baseline") as scratch:
+        baseline_uri, baseline_stats = download_baseline(output_root, scratch)
         try:
             result = validate_dataset(data, out_dir=statistics.path, baseline_stats=baseline_stats,
                                       warn_only=warn_only, statistics=compute)
@@ -51,8 +50,6 @@ def validate(
         shutil.copyfile(os.path.join(statistics.path, REPORT_FILE), report.path)
         with open(statistics_html.path, "w") as fh:
             fh.write(html_of(os.path.join(statistics.path, STATS_FILE), baseline_stats))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
     statistics.metadata["baseline"] = baseline_uri if baseline_stats else ""
     if failure is not None:

@@ -142,3 +142,17 @@ def staged_dir(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_dir(name: str) -> Iterator[str]:
+    """Yield a private working folder in the system temp dir, removed on exit. It is named as staging of
+    ``<tempdir>/<name>`` (the writer's pid inside), so that a use of the same name removes those that killed
+    writers left (:func:`remove_stale_staging`), never a live writer's: a SIGKILL skips every ``finally``."""
+    path = os.path.join(tempfile.gettempdir(), name)
+    remove_stale_staging(path)
+    tmp = tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=tempfile.gettempdir())
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -140,7 +140,10 @@ def test_train_killed_anywhere_then_rerun(dataset, record_property):
     record_property("faults", inject(argv, [splits], model_complete, str(dataset), "apem train"))
 
 
-def test_run_local_killed_anywhere_then_rerun(tmp_path, record_property):
+def test_run_local_killed_anywhere_then_rerun(tmp_path, record_property, monkeypatch):
+    temp = tmp_path / "temp"  # the runs' temp dir: what a killed task leaves in it must not pile up there
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     workdir = str(tmp_path / "local")
     where = paths(workdir)
     ensure_raw_events(where["raw"], rows=8000, days=4, seed=0)  # the input; generated once, before any kill
@@ -158,3 +161,5 @@ def test_run_local_killed_anywhere_then_rerun(tmp_path, record_property):
         return os.path.isfile(os.path.join(served, "config.json"))
 
     record_property("faults", inject(argv, [where["raw"]], champion_complete, workdir, "apem pipeline run-local"))
+    # validate's copy of the drift baseline: a killed run's is removed by the next validate (atomic.scratch_dir)
+    assert [name for name in os.listdir(temp) if "apem-baseline" in name] == [], f"baseline copies left (seed {SEED})"

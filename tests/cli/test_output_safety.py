@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from apem.cli.main import main
-from apem.data.atomic import atomic_file, remove_stale_staging, remove_stale_staging_under, staged_dir
+from apem.data.atomic import atomic_file, remove_stale_staging, remove_stale_staging_under, scratch_dir, staged_dir
 from apem.research.synth import SynthConfig
 from apem.research.synth_events import write_synthetic_events
 from cli_data import write_train_val
@@ -128,3 +128,26 @@ def test_stale_staging_is_removed_anywhere_under_a_tree_and_live_staging_and_out
     assert remove_stale_staging_under(str(tmp_path)) == sorted([str(dead_dir), str(dead_file)])
     assert live.exists() and finished.exists() and not dead_dir.exists() and not dead_file.exists()
     assert remove_stale_staging_under(str(tmp_path)) == []
+
+
+def test_a_scratch_folder_is_removed_on_exit_and_a_killed_writers_by_the_next_use(tmp_path, monkeypatch):
+    """validate's local copy of the drift baseline (components/validate.py): a private folder in the temp dir, gone
+    after the block, also when it raises; one that a SIGKILLed validate left is removed by the next one, a live
+    writer's and other names' are not."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with scratch_dir("apem-baseline") as scratch:
+        assert os.path.dirname(scratch) == str(tmp_path) and os.path.isdir(scratch)
+        open(os.path.join(scratch, "stats.pb"), "w").write("x")
+    assert not os.path.exists(scratch)
+    with pytest.raises(RuntimeError), scratch_dir("apem-baseline") as scratch:
+        raise RuntimeError("validation broke")
+    assert not os.path.exists(scratch)
+    dead = tmp_path / ".apem-baseline.999999999-abc.tmp"  # a pid no process has: a killed validate's
+    (dead / "baseline").mkdir(parents=True)
+    live = tmp_path / f".apem-baseline.{os.getppid()}-abc.tmp"  # a validate running beside this one
+    live.mkdir()
+    other = tmp_path / ".other.999999999-abc.tmp"
+    other.mkdir()
+    with scratch_dir("apem-baseline"):
+        assert not dead.exists() and live.exists() and other.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
