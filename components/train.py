@@ -31,8 +31,8 @@ def train(
     """
     import json
     import os
-    import tempfile
 
+    from apem.data.atomic import scratch_dir
     from apem.data.split_record import negative_rate_of_split
     from apem.train.from_dirs import split_training_params, train_from_dirs
     from apem.train.trainer import TrainConfig
@@ -52,7 +52,8 @@ def train(
         with tracking(mlflow_tracking_uri) as client:  # a local store keeps artifacts beside itself
             ensure_experiment(client, TrainConfig.mlflow_experiment, mlflow_tracking_uri)
     # checkpoints only serve a resume within this task; the model artifact is the output
-    with tempfile.TemporaryDirectory(prefix="apem-checkpoints-") as checkpoints:
+    # (removed on exit, and, left by a task killed here, by the next train on this machine: atomic.scratch_dir)
+    with scratch_dir("apem-checkpoints") as checkpoints:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="auto",
                              progress=False, mlflow_tracking_uri=mlflow_tracking_uri or None,
                              checkpoint_dir=checkpoints, **training)

@@ -161,5 +161,8 @@ def test_run_local_killed_anywhere_then_rerun(tmp_path, record_property, monkeyp
         return os.path.isfile(os.path.join(served, "config.json"))
 
     record_property("faults", inject(argv, [where["raw"]], champion_complete, workdir, "apem pipeline run-local"))
-    # validate's copy of the drift baseline: a killed run's is removed by the next validate (atomic.scratch_dir)
-    assert [name for name in os.listdir(temp) if "apem-baseline" in name] == [], f"baseline copies left (seed {SEED})"
+    # the tasks' scratch (validate's baseline copy, train's checkpoints, evaluate's champion copy): a killed run's is
+    # removed by the next run of the same task (atomic.scratch_dir)
+    scratch = ("apem-baseline", "apem-checkpoints", "apem-champion")
+    left = [name for name in os.listdir(temp) if any(kind in name for kind in scratch)]
+    assert left == [], f"scratch left (seed {SEED})"
