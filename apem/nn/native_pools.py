@@ -123,7 +123,7 @@ def value_table(rows: torch.Tensor, combined: torch.Tensor, bias: torch.Tensor, 
     """(U, M d_v) value rows S_u C_{l, m} plus W^V W^O's folded bias / M: each head's weights sum to 1 over
     the fields, so adding bias / M to every value row adds exactly the bias to the output (as FoldedAPEM's
     tables do). With every layer's combined (L', d, M d_v) and bias (L', 1, d_v): the (L', U, M d_v) tables in one
-    product (inference's per-batch tables: one layer at a time measured ~50 us a layer, nearly all of it per call)."""
+    product, the same values (one layer at a time measured ~50 us a layer, nearly all of it per call)."""
     dv = combined.shape[-1] // heads
     bias_rows = bias.reshape(-1, 1, 1, dv).expand(-1, 1, heads, dv).reshape(-1, 1, heads * dv)
     if combined.dim() == 2:
@@ -149,9 +149,10 @@ def gathered_pool_norm_forward(lib, rows, index, factor, mask, combined, bias, q
     out = rows.new_empty(n, b, k, dv)
     normalized, rstd = (rows.new_empty(n, b, dv, k), rows.new_empty(n, b, k)) if for_backward else (None, None)
     threads = _threads(b)
+    values = value_table(rows, combined, bias, heads)  # (L', U, M d_v)
     for layer in range(n):
-        spec = PoolLayer.of(rows @ factor[layer], value_table(rows, combined[layer], bias[layer], heads), index,
-                            mask[:, layer], queries[layer], norm_weight[layer], norm_bias[layer], heads, eps)
+        spec = PoolLayer.of(rows @ factor[layer], values[layer], index, mask[:, layer], queries[layer],
+                            norm_weight[layer], norm_bias[layer], heads, eps)
         work = torch.empty(threads, lib.gathered_pool_work_floats(ctypes.byref(spec)))
         lib.gathered_pool_forward(ctypes.byref(spec), b, threads, _ptr(out[layer]),
                                   _layer_ptr(normalized, layer), _layer_ptr(rstd, layer), _ptr(work))
@@ -265,6 +266,7 @@ class NativePatternPool(torch.autograd.Function):
         pattern_factor, threads = pattern_factor.contiguous(), _threads(b)
         pooled, saved = rows.new_empty(n, b, q, d), []
         fractional = ((z > 0) & (z < 1)).sum(dim=(0, 2)).tolist()  # per layer; the dropped points' z is 0
+        values = value_table(rows, combined, bias, heads)  # (L', U, M d_v)
         for layer, (columns, _) in enumerate(plans):
             c = k if columns is None else columns.numel()
             layer_factor, queries, z_layer = factor[layer], inducing[layer], z[:, layer]  # every point: views
@@ -274,7 +276,7 @@ class NativePatternPool(torch.autograd.Function):
             # once gamma is at its floor z is binary: the samples' softmax weights then come from a table of exps
             binary = fractional[layer] * 8 <= z_layer.numel()
             scores, exps = score_tables(lib, rows, layer_factor) if binary else (rows @ layer_factor, None)
-            tables = (layer_factor, queries, scores, exps, value_table(rows, combined[layer], bias[layer], heads))
+            tables = (layer_factor, queries, scores, exps, values[layer])
             spec = _pattern_spec(setup, layer, tables, index, z_layer, norm_weight, norm_bias, pattern_factor)
             normalized, rstd, weights = rows.new_empty(b, d, c), rows.new_empty(b, c), rows.new_empty(b, q, c)
             q_saved = rows.new_empty(b, q, c) if mask_weights else None
@@ -453,8 +455,8 @@ def fused_predict(lib, rows, index, factor, logits, gamma: float, combined, bias
     for layer, (used, columns) in enumerate(kept_points(lib, logits, gamma, uniform)):
         # the kernel uses exps for the samples whose z is binary
         scores, exps = score_tables(lib, rows, factor[layer], heads, used, columns)
-        pool = PoolLayer.of(scores, values[layer], index, logits[:, layer],
-                            queries[layer], norm_weight[layer], norm_bias[layer], heads, eps, points=columns)
+        pool = PoolLayer.of(scores, values[layer], index, logits[:, layer], queries[layer], norm_weight[layer],
+                            norm_bias[layer], heads, eps, points=columns)
         pool.mask = None  # the kernel takes z from the logits, at the kept columns
         spec = PredictLayer(pool, q, _ptr(pattern_factor[layer]), int(uniform), used.numel(), k - used.numel(),
                             None if exps is None else _ptr(exps), _ptr(logits[:, layer]), logits.stride(0), _ptr(used),

@@ -16,7 +16,7 @@ from apem.nn import native
 from apem.nn.attention import PatternSelector, gathered_pool_norm, row_attention_pool
 from apem.nn.native_pools import (NativeGatheredPoolNorm, fused_predict, kept_points, native_dynamic_activation,
                                   native_library, pattern_chain_pooled, pattern_pool, row_pool_backward,
-                                  row_pool_forward, typed_library)
+                                  row_pool_forward, typed_library, value_table)
 from apem.nn.selection import deselected, dynamic_activation
 from apem.research.synth import SynthConfig, write_synthetic_dataset
 from apem.data.spec import read_dataset
@@ -451,6 +451,20 @@ def test_from_pooled_kernel_matches_the_torch_path(monkeypatch, sizes, threads):
         torch.set_num_threads(previous)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     assert fast.shape == (b, tasks, d)
+
+
+def test_every_layers_value_table_in_one_product_is_each_layers_table():
+    """value_table over the stacked layers (what the kernels' paths take once per batch) gives each layer's table,
+    bias / M included, exactly as that layer alone."""
+    gen = torch.Generator().manual_seed(8)
+    rows, combined, bias = (torch.randn(37, 18, generator=gen), torch.randn(4, 18, 36, generator=gen),
+                            torch.randn(4, 1, 18, generator=gen))
+    stacked = value_table(rows, combined, bias, 2)
+    assert stacked.shape == (4, 37, 36)
+    for layer in range(4):
+        alone = value_table(rows, combined[layer], bias[layer], 2)
+        assert torch.equal(stacked[layer], alone)
+        torch.testing.assert_close(alone, rows @ combined[layer] + bias[layer].repeat(1, 2) / 2)
 
 
 def test_portable_build_matches_the_avx2_build(monkeypatch):
