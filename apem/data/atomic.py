@@ -90,9 +90,14 @@ def remove_stale_staging_under(root: str) -> list[str]:
     return sorted(set(removed))
 
 
+def _private_staging_dir(path: str) -> str:
+    """A fresh staging directory beside ``path``, private to this user (mkdtemp's 0700)."""
+    return tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=_parent_of(path))
+
+
 def make_staging_dir(path: str) -> str:
     """A fresh staging directory beside ``path``, with the permissions of an ordinary ``mkdir``."""
-    tmp = tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=_parent_of(path))
+    tmp = _private_staging_dir(path)
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
 
@@ -151,7 +156,7 @@ def scratch_dir(name: str) -> Iterator[str]:
     writers left (:func:`remove_stale_staging`), never a live writer's: a SIGKILL skips every ``finally``."""
     path = os.path.join(tempfile.gettempdir(), name)
     remove_stale_staging(path)
-    tmp = tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=STAGING_SUFFIX, dir=tempfile.gettempdir())
+    tmp = _private_staging_dir(path)  # private, as a scratch in a shared temp dir should be
     try:
         yield tmp
     finally:

@@ -137,6 +137,7 @@ def test_a_scratch_folder_is_removed_on_exit_and_a_killed_writers_by_the_next_us
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     with scratch_dir("apem-baseline") as scratch:
         assert os.path.dirname(scratch) == str(tmp_path) and os.path.isdir(scratch)
+        assert stat.S_IMODE(os.stat(scratch).st_mode) == 0o700  # private in a shared temp dir
         open(os.path.join(scratch, "stats.pb"), "w").write("x")
     assert not os.path.exists(scratch)
     with pytest.raises(RuntimeError), scratch_dir("apem-baseline") as scratch:
