@@ -154,9 +154,8 @@ static void predict_rows(const PredictLayer *PL, i64 row_begin, i64 row_end, flo
         width = width < 8 ? 8 : (width > PC ? PC : width);
         sample_weights(L, PL->exp_table, idx, z, width, w, mx, inv);  /* binary z: no exp per field */
         pool_row(L->value_table, idx, w, S, M, width, D, x);  /* x (D, width): O transposed */
-        for (i64 j = 0; j < D; ++j)                            /* eq. 17's residual z I */
-            for (i64 p = 0; p < width; ++p) x[j * width + p] += z[p] * queries_t[j * PC + p];
-        centre_columns_over_rows(x, D, width, L->eps, mx, inv);  /* inv (width) <- 1 / sigma */
+        /* eq. 17's residual z I, and inv (width) <- 1 / sigma */
+        residual_centre_columns(x, z, queries_t, PC, D, width, L->eps, mx, inv);
         for (i64 p = 0; p < width; ++p) count[p] = p < P ? (PL->uniform ? 1.0f : z[p]) : 0.0f;
         /* the shared row counts the dropped points and the kept ones past the sample's columns (z = 0 there), at
          * its first de-selected point: column last + 1 at the latest, or, where the sample keeps the last column,

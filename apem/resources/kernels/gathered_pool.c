@@ -153,9 +153,7 @@ static inline void forward_sample(const PoolLayer *L, const float *restrict exp_
     sample_weights(L, exp_table, idx, z, K, sc->w, sc->mx, sc->inv);
     pool_row(L->value_table, idx, sc->w, S, M, K, D, x);  /* x (D, K): O transposed */
     /* eq. 17: X = O + I (.) z_K, then the LayerNorm over D, for all K points at once */
-    for (i64 j = 0; j < D; ++j)
-        for (i64 k = 0; k < K; ++k) x[j * K + k] += queries_t[j * K + k] * z[k];
-    normalize_columns_over_rows(x, D, K, L->eps, sc->mean, sc->rs);
+    normalize_columns_over_rows(x, z, queries_t, K, D, K, L->eps, sc->mean, sc->rs);
     if (normalized) {
         memcpy(normalized + b * D * K, x, sizeof(float) * D * K);
         memcpy(rstd + b * K, sc->rs, sizeof(float) * K);

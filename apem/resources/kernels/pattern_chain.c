@@ -84,7 +84,7 @@ static inline __attribute__((always_inline)) void chain_rows(
             for (i64 c = 0; c < C; ++c)
                 for (i64 j = 0; j < D; ++j) t[j * C + c] = l ? t[j * C + c] + fl[c * D + j] : fl[c * D + j];
         }
-        normalize_columns_over_rows(t, D, C, eps, mean, rs);
+        normalize_columns_over_rows(t, NULL, NULL, 0, D, C, eps, mean, rs);
         if (xhat) {
             for (i64 c = 0; c < C; ++c) {
                 for (i64 j = 0; j < D; ++j) xhat[(l * BN + first + c) * D + j] = t[j * C + c];
