@@ -316,6 +316,34 @@ static inline void layer_norm_affine(float *restrict x, i64 D, i64 C, const floa
 static inline void layer_norm_backward(float *restrict g, const float *restrict xh, const float *restrict rstd,
                                        const float *restrict nw, i64 D, i64 C, float *restrict sum_nw,
                                        float *restrict sum_nb, float *restrict m1, float *restrict m2) {
+#if APEM_AVX2
+    if (C % 8 == 0) {  /* as residual_centre_columns: 8 columns at a time, the two means in registers (training
+                        * ~0.96-0.975x in A/B runs), the same operations in the same order */
+        const __m256 rows = _mm256_set1_ps((float)D);
+        for (i64 c = 0; c < C; c += 8) {
+            __m256 s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps();
+            for (i64 j = 0; j < D; ++j) {
+                const i64 at = j * C + c;
+                const __m256 gy = _mm256_loadu_ps(g + at), x = _mm256_loadu_ps(xh + at);
+                const __m256 gx = _mm256_mul_ps(gy, _mm256_set1_ps(nw[j]));
+                _mm256_storeu_ps(sum_nw + at, _mm256_fmadd_ps(gy, x, _mm256_loadu_ps(sum_nw + at)));
+                _mm256_storeu_ps(sum_nb + at, _mm256_add_ps(_mm256_loadu_ps(sum_nb + at), gy));
+                _mm256_storeu_ps(g + at, gx);
+                s1 = _mm256_add_ps(s1, gx);
+                s2 = _mm256_fmadd_ps(gx, x, s2);
+            }
+            s1 = _mm256_div_ps(s1, rows);
+            s2 = _mm256_div_ps(s2, rows);
+            const __m256 r = _mm256_loadu_ps(rstd + c);
+            for (i64 j = 0; j < D; ++j) {
+                const i64 at = j * C + c;
+                const __m256 centred = _mm256_sub_ps(_mm256_loadu_ps(g + at), s1);
+                _mm256_storeu_ps(g + at, _mm256_mul_ps(r, _mm256_fnmadd_ps(_mm256_loadu_ps(xh + at), s2, centred)));
+            }
+        }
+        return;
+    }
+#endif
     for (i64 c = 0; c < C; ++c) m1[c] = m2[c] = 0.0f;
     for (i64 j = 0; j < D; ++j)
         for (i64 c = 0; c < C; ++c) {
