@@ -255,7 +255,8 @@ static inline void residual_centre_columns(float *restrict x, const float *restr
             if (qt) {
                 const __m256 zc = _mm256_loadu_ps(z + c);
                 for (i64 j = 0; j < D; ++j) {
-                    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(qt + j * ldq + c), zc, _mm256_loadu_ps(x + j * C + c));
+                    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(qt + j * ldq + c), zc,
+                                                     _mm256_loadu_ps(x + j * C + c));
                     _mm256_storeu_ps(x + j * C + c, v);
                     sum = _mm256_add_ps(sum, v);
                 }
@@ -269,7 +270,8 @@ static inline void residual_centre_columns(float *restrict x, const float *restr
                 squares = _mm256_fmadd_ps(centred, centred, squares);
             }
             _mm256_storeu_ps(mean + c, m);
-            _mm256_storeu_ps(rs + c, _mm256_div_ps(one, _mm256_sqrt_ps(_mm256_add_ps(_mm256_div_ps(squares, rows), e))));
+            const __m256 variance = _mm256_div_ps(squares, rows);
+            _mm256_storeu_ps(rs + c, _mm256_div_ps(one, _mm256_sqrt_ps(_mm256_add_ps(variance, e))));
         }
         return;
     }
